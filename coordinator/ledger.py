@@ -1,0 +1,29 @@
+"""The ledger: which update ids have been counted, so a redelivered or replayed update counts once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    site: str
+    base_version: int
+    #: The version current when the update was folded in, or None if it was dropped.
+    applied_at: int | None
+    reason: str | None = None
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def __contains__(self, update_id: str) -> bool:
+        return update_id in self.entries
+
+    def record(self, update_id: str, entry: Entry) -> None:
+        self.entries[update_id] = entry
+
+    def applied_ids(self) -> list[str]:
+        return [uid for uid, e in self.entries.items() if e.applied_at is not None]

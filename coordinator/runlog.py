@@ -1,0 +1,69 @@
+"""The run log: one JSON line per event, and the summary a run ends with.
+
+Times are seconds since the first snapshot was published, the clock the benchmarks use.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ACCURACY_MILESTONES = (0.90, 0.95)
+
+
+class RunLog:
+    """Appends events to ``run_dir/events.jsonl`` and keeps what the summary needs."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self._file = open(run_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
+        self._t0 = time.monotonic()
+        self.curve: list[tuple[float, int, float, float]] = []
+        self.staleness: Counter[int] = Counter()
+        self.applied = 0
+        self.dropped = 0
+        self.rejected = 0
+
+    def start_clock(self) -> None:
+        self._t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"t": round(self.elapsed, 4), "event": kind, **fields}) + "\n")
+
+    def evaluation(self, version: int, metrics: dict[str, float]) -> None:
+        accuracy = metrics.get("accuracy", float("nan"))
+        self.curve.append((round(self.elapsed, 4), version, accuracy, metrics.get("loss", float("nan"))))
+        self.event("evaluation", version=version, **metrics)
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        """Write and return ``summary.json``: milestones, final accuracy, counts, staleness and the curve."""
+        result = {
+            "time_to_accuracy": {f"{m:.2f}": time_to_accuracy(self.curve, m) for m in ACCURACY_MILESTONES},
+            "final_accuracy": self.curve[-1][2] if self.curve else None,
+            "best_accuracy": max((c[2] for c in self.curve), default=None),
+            "elapsed": round(self.elapsed, 3),
+            "updates_applied": self.applied,
+            "updates_dropped": self.dropped,
+            "updates_rejected": self.rejected,
+            "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+            "curve": self.curve,
+            **extra,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        return result
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def time_to_accuracy(curve: list[tuple[float, int, float, float]], threshold: float) -> float | None:
+    """Seconds until accuracy first reached ``threshold``, or None if it never did."""
+    return next((t for t, _, accuracy, _ in curve if accuracy >= threshold), None)

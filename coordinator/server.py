@@ -1,0 +1,274 @@
+"""The coordinator process: owns the global model, takes updates as they come, publishes versions.
+
+One thread, one connection, two channels: updates are consumed on one, snapshots and
+announcements published with confirms on the other. Every update is either applied, dropped with
+a logged reason (too stale, already counted), or refused and dead-lettered with its reason; bad
+input never stops the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+
+from coordinator.ledger import Entry, Ledger
+from coordinator.runlog import RunLog
+from coordinator.server_optimizers import make_server_optimizer
+from coordinator.staleness import staleness_weight
+from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
+from shared import amqp
+from shared.chunking import ChunkInfo, Reassembly
+from shared.codecs import decode_tensors, encode_tensors, get_codec
+from shared.protocol import (
+    MAX_CHUNK_BYTES,
+    Announcement,
+    Hello,
+    ProtocolError,
+    SnapshotHeader,
+    UpdateHeader,
+    decode_payload,
+    encode_payload,
+    new_id,
+    now,
+    PROTOCOL_VERSION,
+)
+from shared.settings import CoordinatorSettings
+from shared.validation import check_matches_model, float_state
+from shared.task import Task
+
+log = logging.getLogger("fedq.coordinator")
+
+
+def make_strategy(settings: CoordinatorSettings) -> Strategy:
+    """The aggregation strategy the settings ask for."""
+    optimizer = make_server_optimizer(
+        settings.server_optimizer,
+        settings.server_lr,
+        settings.server_momentum,
+        settings.server_beta1,
+        settings.server_beta2,
+        settings.server_tau,
+    )
+    if settings.strategy == "fedavg":
+        return FedAvgSync(settings.sites, optimizer)
+    weight = staleness_weight(settings.staleness, settings.staleness_a, settings.staleness_b)
+    if settings.strategy == "fedasync":
+        return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness)
+    return FedBuff(settings.buffer_size, optimizer, staleness_weight=weight, max_staleness=settings.max_staleness)
+
+
+@dataclass
+class _Upload:
+    """An update still arriving chunk by chunk, and the deliveries to settle once it is handled."""
+
+    reassembly: Reassembly
+    tags: list[int] = field(default_factory=list)
+    user_id: str | None = None
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, task: Task):
+        self.settings = settings
+        self.task = task
+        self.model = task.build_model()
+        # These tensors share storage with the model, so updating them updates the model.
+        self.params = float_state(self.model)
+        self.run_id = new_id()
+        self.version = 0
+        self.strategy = make_strategy(settings)
+        self.ledger = Ledger()
+        self.runlog = RunLog(settings.run_dir)
+        self.uploads: dict[str, _Upload] = {}
+        self.announcement: Announcement | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.stop_reason: str | None = None
+        self.sites_seen: set[str] = set()
+        self._last_progress = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Serve until a stop condition or SIGTERM/SIGINT; returns the run summary."""
+        s = self.settings
+        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator")
+        self._publisher = connection.channel()
+        amqp.declare_shared_topology(self._publisher)
+        self._publisher.confirm_delivery()
+        consumer = connection.channel()
+        consumer.basic_qos(prefetch_count=s.prefetch)
+        consumer.basic_consume(amqp.UPDATES, self._on_message)
+        self._consumer = consumer
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log.info("coordinator up: strategy %s, task %s, %d tensors, %d parameters",
+                 s.strategy, s.task, len(self.params), sum(p.numel() for p in self.params.values()))
+        try:
+            self._wait_for_sites(connection)
+            self._evaluate()
+            self.runlog.start_clock()
+            self.runlog.event("start", strategy=s.strategy, settings=s.model_dump(mode="json"))
+            self._publish_snapshot()
+            while self.stop_reason is None:
+                connection.process_data_events(time_limit=0.5)
+                self._check_limits()
+            log.info("stopping: %s", self.stop_reason)
+            self._announce(final=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if connection.is_open:
+                connection.close()
+        summary = self.runlog.summary(
+            strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION
+        )
+        self.runlog.close()
+        return summary
+
+    def _wait_for_sites(self, connection: pika.BlockingConnection) -> None:
+        """Hold the first version until enough sites said hello, so a run's clock starts with its sites."""
+        if self.settings.wait_for_sites:
+            log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
+        while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
+            connection.process_data_events(time_limit=0.5)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_reason = f"received {signal.Signals(signum).name}"
+
+    def _check_limits(self) -> None:
+        s = self.settings
+        accuracy = self.last_metrics.get("accuracy")
+        if s.stop_at_accuracy is not None and accuracy is not None and accuracy >= s.stop_at_accuracy:
+            self.stop_reason = f"accuracy {accuracy:.4f} reached the target {s.stop_at_accuracy}"
+        elif s.max_versions is not None and self.version >= s.max_versions:
+            self.stop_reason = f"reached version {self.version}"
+        elif s.max_seconds is not None and self.runlog.elapsed >= s.max_seconds:
+            self.stop_reason = f"ran for {s.max_seconds:g} s"
+
+    # -- incoming messages -----------------------------------------------------------------------
+
+    def _on_message(self, channel, method, properties: pika.BasicProperties, body: bytes) -> None:
+        try:
+            info = ChunkInfo.from_headers(properties.headers, self.settings.max_update_bytes)
+        except ProtocolError as exc:
+            self._refuse([method.delivery_tag], properties.headers, body, str(exc), properties.user_id)
+            return
+        upload = self.uploads.get(info.payload_id)
+        if upload is None:
+            upload = self.uploads[info.payload_id] = _Upload(Reassembly(info), user_id=properties.user_id)
+        upload.tags.append(method.delivery_tag)
+        try:
+            complete = upload.reassembly.add(info, body)
+        except ProtocolError as exc:
+            del self.uploads[info.payload_id]
+            self._refuse(upload.tags, properties.headers, body, str(exc), properties.user_id)
+            return
+        if complete:
+            del self.uploads[info.payload_id]
+            self._handle(upload, properties.headers)
+
+    def _handle(self, upload: _Upload, headers: dict | None) -> None:
+        try:
+            payload = upload.reassembly.payload()
+            header, parts = decode_payload(payload)
+            if isinstance(header, Hello):
+                log.info("site %s said hello", header.site)
+                self.sites_seen.add(header.site)
+                self._announce()
+            elif isinstance(header, UpdateHeader):
+                self._take_update(header, parts)
+            else:
+                raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
+        except ProtocolError as exc:
+            self._refuse(upload.tags, headers, upload.reassembly.prefix(MAX_CHUNK_BYTES), str(exc), upload.user_id)
+            return
+        for tag in upload.tags:
+            self._consumer.basic_ack(tag)
+
+    def _take_update(self, header: UpdateHeader, parts) -> None:
+        self.sites_seen.add(header.site)
+        if header.run_id != self.run_id:
+            self._drop(header, f"trained in run {header.run_id[:8]}, not the current run {self.run_id[:8]}", staleness=None)
+            return
+        if header.update_id in self.ledger:
+            self._drop(header, "already counted (redelivered or replayed)", staleness=None)
+            return
+        staleness = self.version - header.base_version
+        if staleness < 0:
+            raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
+        delta = decode_tensors(header.tensors, parts)
+        check_matches_model(self.params, delta)
+        update = Update(header.update_id, header.site, header.base_version, header.num_samples, delta, header.metrics)
+        reason = self.strategy.admit(update, staleness)
+        if reason is not None:
+            self._drop(header, reason, staleness)
+            return
+        outcome = self.strategy.submit(self.params, update, staleness)
+        self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
+        self.runlog.applied += 1
+        self.runlog.staleness[staleness] += 1
+        self.runlog.event(
+            "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
+            staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples,
+            train_seconds=header.train_seconds, **header.metrics,
+        )
+        if outcome.new_version:
+            self.version += 1
+            if self.version % self.settings.eval_every == 0:
+                self._evaluate()
+            self._publish_snapshot()
+
+    def _drop(self, header: UpdateHeader, reason: str, staleness: int | None) -> None:
+        log.warning("dropped update %s from %s (base version %d): %s", header.update_id, header.site, header.base_version, reason)
+        if header.update_id not in self.ledger:
+            self.ledger.record(header.update_id, Entry(header.site, header.base_version, None, reason))
+        self.runlog.dropped += 1
+        self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
+
+    def _refuse(self, tags: list[int], headers: dict | None, body: bytes, reason: str, user_id: str | None) -> None:
+        """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""
+        log.warning("refused a message from %s: %s", user_id or "unknown user", reason)
+        self.runlog.rejected += 1
+        self.runlog.event("rejected", user=user_id, reason=reason)
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
+        )
+        self._publisher.basic_publish(amqp.REJECTED, "", body, properties)
+        for tag in tags:
+            self._consumer.basic_ack(tag)
+
+    # -- outgoing versions -----------------------------------------------------------------------
+
+    def _evaluate(self) -> None:
+        self.last_metrics = self.task.evaluate(self.model)
+        self.runlog.evaluation(self.version, self.last_metrics)
+        if time.monotonic() - self._last_progress >= 1.0 or self.version == 0:
+            self._last_progress = time.monotonic()
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
+            log.info("version %5d  %s  %6.1f s  updates %d applied, %d dropped, %d refused",
+                     self.version, metrics, self.runlog.elapsed, self.runlog.applied, self.runlog.dropped, self.runlog.rejected)
+
+    def _publish_snapshot(self) -> None:
+        specs, parts = encode_tensors(self.params, get_codec(self.settings.snapshot_codec))
+        header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, created_at=now(), tensors=specs)
+        published_at = now()
+        payload_id = new_id()
+        last = amqp.publish_payload(
+            self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, encode_payload(header, parts), payload_id
+        )
+        self.announcement = Announcement(
+            protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=payload_id, chunks=last.count,
+            size=last.size, sha256=last.sha256, published_at=published_at, retrain=self.strategy.retrain,
+        )
+        self._announce()
+
+    def _announce(self, final: bool = False) -> None:
+        if self.announcement is None:
+            return
+        announcement = self.announcement.model_copy(update={"final": final})
+        amqp.publish_payload(self._publisher, amqp.ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id())
+

@@ -1,0 +1,99 @@
+"""Server optimizers: how the coordinator moves the global model along an aggregated update.
+
+The aggregated update is the direction the sites moved (new minus old), so it is the negative of a
+pseudo-gradient. With SGD at learning rate 1 and no momentum the model simply adds it, which is
+FedAvg. FedAdam and FedYogi follow Reddi et al., "Adaptive Federated Optimization" (2021).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+class ServerOptimizer(ABC):
+    """Applies an aggregated update to the global parameters, in place."""
+
+    @abstractmethod
+    def step(self, params: Tensors, update: Tensors) -> None:
+        ...
+
+    def state_dict(self) -> dict[str, Tensors]:
+        """The optimizer's moments, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensors]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class ServerSGD(ServerOptimizer):
+    """x <- x + lr * m, with m = momentum * m + update (plain step when momentum is 0)."""
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0):
+        self.lr, self.momentum = lr, momentum
+        self.velocity: Tensors = {}
+
+    def step(self, params, update):
+        for name, delta in update.items():
+            if self.momentum:
+                v = self.velocity.setdefault(name, torch.zeros_like(delta))
+                v.mul_(self.momentum).add_(delta)
+                delta = v
+            params[name].add_(delta, alpha=self.lr)
+
+    def state_dict(self):
+        return {"velocity": self.velocity}
+
+    def load_state_dict(self, state):
+        self.velocity = dict(state.get("velocity", {}))
+
+
+class _Adaptive(ServerOptimizer):
+    """Shared first moment and step of FedAdam and FedYogi; they differ in the second moment."""
+
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+        self.m: Tensors = {}
+        self.v: Tensors = {}
+
+    @abstractmethod
+    def _second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> None:
+        ...
+
+    def step(self, params, update):
+        for name, delta in update.items():
+            m = self.m.setdefault(name, torch.zeros_like(delta))
+            v = self.v.setdefault(name, torch.full_like(delta, self.tau**2))
+            m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
+            self._second_moment(v, delta * delta)
+            params[name].addcdiv_(m, v.sqrt().add_(self.tau), value=self.lr)
+
+    def state_dict(self):
+        return {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        self.m, self.v = dict(state.get("m", {})), dict(state.get("v", {}))
+
+
+class FedAdam(_Adaptive):
+    def _second_moment(self, v, squared):
+        v.mul_(self.beta2).add_(squared, alpha=1 - self.beta2)
+
+
+class FedYogi(_Adaptive):
+    def _second_moment(self, v, squared):
+        v.sub_(torch.sign(v - squared).mul_(squared), alpha=1 - self.beta2)
+
+
+def make_server_optimizer(kind: str, lr: float, momentum: float, beta1: float, beta2: float, tau: float) -> ServerOptimizer:
+    """The optimizer named by a setting."""
+    if kind == "sgd":
+        return ServerSGD(lr, momentum)
+    if kind == "adam":
+        return FedAdam(lr, beta1, beta2, tau)
+    if kind == "yogi":
+        return FedYogi(lr, beta1, beta2, tau)
+    raise ValueError(f"unknown server optimizer {kind!r}; choose sgd, adam or yogi")

@@ -1,0 +1,137 @@
+"""Aggregation strategies: one class per algorithm, each turning site updates into new versions.
+
+Lifecycle, as the coordinator drives it for every update that passed validation:
+
+1. ``admit(update, staleness)`` returns a reason to drop the update, or None to take it;
+2. ``submit(params, update, staleness)`` folds it in and says whether the global model changed,
+   in which case the coordinator bumps the version, evaluates and publishes a snapshot.
+
+``staleness`` is the current version minus the version the site trained from. Updates are
+differences to their base snapshot, so mixing one in never needs the old snapshot itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.server_optimizers import ServerOptimizer, ServerSGD
+from coordinator.staleness import StalenessWeight, constant
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Update:
+    """A decoded, validated site update."""
+
+    update_id: str
+    site: str
+    base_version: int
+    num_samples: int
+    delta: Tensors
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``submit`` did: whether a new version exists, and the weight the update got."""
+
+    new_version: bool
+    weight: float
+
+
+class Strategy(ABC):
+    """Decides how updates move the global model."""
+
+    #: Whether a site that already trained on the newest version should train on it again.
+    retrain = True
+
+    def __init__(self, staleness_weight: StalenessWeight = constant, max_staleness: int | None = None):
+        self.staleness_weight = staleness_weight
+        self.max_staleness = max_staleness
+
+    def admit(self, update: Update, staleness: int) -> str | None:
+        """A reason to drop this update, or None to take it."""
+        if self.max_staleness is not None and staleness > self.max_staleness:
+            return f"staleness {staleness} exceeds the maximum of {self.max_staleness}"
+        return None
+
+    @abstractmethod
+    def submit(self, params: Tensors, update: Update, staleness: int) -> Outcome:
+        """Fold an admitted update into ``params`` (in place, or into a buffer)."""
+
+
+class FedAsync(Strategy):
+    """Mix every update in at once: x <- x + alpha * s(staleness) * delta.
+
+    At zero staleness this is exactly FedAsync's (1 - a) x + a x_site with x_site = x + delta. For a
+    stale update it moves the current model by the site's own progress instead of pulling it back
+    towards the older base, and needs no copies of old versions.
+    """
+
+    def __init__(self, alpha: float = 0.6, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = alpha
+
+    def submit(self, params, update, staleness):
+        weight = self.alpha * self.staleness_weight(staleness)
+        for name, delta in update.delta.items():
+            params[name].add_(delta, alpha=weight)
+        return Outcome(True, weight)
+
+
+class FedBuff(Strategy):
+    """Buffer K updates, then step the server optimizer along their weighted mean (Nguyen et al., 2022).
+
+    The mean is sum(n_i * s(tau_i) * delta_i) / sum(n_i): sample counts weight the sites as FedAvg
+    does, and staleness shrinks an old update's share without inflating the fresh ones. With
+    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg.
+    """
+
+    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.buffer_size = buffer_size
+        self.optimizer = optimizer or ServerSGD(1.0)
+        self.reset_buffer()
+
+    def reset_buffer(self) -> None:
+        self.sum: Tensors = {}
+        self.samples = 0
+        self.sites: list[str] = []
+
+    def submit(self, params, update, staleness):
+        weight = self.staleness_weight(staleness)
+        for name, delta in update.delta.items():
+            acc = self.sum.get(name)
+            if acc is None:
+                self.sum[name] = delta * (update.num_samples * weight)
+            else:
+                acc.add_(delta, alpha=update.num_samples * weight)
+        self.samples += update.num_samples
+        self.sites.append(update.site)
+        if len(self.sites) < self.buffer_size:
+            return Outcome(False, weight)
+        mean = {name: acc.div_(self.samples) for name, acc in self.sum.items()}
+        self.optimizer.step(params, mean)
+        self.reset_buffer()
+        return Outcome(True, weight)
+
+
+class FedAvgSync(FedBuff):
+    """Synchronous FedAvg, the baseline: every site trains on the same version, the round closes
+    when all of them have answered, and sites wait for the next version instead of retraining."""
+
+    retrain = False
+
+    def __init__(self, sites: int, optimizer: ServerOptimizer | None = None):
+        super().__init__(buffer_size=sites, optimizer=optimizer, staleness_weight=constant, max_staleness=0)
+
+    def admit(self, update, staleness):
+        if staleness > 0:
+            return f"round {update.base_version} is closed (the model is {staleness} versions newer)"
+        if update.site in self.sites:
+            return f"site {update.site} already answered this round"
+        return None

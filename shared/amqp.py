@@ -1,0 +1,128 @@
+"""Everything fedq says to RabbitMQ goes through here: names, declarations, connections, chunked publishing.
+
+The names and arguments below must match ``broker_config/definitions.json`` exactly (a test checks
+it): RabbitMQ refuses a redeclaration with different arguments, so drift would stop the system.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from datetime import datetime, timezone
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.chunking import ChunkInfo, iter_chunks
+from shared.protocol import MAX_CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS = "fedq.snapshots"  # exchange and stream queue
+SNAPSHOT_KEY = "snapshot"
+ANNOUNCEMENTS = "fedq.announcements"  # fanout exchange; one latest-only queue per site
+UPDATES = "fedq.updates"  # exchange and quorum queue
+UPDATE_KEY = "update"
+REJECTED = "fedq.rejected"  # exchange and queue for messages the coordinator refused, with the reason
+
+EXCHANGES: dict[str, str] = {SNAPSHOTS: "direct", ANNOUNCEMENTS: "fanout", UPDATES: "direct", REJECTED: "fanout"}
+QUEUES: dict[str, dict[str, Any]] = {
+    # A stream stores each snapshot once however many sites read it, and lets a reader attach at
+    # any point in time; retention is bounded by a policy (broker_config/definitions.json).
+    SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
+    # Replicated and durable: a confirmed update survives a broker restart. Messages that keep
+    # failing are dead-lettered instead of looping forever.
+    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED, "x-delivery-limit": 20},
+    REJECTED: {"x-queue-type": "classic"},
+}
+BINDINGS: list[tuple[str, str, str]] = [(SNAPSHOTS, SNAPSHOTS, SNAPSHOT_KEY), (UPDATES, UPDATES, UPDATE_KEY), (REJECTED, REJECTED, "")]
+# Only the newest announcement matters to a site that was away; older ones are dropped at the broker.
+SITE_QUEUE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
+
+
+def site_queue(site: str) -> str:
+    """The site's own announcement queue."""
+    return f"fedq.site.{site}.announcements"
+
+
+def connect(url: str, heartbeat: int, name: str) -> pika.BlockingConnection:
+    """Open a connection named ``name`` (shown in the management UI), with TLS for amqps:// URLs."""
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 300
+    params.client_properties = {"connection_name": name}
+    if url.startswith("amqps://") and params.ssl_options is None:
+        params.ssl_options = pika.SSLOptions(ssl.create_default_context(), params.host)
+    return pika.BlockingConnection(params)
+
+
+def declare_shared_topology(channel: BlockingChannel) -> None:
+    """Declare the exchanges, queues and bindings every fedq deployment has (idempotent)."""
+    for name, kind in EXCHANGES.items():
+        channel.exchange_declare(name, kind, durable=True)
+    for name, arguments in QUEUES.items():
+        channel.queue_declare(name, durable=True, arguments=arguments)
+    for exchange, queue, key in BINDINGS:
+        channel.queue_bind(queue, exchange, routing_key=key)
+
+
+def declare_site_queue(channel: BlockingChannel, site: str) -> str:
+    """Declare and bind a site's latest-only announcement queue; returns its name."""
+    name = site_queue(site)
+    channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    channel.queue_bind(name, ANNOUNCEMENTS)
+    return name
+
+
+def publish_payload(
+    channel: BlockingChannel,
+    exchange: str,
+    routing_key: str,
+    buffers: list[memoryview],
+    payload_id: str,
+    *,
+    user_id: str | None = None,
+    chunk_bytes: int = MAX_CHUNK_BYTES,
+) -> ChunkInfo:
+    """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
+
+    Each basic_publish returns only once the broker has confirmed the chunk, so when this returns
+    the whole payload is safe at the broker; a refusal raises pika's NackError or UnroutableError.
+    """
+    info = None
+    for info, body in iter_chunks(buffers, payload_id, chunk_bytes):
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=info.to_headers(),
+            message_id=f"{payload_id}:{info.index}",
+            user_id=user_id,
+            content_type="application/x-fedq",
+        )
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+    assert info is not None  # iter_chunks always yields at least one chunk
+    return info
+
+
+def cancel_stream_consumer(channel: BlockingChannel, consumer_tag: str) -> None:
+    """Cancel a stream consumer without pika rejecting the deliveries still in flight.
+
+    On cancel, pika rejects (requeues) what a manual-ack consumer was sent but had not dispatched
+    yet. Streams do not implement basic.reject, and RabbitMQ answers by closing the whole
+    connection (540 NOT_IMPLEMENTED). A stream has nothing to requeue, so those deliveries are
+    simply dropped: pika is told to tear this consumer down as if it were no-ack. This reaches
+    into pika 1.x internals (pinned below 2 in pyproject.toml); tests cover it.
+    """
+    channel._consumer_infos[consumer_tag].auto_ack = True
+    channel._impl._consumers_with_noack.add(consumer_tag)
+    channel.basic_cancel(consumer_tag)
+
+
+def stream_offset_at(timestamp: float) -> datetime:
+    """The x-stream-offset that starts a stream reader at a point in time (whole seconds)."""
+    return datetime.fromtimestamp(int(timestamp) - 1, tz=timezone.utc)
+
+
+def broker_user(url: str) -> str:
+    """The user name in an AMQP URL, sent as user_id so the broker vouches for the sender."""
+    return pika.URLParameters(url).credentials.username

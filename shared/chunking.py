@@ -1,0 +1,194 @@
+"""Cutting payloads into messages of at most 4 MiB and putting them back together, verified.
+
+Each chunk travels as one AMQP message whose headers say which payload it belongs to, where it sits
+and how large the whole is. The last chunk also carries the SHA-256 of the whole payload, so the
+publisher hashes while it sends, in one pass, and the reader checks the digest once it has all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from shared.protocol import MAX_CHUNK_BYTES, ProtocolError
+
+# A reader refuses chunk sizes above what any broker accepts, whatever the sender claims.
+_LARGEST_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where one message sits in its payload; carried in the message's AMQP headers."""
+
+    payload_id: str
+    index: int
+    count: int
+    size: int
+    chunk_bytes: int
+    sha256: str | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.index * self.chunk_bytes
+
+    @property
+    def length(self) -> int:
+        """The exact body length this chunk must have."""
+        return min(self.chunk_bytes, self.size - self.offset)
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+    def to_headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = {
+            "fedq-payload": self.payload_id,
+            "fedq-chunk": self.index,
+            "fedq-chunks": self.count,
+            "fedq-size": self.size,
+            "fedq-chunk-bytes": self.chunk_bytes,
+        }
+        if self.sha256 is not None:
+            headers["fedq-sha256"] = self.sha256
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, Any] | None, max_size: int) -> "ChunkInfo":
+        """Read and check a message's chunk headers; ProtocolError says what is missing or wrong."""
+        if not headers:
+            raise ProtocolError("message has no fedq chunk headers")
+
+        def field(key: str, kind: type, required: bool = True) -> Any:
+            value = headers.get(key)
+            if isinstance(value, bytes) and kind is str:
+                value = value.decode("utf-8", "replace")
+            if value is None and not required:
+                return None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ProtocolError(f"header {key} is {value!r}, expected {kind.__name__}")
+            return value
+
+        info = cls(
+            payload_id=field("fedq-payload", str),
+            index=field("fedq-chunk", int),
+            count=field("fedq-chunks", int),
+            size=field("fedq-size", int),
+            chunk_bytes=field("fedq-chunk-bytes", int),
+            sha256=field("fedq-sha256", str, required=False),
+        )
+        if not 0 < len(info.payload_id) <= 64:
+            raise ProtocolError("header fedq-payload must be 1 to 64 characters")
+        if not 0 < info.chunk_bytes <= _LARGEST_CHUNK:
+            raise ProtocolError(f"chunk size {info.chunk_bytes} is outside 1..{_LARGEST_CHUNK}")
+        if not 0 <= info.size <= max_size:
+            raise ProtocolError(f"payload size {info.size} exceeds the limit of {max_size} bytes")
+        if info.count != chunk_count(info.size, info.chunk_bytes):
+            raise ProtocolError(f"{info.count} chunks cannot hold {info.size} bytes in {info.chunk_bytes}-byte chunks")
+        if not 0 <= info.index < info.count:
+            raise ProtocolError(f"chunk index {info.index} is outside 0..{info.count - 1}")
+        if info.is_last and info.sha256 is None:
+            raise ProtocolError("the last chunk carries no fedq-sha256 digest")
+        return info
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    """Chunks needed for ``size`` bytes; an empty payload still travels as one empty chunk."""
+    return max(1, math.ceil(size / chunk_bytes))
+
+
+def iter_chunks(
+    buffers: list[memoryview], payload_id: str, chunk_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[tuple[ChunkInfo, bytes]]:
+    """Yield (info, body) for each chunk of the payload made of ``buffers`` laid end to end.
+
+    Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB.
+    """
+    size = sum(len(b) for b in buffers)
+    count = chunk_count(size, chunk_bytes)
+    digest = hashlib.sha256()
+    pieces = _slices(buffers)
+    next(pieces)
+    for index in range(count):
+        want = min(chunk_bytes, size - index * chunk_bytes)
+        body = bytearray()
+        while len(body) < want:
+            body += pieces.send(want - len(body))
+        digest.update(body)
+        last = index == count - 1
+        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, digest.hexdigest() if last else None)
+        yield info, bytes(body)
+
+
+def _slices(buffers: list[memoryview]) -> Any:
+    """A generator that hands out up to ``n`` bytes per ``send(n)``, walking the buffers in order."""
+    n = yield b""
+    for buffer in buffers:
+        start = 0
+        while start < len(buffer):
+            piece = buffer[start : start + n]
+            start += len(piece)
+            n = yield piece
+
+
+class Reassembly:
+    """Collects the chunks of one payload, in any order, into one preallocated buffer."""
+
+    def __init__(self, first: ChunkInfo):
+        self.payload_id = first.payload_id
+        self.size = first.size
+        self.count = first.count
+        self.chunk_bytes = first.chunk_bytes
+        self.sha256: str | None = None
+        self._buffer = bytearray(first.size)
+        self._seen: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._seen) == self.count
+
+    @property
+    def received(self) -> int:
+        return len(self._seen)
+
+    def add(self, info: ChunkInfo, body: bytes) -> bool:
+        """Place one chunk; returns True once every chunk is in. A repeated chunk is ignored."""
+        if (info.payload_id, info.size, info.count, info.chunk_bytes) != (
+            self.payload_id,
+            self.size,
+            self.count,
+            self.chunk_bytes,
+        ):
+            raise ProtocolError(f"chunk {info.index} disagrees with earlier chunks of payload {self.payload_id}")
+        if len(body) != info.length:
+            raise ProtocolError(f"chunk {info.index} has {len(body)} bytes, expected {info.length}")
+        if info.index not in self._seen:
+            self._buffer[info.offset : info.offset + len(body)] = body
+            self._seen.add(info.index)
+        if info.sha256 is not None:
+            self.sha256 = info.sha256
+        return self.complete
+
+    def prefix(self, limit: int) -> bytes:
+        """The first ``limit`` bytes received so far, to keep as evidence when a payload is refused."""
+        return bytes(self._buffer[:limit])
+
+    def payload(self) -> bytearray:
+        """The verified payload; ProtocolError if chunks are missing or the digest does not match."""
+        if not self.complete:
+            raise ProtocolError(f"payload {self.payload_id} has {self.received} of {self.count} chunks")
+        actual = hashlib.sha256(self._buffer).hexdigest()
+        if actual != self.sha256:
+            raise ProtocolError(f"payload {self.payload_id} digest {actual} does not match the sent {self.sha256}")
+        return self._buffer
+
+
+def read_single(headers: dict[str, Any] | None, body: bytes, max_size: int = MAX_CHUNK_BYTES) -> bytearray:
+    """The verified payload of a message that is a whole payload by itself (announcements)."""
+    info = ChunkInfo.from_headers(headers, max_size)
+    if info.count != 1:
+        raise ProtocolError(f"expected a one-chunk payload, got chunk {info.index} of {info.count}")
+    reassembly = Reassembly(info)
+    reassembly.add(info, body)
+    return reassembly.payload()

@@ -1,0 +1,154 @@
+"""The ``fedq`` command: run a coordinator, a site's worker, or a whole demo federation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic_settings import BaseSettings
+
+from shared.settings import ENV_PREFIX, CoordinatorSettings, SettingsError, WorkerSettings, load_settings
+
+EXAMPLES = {
+    "coordinator": """examples:
+  fedq coordinator --broker-url amqps://coordinator:SECRET@broker.example.org:5671/fedq --strategy fedbuff
+  FEDQ_STRATEGY=fedasync FEDQ_ALPHA=0.5 fedq coordinator --stop-at-accuracy 0.95""",
+    "worker": """examples:
+  fedq worker --site site-3 --broker-url amqps://site-3:SECRET@broker.example.org:5671/fedq
+  fedq worker --site hospital-a --task mypkg.task:MyTask --codec fp16""",
+    "demo": """examples:
+  fedq demo                        # FedBuff on digits-straggler, ten sites, until 0.95 accuracy
+  fedq demo --strategy fedavg      # the synchronous baseline, for comparison""",
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+    """One flag per setting, so flags, FEDQ_* variables and .env all name the same things."""
+    for name, field in cls.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default}"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{field.description} [{ENV_PREFIX}{name.upper()}; {default}]",
+        )
+
+
+def _settings_from(args: argparse.Namespace, cls: type[BaseSettings]):
+    return load_settings(cls, **{name: getattr(args, name) for name in cls.model_fields})
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)-18s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def run_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.server import Coordinator
+    from shared.task import load_task
+
+    settings = _settings_from(args, CoordinatorSettings)
+    _configure_logging(settings.log_level)
+    summary = Coordinator(settings, load_task(settings.task)).run()
+    print(_describe(summary))
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from shared.task import load_task
+    from worker.site import SiteWorker
+
+    settings = _settings_from(args, WorkerSettings)
+    _configure_logging(settings.log_level)
+    SiteWorker(settings, load_task(settings.task)).run()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from shared.local_broker import find_broker
+    from shared.local_federation import run_federation, site_names
+
+    _configure_logging("INFO")
+    broker = find_broker(log=logging.getLogger("fedq.demo").info)
+    try:
+        summary = run_federation(
+            broker.url(),
+            Path(args.run_dir),
+            site_names(10),
+            coordinator={"strategy": args.strategy, "stop_at_accuracy": args.target, "max_seconds": args.max_seconds},
+            worker={"codec": args.codec},
+        )
+    finally:
+        broker.close()
+    print(_describe(summary))
+    print(f"run log: {Path(args.run_dir) / 'events.jsonl'}; site logs: {Path(args.run_dir) / 'sites'}")
+    reached = (summary.get("best_accuracy") or 0) >= args.target
+    if not reached:
+        print(f"the demo did not reach {args.target} accuracy; the site logs above say what the workers saw")
+    return 0 if reached else 1
+
+
+def _describe(summary: dict) -> str:
+    times = "  ".join(
+        f"time to {m}: {'%.1f s' % t if t is not None else 'not reached'}" for m, t in summary["time_to_accuracy"].items()
+    )
+    final = summary["final_accuracy"]
+    return (
+        f"{summary['strategy']}: {times}  final accuracy {final:.4f}  version {summary['final_version']}  "
+        f"updates {summary['updates_applied']} applied, {summary['updates_dropped']} dropped, "
+        f"{summary['updates_rejected']} refused  ({summary['stop_reason']})"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedq",
+        description="Asynchronous federated training over RabbitMQ. Settings come from flags, then "
+        f"{ENV_PREFIX}* environment variables, then a .env file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    coordinator = commands.add_parser(
+        "coordinator", help="run the coordinator", epilog=EXAMPLES["coordinator"], formatter_class=formatter,
+        description="Own the global model: publish snapshots, merge site updates as they arrive, evaluate.",
+    )
+    _add_settings_flags(coordinator, CoordinatorSettings)
+    coordinator.set_defaults(handler=run_coordinator)
+
+    worker = commands.add_parser(
+        "worker", help="run one site's worker", epilog=EXAMPLES["worker"], formatter_class=formatter,
+        description="Train on this site's data: take the newest snapshot, train, send the update. Connects outbound only.",
+    )
+    _add_settings_flags(worker, WorkerSettings)
+    worker.set_defaults(handler=run_worker)
+
+    demo = commands.add_parser(
+        "demo", help="run a whole demo federation on a local broker", epilog=EXAMPLES["demo"], formatter_class=formatter,
+        description="Find or start a RabbitMQ broker, then run a coordinator and ten sites on digits-straggler.",
+    )
+    demo.add_argument("--strategy", choices=["fedasync", "fedbuff", "fedavg"], default="fedbuff")
+    demo.add_argument("--codec", choices=["fp32", "fp16", "bf16"], default="fp32", help="codec for site updates")
+    demo.add_argument("--target", type=float, default=0.95, help="stop at this test accuracy (default 0.95)")
+    demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
+    demo.add_argument("--run-dir", default="runs/demo", help="where the run log goes (default runs/demo)")
+    demo.set_defaults(handler=run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""digits-straggler: the built-in demo and benchmark task, exactly as BENCHMARKS.md defines it.
+
+scikit-learn's handwritten digits, split across ten sites by a Dirichlet(0.5) label partition, a
+small MLP, and per-site delays that stand in for slow hardware and links.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.task import SiteContext, Task, TrainResult
+
+SITES = 10
+ALPHA = 0.5
+DELAYS = [0.1, 0.1, 0.15, 0.15, 0.2, 0.2, 0.3, 0.5, 1.0, 3.0]
+EPOCHS, BATCH_SIZE, LR = 2, 16, 0.1
+
+
+@lru_cache(maxsize=1)
+def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_train, X_test, y_train, y_test), split as the benchmark specifies."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    X = (data.data / 16.0).astype(np.float32)
+    return tuple(train_test_split(X, data.target, test_size=0.2, stratify=data.target, random_state=0))
+
+
+@lru_cache(maxsize=1)
+def site_indices() -> list[np.ndarray]:
+    """Training-set indices per site from the Dirichlet label partition."""
+    _, _, y_train, _ = dataset()
+    rng = np.random.RandomState(0)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(SITES)]
+    for c in range(10):
+        idx = np.where(y_train == c)[0]
+        rng.shuffle(idx)
+        p = rng.dirichlet([ALPHA] * SITES)
+        for i, piece in enumerate(np.split(idx, (np.cumsum(p) * len(idx)).astype(int)[:-1])):
+            pieces[i].append(piece)
+    return [np.concatenate(p) for p in pieces]
+
+
+def site_number(site: str) -> int:
+    """The index 0..9 in a site name such as ``site-3``."""
+    match = re.fullmatch(r"\D*(\d+)", site)
+    if not match or not 0 <= int(match.group(1)) < SITES:
+        raise ValueError(f"digits-straggler has sites site-0 .. site-{SITES - 1}; {site!r} is not one of them")
+    return int(match.group(1))
+
+
+class DigitsStraggler(Task):
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def prepare_site(self, site: str) -> None:
+        site_number(site)
+        site_indices()
+
+    def train(self, model: nn.Module, site: SiteContext) -> TrainResult:
+        number = site_number(site.site)
+        X_train, _, y_train, _ = dataset()
+        idx = site_indices()[number]
+        X, y = torch.from_numpy(X_train[idx]), torch.from_numpy(y_train[idx]).long()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        total, steps = 0.0, 0
+        for epoch in range(EPOCHS):
+            order = torch.randperm(len(idx))
+            for start in range(0, len(idx), BATCH_SIZE):
+                batch = order[start : start + BATCH_SIZE]
+                optimizer.zero_grad()
+                loss = loss_fn(model(X[batch]), y[batch])
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+            site.progress((epoch + 1) / EPOCHS)
+        time.sleep(DELAYS[number])
+        return TrainResult(num_samples=len(idx), metrics={"train_loss": total / max(steps, 1)})
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        _, X_test, _, y_test = dataset()
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(X_test))
+            target = torch.from_numpy(y_test).long()
+            loss = nn.functional.cross_entropy(logits, target).item()
+            accuracy = (logits.argmax(1) == target).float().mean().item()
+        return {"accuracy": accuracy, "loss": loss}

@@ -1,0 +1,633 @@
+"""A real RabbitMQ broker for tests and the demo: from the environment, a container, a throwaway
+local node, or a fresh vhost on the system broker, in that order of preference."""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pika
+import pika.exceptions
+
+# The development credentials from broker_config/definitions.json (stored there only as a hash).
+DEV_USER = "fedq"
+DEV_PASSWORD = "fedq"
+DEV_VHOST = "fedq"
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+CONTAINER_IMAGE = "rabbitmq:3.13-management"
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
+RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
+# Debian's wrapper switches to the rabbitmq user and the system node's cookie.
+SYSTEM_RABBITMQCTL = Path("/usr/sbin/rabbitmqctl")
+SYSTEM_HOST, SYSTEM_PORT = "127.0.0.1", 5672
+SYSTEM_MANAGEMENT_URL = "http://127.0.0.1:15672"
+
+_VHOST_SCOPED = ("exchanges", "queues", "bindings", "policies")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rewrite_conf(text: str, overrides: dict[str, str]) -> str:
+    """Replace the values of the given keys in a rabbitmq.conf text; append keys it lacks."""
+    pending = dict(overrides)
+    lines = []
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in pending:
+            line = f"{key} = {pending.pop(key)}"
+        lines.append(line)
+    if pending:
+        lines += ["", "# Added for this throwaway broker."] + [f"{k} = {v}" for k, v in pending.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _enabled_plugins(config_dir: Path) -> set[str]:
+    return set(re.findall(r"[a-z0-9_]+", (config_dir / "enabled_plugins").read_text()))
+
+
+def vhost_definitions(config_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The exchanges, queues, bindings and policies of vhost `fedq` in definitions.json, without "vhost" keys."""
+    defs = json.loads((config_dir / "definitions.json").read_text())
+    return {
+        kind: [
+            {k: v for k, v in item.items() if k != "vhost"}
+            for item in defs.get(kind, [])
+            if item.get("vhost") == DEV_VHOST
+        ]
+        for kind in _VHOST_SCOPED
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    # A killed node is reparented to an init that may reap it late; a zombie is gone for our purposes.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _beam_pid(folder: Path) -> int | None:
+    """Pid of the running Erlang VM of the node kept in `folder` (named like its node), or None."""
+    try:
+        pid = int((folder / "data" / f"{folder.name}.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError):
+        return None
+    # A stale pid file may name a reused pid: only a VM whose home is this folder is ours.
+    return pid if str(folder).encode() + b"\0" in cmdline else None
+
+
+def _boot_errors(path: Path, limit: int = 15) -> str:
+    """The lines of a node's output or log that say why it failed to boot."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"  (no {path.name})"
+    # The cause comes first; the crash reports after it are noise. Erlang's one-line verdict comes last.
+    picked = [line for line in lines if "[error]" in line][:limit]
+    picked += [line for line in lines if line.startswith("init terminating in do_boot")][-1:]
+    return "\n".join(picked or lines[-limit:])
+
+
+class LocalNode:
+    """A throwaway RabbitMQ node run from the installed binaries, in its own folder and on its own ports."""
+
+    def __init__(
+        self,
+        config_dir: Path,
+        *,
+        amqp_port: int | None = None,
+        management_port: int | None = None,
+        name: str | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
+        self.config_dir = Path(config_dir)
+        self.plugins = _enabled_plugins(self.config_dir)
+        self.amqp_port = amqp_port or _free_port()
+        self.management_port = management_port or _free_port()
+        # Prometheus and Erlang distribution also listen; fixed defaults would clash with other nodes.
+        self.prometheus_port = _free_port()
+        self.dist_port = _free_port()
+        self.name = name or f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+        self.folder = Path(base_dir or default_base_dir()) / self.name
+        self.pid_file = self.folder / "data" / f"{self.name}.pid"
+        self.log_file = self.folder / "log" / f"{self.node}.log"
+        self._as_root = os.geteuid() == 0
+        self._server: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the RabbitMQ binaries (and, as root, the rabbitmq user) are installed."""
+        if not (os.access(RABBITMQ_SERVER, os.X_OK) and os.access(RABBITMQCTL, os.X_OK)):
+            return False
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pwd.getpwnam("rabbitmq")
+            except KeyError:
+                return False
+        return True
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@localhost"
+
+    @property
+    def has_management(self) -> bool:
+        return "rabbitmq_management" in self.plugins
+
+    def _env(self) -> dict[str, str]:
+        # Inherited RABBITMQ_*/ERL_* settings, and the system's env, conf.d and advanced.config files,
+        # would leak the system node's settings into this one.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        conf = self.folder / "conf"
+        env.update(
+            HOME=str(self.folder),
+            LC_ALL="C.UTF-8",
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_CONF_ENV_FILE=str(conf / "rabbitmq-env.conf"),
+            RABBITMQ_CONFIG_FILE=str(conf / "rabbitmq.conf"),
+            RABBITMQ_CONFIG_FILES=str(conf / "conf.d" / "*.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(conf / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(conf / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(self.folder / "data"),
+            RABBITMQ_PID_FILE=str(self.pid_file),
+            RABBITMQ_LOG_BASE=str(self.folder / "log"),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def _process_kwargs(self) -> dict[str, Any]:
+        # The node refuses to run as root; as root, run it and its CLI as the rabbitmq user.
+        user = {"user": "rabbitmq", "group": "rabbitmq", "extra_groups": []} if self._as_root else {}
+        return {"env": self._env(), "cwd": self.folder, "stdin": subprocess.DEVNULL, **user}
+
+    def _write_config(self) -> None:
+        conf = self.folder / "conf"
+        for sub in ("data", "log", "conf/conf.d"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        overrides = {
+            "listeners.tcp.default": f"127.0.0.1:{self.amqp_port}",
+            "load_definitions": str(conf / "definitions.json"),
+        }
+        if self.has_management:
+            overrides |= {"management.tcp.port": str(self.management_port), "management.tcp.ip": "127.0.0.1"}
+        if "rabbitmq_prometheus" in self.plugins:
+            overrides |= {"prometheus.tcp.port": str(self.prometheus_port), "prometheus.tcp.ip": "127.0.0.1"}
+        source = (self.config_dir / "rabbitmq.conf").read_text()
+        (conf / "rabbitmq.conf").write_text(_rewrite_conf(source, overrides))
+        for name in ("definitions.json", "enabled_plugins"):
+            shutil.copyfile(self.config_dir / name, conf / name)
+        if self._as_root:
+            for path in [self.folder, *self.folder.rglob("*")]:
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def beam_pid(self) -> int | None:
+        """OS pid of this node's Erlang VM, or None when it is not running."""
+        return _beam_pid(self.folder)
+
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run rabbitmqctl against this node; return its stdout, raise with its output on failure."""
+        result = subprocess.run(
+            [str(RABBITMQCTL), "-n", self.node, *args], capture_output=True, text=True, timeout=timeout,
+            **self._process_kwargs(),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} on node {self.node} failed (exit {result.returncode}):\n"
+                f"{result.stderr.strip()}\n{result.stdout.strip()}"
+            )
+        return result.stdout
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the node (on its existing data, if any) and wait until it serves clients."""
+        if self.beam_pid() is not None:
+            return
+        _LIVE_NODES.add(self)
+        self._write_config()
+        # Left by a killed VM; a stale one would name a pid that is not this node.
+        self.pid_file.unlink(missing_ok=True)
+        startup_out = self.folder / "log" / "startup.out"
+        # In the foreground (not -detached) a boot failure is printed to our file and the process exits,
+        # so it is seen at once; its own session keeps a Ctrl-C of the test run away from it.
+        with open(startup_out, "w") as out:
+            self._server = subprocess.Popen(
+                [str(RABBITMQ_SERVER)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                **self._process_kwargs(),
+            )
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                self.rabbitmqctl("await_startup", timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                last_error = str(exc)
+            if self._server.poll() is not None:
+                what = f"exited while starting (exit {self._server.returncode})"
+                raise RuntimeError(self._startup_failure(what, last_error))
+            # The first calls fail until the node has registered with epmd.
+            time.sleep(0.5)
+        raise RuntimeError(self._startup_failure(f"did not start within {timeout:.0f} s", last_error))
+
+    def _startup_failure(self, what: str, last_error: str) -> str:
+        startup_out = self.folder / "log" / "startup.out"
+        return (
+            f"RabbitMQ node {self.node} {what}.\n"
+            f"Its output ({startup_out}) says:\n{_boot_errors(startup_out)}\n"
+            f"Its log ({self.log_file}) says:\n{_boot_errors(self.log_file)}\n"
+            f"Last rabbitmqctl error: {last_error.splitlines()[0] if last_error else '-'}\n"
+            f"Check {self.config_dir}/rabbitmq.conf and that ports {self.amqp_port} (AMQP), "
+            f"{self.management_port} (management), {self.prometheus_port} (prometheus) and "
+            f"{self.dist_port} (distribution) are free."
+        )
+
+    def stop(self) -> None:
+        """Stop the node gracefully, keeping its data."""
+        pid = self.beam_pid()
+        if pid is None:
+            return
+        self.rabbitmqctl("stop", str(self.pid_file))
+        if not _wait_gone(pid, 30.0):
+            raise RuntimeError(f"RabbitMQ node {self.node} (pid {pid}) still runs 30 s after rabbitmqctl stop")
+        self._reap_server()
+
+    def restart(self) -> None:
+        """Stop and start again on the same data and ports."""
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the node's VM, as a crash would; start() recovers from its data."""
+        pid = self.beam_pid()
+        if pid is None:
+            raise RuntimeError(f"RabbitMQ node {self.node} is not running: nothing to kill")
+        os.kill(pid, signal.SIGKILL)
+        if not _wait_gone(pid, 10.0):
+            raise RuntimeError(f"RabbitMQ node {self.node} (pid {pid}) survived SIGKILL for 10 s")
+        self._reap_server()
+
+    def _reap_server(self) -> None:
+        # The rabbitmq-server script exits with its VM; wait for it so it does not linger as a zombie.
+        if self._server is not None:
+            self._server.wait(timeout=10)
+            self._server = None
+
+    def close(self) -> None:
+        """Stop the node and remove its folder."""
+        # The data is thrown away, so a graceful stop (~9 s: RabbitMQ 3.10 idles 5 s in it) buys nothing.
+        if self.beam_pid() is not None:
+            self.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        _LIVE_NODES.discard(self)
+
+
+def default_base_dir() -> Path:
+    """Where throwaway nodes keep their folders: per user, so two users' runs do not collide."""
+    base = Path(tempfile.gettempdir()) / f"fedq-rabbitmq-{os.geteuid()}"
+    base.mkdir(exist_ok=True)
+    # As root the nodes run as rabbitmq, which must be able to enter this folder.
+    base.chmod(0o755)
+    return base
+
+
+def reap_orphan_nodes(base_dir: Path | None = None) -> None:
+    """Kill and remove the nodes of earlier runs whose process died without cleaning up (SIGKILL, os._exit)."""
+    for folder in Path(base_dir or default_base_dir()).glob("fedq-*-*"):
+        owner = folder.name.split("-")[1]
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            if (pid := _beam_pid(folder)) is not None:
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_LIVE_NODES: set[LocalNode] = set()
+
+
+@atexit.register
+def _close_live_nodes() -> None:
+    for node in list(_LIVE_NODES):
+        try:
+            node.close()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say what is left behind
+            print(f"fedq: could not close RabbitMQ node {node.node} in {node.folder}: {exc}", file=sys.stderr)
+
+
+@dataclass
+class Broker:
+    """A reachable RabbitMQ broker and what is needed to make fresh vhosts on it."""
+
+    kind: str  # "env" | "container" | "local-node" | "system"
+    host: str
+    port: int
+    username: str
+    password: str
+    management_url: str | None  # http://host:port, no credentials inside; None without management
+    node: LocalNode | None = None
+    vhost: str = DEV_VHOST  # the vhost url() names by default
+    scheme: str = "amqp"
+    config_dir: Path = DEFAULT_CONFIG_DIR
+    management_auth: tuple[str, str] | None = field(default=None, repr=False)  # if not username/password
+    _rabbitmqctl: Callable[..., str] | None = field(default=None, repr=False)
+    _on_close: Callable[[], None] | None = field(default=None, repr=False)
+
+    def url(self, vhost: str | None = None) -> str:
+        """AMQP URL of `vhost` (default: this broker's own vhost) with every part percent-encoded."""
+        q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
+        credentials = f"{q(self.username)}:{q(self.password)}"
+        return f"{self.scheme}://{credentials}@{self.host}:{self.port}/{q(vhost or self.vhost)}"
+
+    def management_api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the management HTTP API (path like "/api/queues/fedq"); return the decoded JSON, if any."""
+        if self.management_url is None:
+            raise RuntimeError(f"the {self.kind} broker at {self.host}:{self.port} has no management API")
+        user, password = self.management_auth or (self.username, self.password)
+        request = urllib.request.Request(
+            self.management_url.rstrip("/") + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode(),
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(
+                f"management API {method} {path} on {self.management_url} answered {exc.code}: "
+                f"{exc.read().decode(errors='replace')}"
+            ) from exc
+        except urllib.error.URLError as exc:
+            raise RuntimeError(f"management API at {self.management_url} does not answer: {exc.reason}") from exc
+        return json.loads(data) if data else None
+
+    def create_vhost(self, name: str) -> str:
+        """Create a fresh vhost, give this broker's user full permissions, and load into it the vhost-scoped
+        definitions of broker_config/definitions.json (exchanges, queues, bindings, policies of vhost "fedq").
+        Returns the vhost's amqp URL."""
+        defs = vhost_definitions(self.config_dir)
+        v, u = urllib.parse.quote(name, safe=""), urllib.parse.quote(self.username, safe="")
+        if self.management_url is not None:
+            self.management_api("PUT", f"/api/vhosts/{v}")
+            everything = {"configure": ".*", "write": ".*", "read": ".*"}
+            self.management_api("PUT", f"/api/permissions/{v}/{u}", everything)
+            self.management_api("POST", f"/api/definitions/{v}", defs)
+        elif self._rabbitmqctl is not None:
+            self._rabbitmqctl("add_vhost", name)
+            self._rabbitmqctl("set_permissions", "-p", name, self.username, ".*", ".*", ".*")
+            for p in defs["policies"]:
+                self._rabbitmqctl(
+                    "set_policy", "-p", name, "--apply-to", p["apply-to"], "--priority", str(p["priority"]),
+                    p["name"], p["pattern"], json.dumps(p["definition"]),
+                )
+            _declare(self.url(name), defs)
+        else:
+            raise RuntimeError(
+                f"cannot create vhost {name!r} on the {self.kind} broker at {self.host}:{self.port}: it has no "
+                "management API and no rabbitmqctl here; set FEDQ_BROKER_MANAGEMENT_URL=http://user:pass@host:15672"
+            )
+        return self.url(name)
+
+    def delete_vhost(self, name: str) -> None:
+        """Delete a vhost and everything in it; a missing vhost is not an error."""
+        if self.management_url is not None:
+            try:
+                self.management_api("DELETE", f"/api/vhosts/{urllib.parse.quote(name, safe='')}")
+            except RuntimeError as exc:
+                if "answered 404" not in str(exc):
+                    raise
+        elif self._rabbitmqctl is not None:
+            try:
+                self._rabbitmqctl("delete_vhost", name)
+            except RuntimeError as exc:
+                if "does not exist" not in str(exc):
+                    raise
+
+    def close(self) -> None:
+        """Stop what this object started (node, container, own vhost on the system broker)."""
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+
+
+def _declare(url: str, defs: dict[str, list[dict[str, Any]]]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for e in defs["exchanges"]:
+            channel.exchange_declare(
+                e["name"], e["type"], durable=e["durable"], auto_delete=e["auto_delete"],
+                internal=e["internal"], arguments=e["arguments"],
+            )
+        for q in defs["queues"]:
+            channel.queue_declare(
+                q["name"], durable=q["durable"], auto_delete=q["auto_delete"], arguments=q["arguments"]
+            )
+        for b in defs["bindings"]:
+            bind = channel.queue_bind if b["destination_type"] == "queue" else channel.exchange_bind
+            bind(b["destination"], b["source"], routing_key=b["routing_key"], arguments=b["arguments"])
+    finally:
+        connection.close()
+
+
+def _connect_error(url: str) -> Exception | None:
+    params = pika.URLParameters(url)
+    params.connection_attempts, params.socket_timeout, params.blocked_connection_timeout = 1, 3, 3
+    try:
+        pika.BlockingConnection(params).close()
+    except pika.exceptions.AMQPError as exc:
+        return exc
+    return None
+
+
+def _split_credentials(url: str) -> tuple[urllib.parse.SplitResult, str, str]:
+    parts = urllib.parse.urlsplit(url)
+    user = urllib.parse.unquote(parts.username or "guest")
+    password = urllib.parse.unquote(parts.password or "guest")
+    return parts, user, password
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
+    parts, user, password = _split_credentials(url)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise RuntimeError(f"FEDQ_BROKER_URL={_masked(url)} is not an amqp://user:pass@host:port/vhost URL")
+    if (error := _connect_error(url)) is not None:
+        raise RuntimeError(
+            f"FEDQ_BROKER_URL={_masked(url)} does not accept a connection ({error!r}); "
+            "fix it, or unset it to let fedq find or start a broker"
+        )
+    management_url, management_auth = None, None
+    if management:
+        m, m_user, m_password = _split_credentials(management)
+        management_url = f"{m.scheme}://{m.hostname}:{m.port or 15672}{m.path.rstrip('/')}"
+        management_auth = (m_user, m_password) if m.username else None
+    return Broker(
+        kind="env", host=parts.hostname, port=parts.port or (5671 if parts.scheme == "amqps" else 5672),
+        username=user, password=password, management_url=management_url,
+        vhost=urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/",
+        scheme=parts.scheme, config_dir=config_dir, management_auth=management_auth,
+    )
+
+
+def _docker_unavailable_reason() -> str | None:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable Docker engine"
+        return f"no Docker engine ({type(exc).__name__})"
+    return None
+
+
+def _container_broker(config_dir: Path) -> Broker:
+    from testcontainers.community.rabbitmq import RabbitMqContainer
+
+    overrides = {"listeners.tcp.default": "5672", "load_definitions": "/etc/rabbitmq/definitions.json"}
+    if "rabbitmq_management" in _enabled_plugins(config_dir):
+        overrides["management.tcp.port"] = "15672"
+    conf = _rewrite_conf((config_dir / "rabbitmq.conf").read_text(), overrides)
+    # The definitions create fedq/fedq and vhost fedq (no guest), so the readiness probe logs in as fedq.
+    container = RabbitMqContainer(
+        CONTAINER_IMAGE, port=5672, username=DEV_USER, password=DEV_PASSWORD, vhost=DEV_VHOST
+    )
+    container.with_exposed_ports(15672)
+    # Copied rather than bind-mounted: works with a remote or rootless Docker engine too.
+    container.with_copy_into_container(conf.encode(), "/etc/rabbitmq/rabbitmq.conf")
+    for name in ("definitions.json", "enabled_plugins"):
+        container.with_copy_into_container(config_dir / name, f"/etc/rabbitmq/{name}")
+    try:
+        container.start()
+        host = container.get_container_host_ip()
+        management_url = None
+        if "management.tcp.port" in overrides:
+            management_url = f"http://{host}:{container.get_exposed_port(15672)}"
+        return Broker(
+            kind="container", host=host, port=int(container.get_exposed_port(5672)), username=DEV_USER,
+            password=DEV_PASSWORD, management_url=management_url, config_dir=config_dir, _on_close=container.stop,
+        )
+    except BaseException:
+        container.stop()
+        raise
+
+
+def _local_node_broker(config_dir: Path, node: LocalNode) -> Broker:
+    try:
+        node.start()
+    except BaseException:
+        node.close()
+        raise
+    return Broker(
+        kind="local-node", host="127.0.0.1", port=node.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
+        management_url=f"http://127.0.0.1:{node.management_port}" if node.has_management else None,
+        node=node, config_dir=config_dir, _rabbitmqctl=node.rabbitmqctl, _on_close=node.close,
+    )
+
+
+def _system_rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(
+        [str(SYSTEM_RABBITMQCTL), *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{SYSTEM_RABBITMQCTL} {' '.join(args)} failed (exit {result.returncode}):\n"
+            f"{result.stderr.strip()}\n{result.stdout.strip()}"
+        )
+    return result.stdout
+
+
+def _system_broker(config_dir: Path) -> Broker:
+    broker = Broker(
+        kind="system", host=SYSTEM_HOST, port=SYSTEM_PORT, username="guest", password="guest",
+        management_url=SYSTEM_MANAGEMENT_URL, config_dir=config_dir,
+        _rabbitmqctl=_system_rabbitmqctl if os.access(SYSTEM_RABBITMQCTL, os.X_OK) else None,
+    )
+    try:
+        broker.management_api("GET", "/api/overview")
+    except RuntimeError:
+        broker.management_url = None
+    # Never touch the system broker's existing vhosts: work in a vhost of our own, deleted on close.
+    vhost = f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+    broker.create_vhost(vhost)
+    broker.vhost = vhost
+    broker._on_close = lambda: broker.delete_vhost(vhost)
+    return broker
+
+
+def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] = print) -> Broker:
+    """Find or start a real RabbitMQ broker: FEDQ_BROKER_URL, a Docker container, a throwaway local node,
+    or a fresh vhost on the system broker at 127.0.0.1:5672, in that order. Logs one line saying which and why.
+    config_dir defaults to the project's broker_config/ folder."""
+    config_dir = Path(config_dir or DEFAULT_CONFIG_DIR)
+    env_url = os.environ.get("FEDQ_BROKER_URL")
+    if env_url:
+        broker = _env_broker(env_url, os.environ.get("FEDQ_BROKER_MANAGEMENT_URL"), config_dir)
+        log(f"fedq broker: FEDQ_BROKER_URL is set: using {_masked(env_url)}")
+        return broker
+    no_docker = _docker_unavailable_reason()
+    if no_docker is None:
+        log(f"fedq broker: a Docker engine answers: starting container {CONTAINER_IMAGE}")
+        return _container_broker(config_dir)
+    # A node that fails to start means broken broker_config/ or a broken machine: raise, do not fall through.
+    if LocalNode.available():
+        reap_orphan_nodes()
+        node = LocalNode(config_dir)
+        log(
+            f"fedq broker: {no_docker}: starting a local RabbitMQ node from {RABBITMQ_BIN.parent} "
+            f"({node.node}, AMQP 127.0.0.1:{node.amqp_port}, management {node.management_port}, folder {node.folder})"
+        )
+        return _local_node_broker(config_dir, node)
+    if _connect_error(f"amqp://guest:guest@{SYSTEM_HOST}:{SYSTEM_PORT}/%2F") is None:
+        log(f"fedq broker: {no_docker} and no RabbitMQ in {RABBITMQ_BIN}: using the system broker on "
+            f"{SYSTEM_HOST}:{SYSTEM_PORT} in a fresh vhost")
+        return _system_broker(config_dir)
+    raise RuntimeError(
+        f"No RabbitMQ broker: FEDQ_BROKER_URL is unset, {no_docker}, no RabbitMQ binaries in {RABBITMQ_BIN}, "
+        f"and nothing accepts guest/guest on {SYSTEM_HOST}:{SYSTEM_PORT}. Set FEDQ_BROKER_URL, start Docker, "
+        "or `apt-get install rabbitmq-server`."
+    )

@@ -1,0 +1,75 @@
+"""A whole federation on one machine: the coordinator in this process, each site a worker process.
+
+The demo, the benchmarks and the integration tests all run federations through this one function,
+so what the tests check is what users run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.server import Coordinator
+from shared.settings import CoordinatorSettings, load_settings
+from shared.task import load_task
+
+log = logging.getLogger("fedq.federation")
+
+
+def site_names(count: int) -> list[str]:
+    return [f"site-{i}" for i in range(count)]
+
+
+def start_worker(broker_url: str, site: str, log_path: Path, **settings: Any) -> subprocess.Popen:
+    """Start one site's worker process; its output goes to ``log_path``."""
+    env = {**os.environ, "FEDQ_BROKER_URL": broker_url, "FEDQ_SITE": site, "FEDQ_TORCH_THREADS": "1"}
+    env.update({f"FEDQ_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_federation(
+    broker_url: str,
+    run_dir: Path,
+    sites: list[str],
+    *,
+    coordinator: dict[str, Any] | None = None,
+    worker: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run a coordinator and one worker per site until the coordinator stops; returns its summary.
+
+    ``coordinator`` and ``worker`` are settings (as for the ``fedq`` flags) for each side. Worker logs
+    land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
+    the clock starts when the federation is complete, as a benchmark wants.
+    """
+    worker = worker or {}
+    settings = load_settings(
+        CoordinatorSettings,
+        **{"broker_url": broker_url, "run_dir": run_dir, "wait_for_sites": len(sites), **(coordinator or {})},
+    )
+    workers = {site: start_worker(broker_url, site, run_dir / "sites" / f"{site}.log", **worker) for site in sites}
+    try:
+        summary = Coordinator(settings, load_task(settings.task)).run()
+        _wait_for_exit(workers, timeout=30.0)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    summary["worker_exit_codes"] = {site: p.returncode for site, p in workers.items()}
+    return summary
+
+
+def _wait_for_exit(workers: dict[str, subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for site, process in workers.items():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("worker %s did not exit after the final announcement; killing it", site)

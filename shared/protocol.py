@@ -1,0 +1,233 @@
+"""The fedq wire protocol, defined in one place.
+
+Every message fedq sends is one chunk of a *payload*. A payload is::
+
+    u32 little-endian header length | msgpack header | tensor parts, each starting on a 64-byte boundary
+
+The header is a msgpack map validated by the schemas below; it names the payload's kind and lists
+every tensor (name, shape, dtype, codec, and the dtype and shape of each raw part the codec wrote).
+Tensor bytes are never inside msgpack: they follow the header as raw little-endian arrays, so a
+decoder maps them with ``numpy.frombuffer`` instead of copying, and no byte from the network is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+PROTOCOL_VERSION = 1
+PART_ALIGNMENT = 64
+# RabbitMQ 4.x refuses messages over 16 MiB by default; 4 MiB chunks stay far from any limit and
+# keep the memory a reader holds per chunk in flight small.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# Dtypes a part may declare. Anything else (object arrays above all) is refused before numpy sees it.
+PART_DTYPES = frozenset({"float32", "float16", "uint16", "int8", "uint8", "int16", "int32", "uint32", "int64"})
+SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+_HEADER_LENGTH = struct.Struct("<I")
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """Bytes that do not follow the protocol; the message says what is wrong with them."""
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PartSpec(_Schema):
+    dtype: str
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in PART_DTYPES:
+            raise ValueError(f"part dtype {value!r} is not one of {sorted(PART_DTYPES)}")
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class TensorSpec(_Schema):
+    name: Annotated[str, Field(min_length=1, max_length=512)]
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    codec: Annotated[str, Field(min_length=1, max_length=64)]
+    params: dict[str, Union[int, float, str, bool]] = Field(default_factory=dict)
+    parts: tuple[PartSpec, ...]
+
+
+class _PayloadHeader(_Schema):
+    protocol: int
+    tensors: tuple[TensorSpec, ...] = ()
+
+    @field_validator("protocol")
+    @classmethod
+    def _supported_protocol(cls, value: int) -> int:
+        if value != PROTOCOL_VERSION:
+            raise ValueError(
+                f"protocol version {value} is not supported (this build speaks {PROTOCOL_VERSION}); "
+                "run the same fedq version on the coordinator and the sites"
+            )
+        return value
+
+
+class SnapshotHeader(_PayloadHeader):
+    """A global model version as the coordinator publishes it."""
+
+    kind: Literal["snapshot"] = "snapshot"
+    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    version: Annotated[int, Field(ge=0)]
+    created_at: float
+
+
+class UpdateHeader(_PayloadHeader):
+    """What a site learned from one snapshot: the difference to that snapshot, encoded by a codec."""
+
+    kind: Literal["update"] = "update"
+    update_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    #: The run of the snapshot this update was trained from; updates from other runs are dropped.
+    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    base_version: Annotated[int, Field(ge=0)]
+    num_samples: Annotated[int, Field(gt=0)]
+    train_seconds: Annotated[float, Field(ge=0)]
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Hello(_PayloadHeader):
+    """A site says it is up, so the coordinator repeats the newest announcement for it."""
+
+    kind: Literal["hello"] = "hello"
+    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+
+
+class Announcement(_PayloadHeader):
+    """Tells every site that a snapshot is complete on the stream and where to start reading it.
+
+    AMQP 0-9-1 does not tell a publisher the stream offset of what it published, so the snapshot is
+    located by time: readers attach at ``published_at`` (whole seconds, rounded down) and skip the
+    few older chunks the broker may hand them by their version header.
+    """
+
+    kind: Literal["announcement"] = "announcement"
+    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    version: Annotated[int, Field(ge=0)]
+    payload_id: str
+    chunks: Annotated[int, Field(ge=1)]
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    published_at: float
+    # Asynchronous strategies keep sites busy on the newest version even if they trained on it
+    # already; a synchronous round wants exactly one update per site and version.
+    retrain: bool = True
+    # The run is over: workers that were running when it was published finish and exit.
+    final: bool = False
+
+
+Header = Annotated[Union[SnapshotHeader, UpdateHeader, Hello, Announcement], Field(discriminator="kind")]
+_HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(Header)
+
+
+def new_id() -> str:
+    """A fresh payload or update id: 32 lowercase hex digits."""
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // PART_ALIGNMENT) * PART_ALIGNMENT
+
+
+def encode_payload(header: _PayloadHeader, parts: list[np.ndarray]) -> list[memoryview]:
+    """Frame a header and its tensor parts as a list of buffers, without copying the parts.
+
+    ``parts`` are the raw arrays in the order the header's tensors list them. The buffers, laid end
+    to end, are the payload; ``shared.chunking`` cuts them into messages.
+    """
+    declared = [part for tensor in header.tensors for part in tensor.parts]
+    if len(declared) != len(parts):
+        raise ValueError(f"header declares {len(declared)} parts but {len(parts)} arrays were given")
+    header_bytes = msgpack.packb(header.model_dump(mode="python"), use_bin_type=True)
+    buffers = [memoryview(_HEADER_LENGTH.pack(len(header_bytes)) + header_bytes)]
+    offset = len(buffers[0])
+    for spec, array in zip(declared, parts):
+        if array.dtype.name != spec.dtype or tuple(array.shape) != spec.shape:
+            raise ValueError(f"array {array.dtype}{array.shape} does not match its declaration {spec}")
+        padding = _aligned(offset) - offset
+        if padding:
+            buffers.append(memoryview(bytes(padding)))
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        buffers.append(data)
+        offset += padding + len(data)
+    return buffers
+
+
+def payload_size(buffers: list[memoryview]) -> int:
+    return sum(len(b) for b in buffers)
+
+
+def decode_header(payload: bytes | bytearray | memoryview) -> tuple[Any, int]:
+    """Parse and validate a payload's header; returns it and the offset where parts begin."""
+    view = memoryview(payload)
+    if len(view) < _HEADER_LENGTH.size:
+        raise ProtocolError(f"payload of {len(view)} bytes is too short to hold a header")
+    (length,) = _HEADER_LENGTH.unpack_from(view)
+    if length > _MAX_HEADER_BYTES or _HEADER_LENGTH.size + length > len(view):
+        raise ProtocolError(f"header length {length} does not fit a payload of {len(view)} bytes")
+    raw = view[_HEADER_LENGTH.size : _HEADER_LENGTH.size + length]
+    try:
+        fields = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"header is a msgpack {type(fields).__name__}, not a map")
+    try:
+        header = _HEADER_ADAPTER.validate_python(fields)
+    except ValidationError as exc:
+        raise ProtocolError(f"header fails the schema: {_summarize(exc)}") from None
+    return header, _HEADER_LENGTH.size + length
+
+
+def decode_payload(payload: bytes | bytearray | memoryview) -> tuple[Any, list[list[np.ndarray]]]:
+    """Decode a whole payload into its header and, per tensor, its parts as zero-copy arrays."""
+    header, offset = decode_header(payload)
+    view = memoryview(payload)
+    tensors: list[list[np.ndarray]] = []
+    for tensor in header.tensors:
+        arrays = []
+        for spec in tensor.parts:
+            offset = _aligned(offset)
+            end = offset + spec.nbytes
+            if end > len(view):
+                raise ProtocolError(
+                    f"tensor {tensor.name!r} declares {spec.nbytes} bytes at offset {offset}, "
+                    f"past the end of a {len(view)}-byte payload"
+                )
+            array = np.frombuffer(view, dtype=spec.dtype, count=math.prod(spec.shape), offset=offset)
+            arrays.append(array.reshape(spec.shape))
+            offset = end
+        tensors.append(arrays)
+    if offset != len(view):
+        raise ProtocolError(f"payload has {len(view) - offset} bytes after its last tensor")
+    return header, tensors
+
+
+def _summarize(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'header'}: {err['msg']}" for err in exc.errors()[:5]
+    )

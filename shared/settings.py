@@ -1,0 +1,103 @@
+"""Settings, one class per process, read from flags, ``FEDQ_*`` environment variables and a .env file.
+
+Precedence, highest first: command-line flags, the environment, ``.env`` in the working directory,
+the defaults below. Everything is validated at start-up; a bad value stops the process with a
+message that names the variable and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, TypeVar
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.protocol import SITE_NAME_PATTERN
+
+ENV_PREFIX = "FEDQ_"
+DEFAULT_TASK = "shared.digits_task:DigitsStraggler"
+
+
+class SettingsError(SystemExit):
+    """Start-up stops here: the message names each bad setting and how to fix it."""
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True)
+
+    broker_url: str = Field(
+        "amqp://fedq:fedq@127.0.0.1:5672/fedq",
+        description="AMQP URL of the broker: amqp://user:password@host:port/vhost (amqps:// for TLS).",
+    )
+    task: str = Field(DEFAULT_TASK, description="Import path of the task class, module:Class.")
+    heartbeat: int = Field(30, ge=5, le=600, description="AMQP heartbeat in seconds.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+
+class CoordinatorSettings(CommonSettings):
+    strategy: Literal["fedasync", "fedbuff", "fedavg"] = Field(
+        "fedbuff", description="Aggregation: fedasync (mix each update at once), fedbuff (buffer K), fedavg (synchronous rounds)."
+    )
+    alpha: float = Field(0.6, gt=0, le=1, description="FedAsync mixing weight for a fresh update.")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="Staleness weight function.")
+    staleness_a: float = Field(0.5, ge=0, description="Exponent of polynomial, slope of hinge.")
+    staleness_b: int = Field(4, ge=0, description="Hinge: versions of staleness that still count fully.")
+    max_staleness: Optional[int] = Field(50, ge=0, description="Drop updates older than this many versions (empty: never).")
+    buffer_size: int = Field(3, ge=1, description="FedBuff: updates per new version (K).")
+    sites: int = Field(10, ge=1, description="FedAvg: sites that answer each synchronous round.")
+    server_optimizer: Literal["sgd", "adam", "yogi"] = Field("sgd", description="Server optimizer for FedBuff and FedAvg.")
+    server_lr: float = Field(1.0, gt=0, description="Server learning rate.")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="Server SGD momentum.")
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
+    server_tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi adaptivity (epsilon).")
+    snapshot_codec: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Codec for published snapshots; the coordinator keeps full precision either way."
+    )
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N versions.")
+    stop_at_accuracy: Optional[float] = Field(None, gt=0, le=1, description="End the run once accuracy reaches this.")
+    max_seconds: Optional[float] = Field(None, gt=0, description="End the run after this many seconds.")
+    max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
+    wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")
+    prefetch: int = Field(64, ge=1, description="Update messages the coordinator takes from the broker at once.")
+    max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")
+    run_dir: Path = Field(Path("runs/latest"), description="Where the run log and summary are written.")
+
+    @model_validator(mode="after")
+    def _optimizer_needs_a_buffer(self) -> "CoordinatorSettings":
+        if self.strategy == "fedasync" and self.server_optimizer != "sgd":
+            raise ValueError("strategy fedasync mixes updates directly; server_optimizer applies to fedbuff and fedavg only")
+        return self
+
+
+class WorkerSettings(CommonSettings):
+    site: str = Field(..., pattern=SITE_NAME_PATTERN, description="This site's name, e.g. site-3.")
+    codec: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Codec for this site's updates.")
+    torch_threads: Optional[int] = Field(None, ge=1, description="Threads for local training (default: PyTorch's).")
+    max_tasks: Optional[int] = Field(None, ge=1, description="Stop after this many updates (default: run until told).")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides) -> S:
+    """Build settings from flags (``overrides``), environment and .env, or stop with a clear message."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"fedq cannot start: {exc.error_count()} setting(s) are invalid"]
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else ""
+            where = f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
+            value = f" = {err['input']!r}" if name and not isinstance(err["input"], dict) else ""
+            lines.append(f"  {where}{value}: {err['msg']}")
+        lines.append("Fix the value in the environment, .env or the command line, then start again.")
+        raise SettingsError("\n".join(lines)) from None

@@ -1,0 +1,33 @@
+"""Shared fixtures: one real RabbitMQ broker per test session, a fresh vhost per test."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from shared.local_broker import Broker, find_broker
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """The session's real broker (see shared.local_broker.find_broker), stopped at session end."""
+    found = find_broker()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+@pytest.fixture
+def broker_url(broker: Broker, request: pytest.FixtureRequest) -> Iterator[str]:
+    """AMQP URL of a fresh vhost holding the project's exchanges, queues and policies; deleted afterwards."""
+    short = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30]
+    name = f"t-{short}-{secrets.token_hex(3)}"
+    url = broker.create_vhost(name)
+    try:
+        yield url
+    finally:
+        broker.delete_vhost(name)

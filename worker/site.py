@@ -1,0 +1,226 @@
+"""The worker process of one site: newest snapshot in, local training, update out. Outbound only.
+
+The connection lives on the main thread and is serviced the whole time (pika answers heartbeats
+only while its connection is driven); training runs on a second thread, so an hour of training
+costs nothing on the wire. Announcements arrive on the site's latest-only queue; the snapshot they
+name is read from the stream, verified, and trained on; the difference is published with confirms.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import pika
+import torch
+
+from shared import amqp
+from shared.chunking import ChunkInfo, Reassembly, read_single
+from shared.codecs import decode_tensors, encode_tensors, get_codec
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Announcement,
+    Hello,
+    ProtocolError,
+    SnapshotHeader,
+    UpdateHeader,
+    decode_header,
+    decode_payload,
+    encode_payload,
+    new_id,
+    now,
+)
+from shared.settings import WorkerSettings
+from shared.task import SiteContext, Task, TrainResult
+from shared.validation import check_matches_model, float_state
+
+log = logging.getLogger("fedq.worker")
+
+SNAPSHOT_TIMEOUT = 300.0
+_STREAM_PREFETCH = 16
+
+
+def _warm_up_torch() -> None:
+    """Pay PyTorch's one-off start-up cost (about a second of CPU for autograd and the optimizers)
+    before joining, not inside the first round where every site would pay it at once."""
+    scratch = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([scratch], lr=0.1)
+    (scratch * 2).sum().backward()
+    optimizer.step()
+
+
+class SiteWorker:
+    def __init__(self, settings: WorkerSettings, task: Task):
+        self.settings = settings
+        self.task = task
+        self.model = task.build_model()
+        self.params = float_state(self.model)
+        self.user = amqp.broker_user(settings.broker_url)
+        self.announcement: Announcement | None = None
+        self.base: dict[str, torch.Tensor] | None = None
+        self.base_version: int | None = None
+        self.base_run: str | None = None
+        self.started_at = now()
+        self.last_trained: tuple[str | None, int] | None = None
+        self.sent = 0
+
+    def run(self) -> int:
+        """Train and send updates until the coordinator announces the end (or ``max_tasks``); returns updates sent."""
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        self.task.prepare_site(s.site)
+        _warm_up_torch()
+        connection = amqp.connect(s.broker_url, s.heartbeat, f"fedq-worker-{s.site}")
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_consume(amqp.declare_site_queue(channel, s.site), self._on_announcement)
+            self._publish(channel, encode_payload(Hello(protocol=PROTOCOL_VERSION, site=s.site), []), new_id())
+            log.info("site %s connected; waiting for a snapshot", s.site)
+            while s.max_tasks is None or self.sent < s.max_tasks:
+                announcement = self._wait(connection, self._has_work)
+                if announcement.final:
+                    log.info("site %s: the coordinator ended the run at version %d", s.site, announcement.version)
+                    break
+                stale_base = (self.base_run, self.base_version) != (announcement.run_id, announcement.version)
+                if stale_base and not self._fetch_snapshot(connection, announcement):
+                    continue
+                self._train_and_send(connection, channel)
+        finally:
+            if connection.is_open:
+                connection.close()
+        return self.sent
+
+    def _has_work(self) -> bool:
+        a = self.announcement
+        return a is not None and (a.final or a.retrain or (a.run_id, a.version) != self.last_trained)
+
+    def _wait(self, connection: pika.BlockingConnection, ready: Callable[[], bool]) -> Announcement:
+        while not ready():
+            connection.process_data_events(time_limit=1.0)
+        assert self.announcement is not None
+        return self.announcement
+
+    def _on_announcement(self, channel, method, properties, body) -> None:
+        channel.basic_ack(method.delivery_tag)
+        try:
+            header, _ = decode_header(read_single(properties.headers, body))
+        except ProtocolError as exc:
+            log.warning("ignored a malformed announcement: %s", exc)
+            return
+        if not isinstance(header, Announcement):
+            log.warning("ignored a %s payload on the announcement queue", header.kind)
+        elif header.final and header.published_at < self.started_at:
+            # The end of a run that finished before this worker started; wait for the current one.
+            log.info("site %s: ignoring the end of an earlier run (version %d)", self.settings.site, header.version)
+        else:
+            # The queue keeps only the newest announcement and one publisher orders them, so the
+            # latest delivered is the one to follow, even when a new run restarted the versions.
+            self.announcement = header
+
+    # -- snapshot ------------------------------------------------------------------------------
+
+    def _fetch_snapshot(self, connection: pika.BlockingConnection, announcement: Announcement) -> bool:
+        """Read the announced snapshot from the stream, verify it, and make it the base to train from.
+
+        Returns False if it did not arrive in time (the stream's retention may have dropped it); the
+        worker then waits for the next announcement.
+        """
+        started = time.monotonic()
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
+        state: dict = {"reassembly": None, "payload": None}
+
+        def on_chunk(ch, method, properties, body):
+            ch.basic_ack(method.delivery_tag)
+            if state["payload"] is not None or (properties.headers or {}).get("fedq-payload") != announcement.payload_id:
+                return  # another snapshot stored near this one in the stream
+            info = ChunkInfo.from_headers(properties.headers, announcement.size)
+            if state["reassembly"] is None:
+                state["reassembly"] = Reassembly(info)
+            if state["reassembly"].add(info, body):
+                state["payload"] = state["reassembly"].payload()
+
+        tag = channel.basic_consume(
+            amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": amqp.stream_offset_at(announcement.published_at)}
+        )
+        while state["payload"] is None and time.monotonic() - started < SNAPSHOT_TIMEOUT:
+            connection.process_data_events(time_limit=1.0)
+        amqp.cancel_stream_consumer(channel, tag)
+        channel.close()
+        if state["payload"] is None:
+            log.warning(
+                "site %s: snapshot version %d did not arrive from stream %s within %.0f s; waiting for the next "
+                "version (if this repeats, check that the stream's retention keeps at least one whole snapshot)",
+                self.settings.site, announcement.version, amqp.SNAPSHOTS, SNAPSHOT_TIMEOUT,
+            )
+            if self.announcement is announcement:
+                self.announcement = None
+            return False
+        header, parts = decode_payload(state["payload"])
+        if not isinstance(header, SnapshotHeader):
+            raise ProtocolError(f"stream {amqp.SNAPSHOTS} holds a {header.kind} payload")
+        tensors = decode_tensors(header.tensors, parts)
+        check_matches_model(self.params, tensors)
+        self.base, self.base_version, self.base_run = tensors, header.version, header.run_id
+        log.info("site %s: snapshot version %d (%d bytes) in %.2f s",
+                 self.settings.site, header.version, len(state["payload"]), time.monotonic() - started)
+        return True
+
+    # -- training and the update -----------------------------------------------------------------
+
+    def _train_and_send(self, connection: pika.BlockingConnection, channel) -> None:
+        assert self.base is not None and self.base_version is not None
+        site, version = self.settings.site, self.base_version
+        for name, tensor in self.params.items():
+            tensor.copy_(self.base[name])
+        started = time.monotonic()
+        result = self._train_in_background(connection, SiteContext(site=site, version=version))
+        train_seconds = time.monotonic() - started
+        self.last_trained = (self.base_run, version)
+        delta = {name: tensor - self.base[name] for name, tensor in self.params.items()}
+        codec = get_codec(self.settings.codec)
+        specs, parts = encode_tensors(delta, codec)
+        header = UpdateHeader(
+            protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=self.base_run, site=site, base_version=version,
+            num_samples=result.num_samples, train_seconds=train_seconds, metrics=result.metrics, tensors=specs,
+        )
+        buffers = encode_payload(header, parts)
+        dense = sum(t.numel() * 4 for t in delta.values())
+        last = self._publish(channel, buffers, header.update_id)
+        self.sent += 1
+        log.info("site %s: trained on version %d (%d samples) in %.2f s; update %s, %d bytes (dense %d, %s)",
+                 site, version, result.num_samples, train_seconds, header.update_id[:8], last.size, dense, codec.name)
+
+    def _train_in_background(self, connection: pika.BlockingConnection, context: SiteContext) -> TrainResult:
+        """Run the task's training on a thread while this thread keeps the connection alive."""
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["result"] = self.task.train(self.model, context)
+            except BaseException as exc:  # re-raised on the main thread below
+                outcome["error"] = exc
+            finally:
+                try:
+                    connection.add_callback_threadsafe(lambda: None)  # wake the loop now, not at its timeout
+                except Exception:
+                    pass  # the connection is gone; the main thread notices on its own
+
+        thread = threading.Thread(target=work, name=f"train-{context.site}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            connection.process_data_events(time_limit=1.0)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        result = outcome["result"]
+        if not isinstance(result, TrainResult) or result.num_samples <= 0:
+            raise ValueError(f"task {self.settings.task} train() must return a TrainResult with num_samples > 0, got {result!r}")
+        return result
+
+    def _publish(self, channel, buffers, payload_id: str) -> ChunkInfo:
+        return amqp.publish_payload(channel, amqp.UPDATES, amqp.UPDATE_KEY, buffers, payload_id, user_id=self.user)
