@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,9 @@ class Coordinator:
         consumer.basic_qos(prefetch_count=s.prefetch)
         consumer.basic_consume(amqp.UPDATES, self._on_message)
         self._consumer = consumer
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # Signals reach only the main thread; a coordinator embedded elsewhere is stopped with stop().
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
         log.info("coordinator up: strategy %s, task %s, %d tensors, %d parameters",
                  s.strategy, s.task, len(self.params), sum(p.numel() for p in self.params.values()))
         try:
@@ -135,8 +138,12 @@ class Coordinator:
         while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
             connection.process_data_events(time_limit=0.5)
 
+    def stop(self, reason: str) -> None:
+        """Ask the run to end (safe from any thread); it finishes within half a second."""
+        self.stop_reason = reason
+
     def _on_signal(self, signum, frame) -> None:
-        self.stop_reason = f"received {signal.Signals(signum).name}"
+        self.stop(f"received {signal.Signals(signum).name}")
 
     def _check_limits(self) -> None:
         s = self.settings
@@ -270,5 +277,6 @@ class Coordinator:
         if self.announcement is None:
             return
         announcement = self.announcement.model_copy(update={"final": final})
-        amqp.publish_payload(self._publisher, amqp.ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id())
+        # Not mandatory: before any site has declared its queue, nobody needs to hear it.
+        amqp.publish_payload(self._publisher, amqp.ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id(), mandatory=False)
 

@@ -83,12 +83,14 @@ def publish_payload(
     payload_id: str,
     *,
     user_id: str | None = None,
+    mandatory: bool = True,
     chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> ChunkInfo:
     """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
 
     Each basic_publish returns only once the broker has confirmed the chunk, so when this returns
-    the whole payload is safe at the broker; a refusal raises pika's NackError or UnroutableError.
+    the whole payload is safe at the broker; a refusal raises pika's NackError, or UnroutableError
+    if ``mandatory`` and no queue took it.
     """
     info = None
     for info, body in iter_chunks(buffers, payload_id, chunk_bytes):
@@ -99,7 +101,7 @@ def publish_payload(
             user_id=user_id,
             content_type="application/x-fedq",
         )
-        channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
     assert info is not None  # iter_chunks always yields at least one chunk
     return info
 

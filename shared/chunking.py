@@ -57,14 +57,16 @@ class ChunkInfo:
     @classmethod
     def from_headers(cls, headers: dict[str, Any] | None, max_size: int) -> "ChunkInfo":
         """Read and check a message's chunk headers; ProtocolError says what is missing or wrong."""
-        if not headers:
+        if not headers or "fedq-payload" not in headers:
             raise ProtocolError("message has no fedq chunk headers")
 
         def field(key: str, kind: type, required: bool = True) -> Any:
             value = headers.get(key)
             if isinstance(value, bytes) and kind is str:
                 value = value.decode("utf-8", "replace")
-            if value is None and not required:
+            if value is None:
+                if required:
+                    raise ProtocolError(f"header {key} is missing")
                 return None
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ProtocolError(f"header {key} is {value!r}, expected {kind.__name__}")

@@ -50,7 +50,9 @@ class CoordinatorSettings(CommonSettings):
     staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="Staleness weight function.")
     staleness_a: float = Field(0.5, ge=0, description="Exponent of polynomial, slope of hinge.")
     staleness_b: int = Field(4, ge=0, description="Hinge: versions of staleness that still count fully.")
-    max_staleness: Optional[int] = Field(50, ge=0, description="Drop updates older than this many versions (empty: never).")
+    max_staleness: Optional[int] = Field(
+        200, ge=0, description="Drop updates whose base is more than this many versions old (empty: never)."
+    )
     buffer_size: int = Field(3, ge=1, description="FedBuff: updates per new version (K).")
     sites: int = Field(10, ge=1, description="FedAvg: sites that answer each synchronous round.")
     server_optimizer: Literal["sgd", "adam", "yogi"] = Field("sgd", description="Server optimizer for FedBuff and FedAvg.")

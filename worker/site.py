@@ -65,6 +65,7 @@ class SiteWorker:
         self.started_at = now()
         self.last_trained: tuple[str | None, int] | None = None
         self.sent = 0
+        self.snapshots_fetched: list[int] = []
 
     def run(self) -> int:
         """Train and send updates until the coordinator announces the end (or ``max_tasks``); returns updates sent."""
@@ -166,6 +167,7 @@ class SiteWorker:
         tensors = decode_tensors(header.tensors, parts)
         check_matches_model(self.params, tensors)
         self.base, self.base_version, self.base_run = tensors, header.version, header.run_id
+        self.snapshots_fetched.append(header.version)
         log.info("site %s: snapshot version %d (%d bytes) in %.2f s",
                  self.settings.site, header.version, len(state["payload"]), time.monotonic() - started)
         return True

@@ -1,0 +1,94 @@
+"""Helpers for integration tests: a coordinator on a thread and a site client that speaks the real
+protocol to the real broker. Nothing here stands in for RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from coordinator.server import Coordinator
+from shared import amqp
+from shared.codecs import encode_tensors, get_codec
+from shared.protocol import PROTOCOL_VERSION, UpdateHeader, encode_payload, new_id
+from shared.settings import CoordinatorSettings, load_settings
+from shared.task import load_task
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def running_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> Iterator[Coordinator]:
+    """A coordinator serving on a background thread until the block ends."""
+    coordinator = Coordinator(load_settings(CoordinatorSettings, broker_url=broker_url, run_dir=run_dir, **settings),
+                              load_task("shared.digits_task:DigitsStraggler"))
+    errors: list[BaseException] = []
+
+    def serve():
+        try:
+            coordinator.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    wait_for(lambda: coordinator.announcement is not None or errors, 30, "the first snapshot")
+    try:
+        yield coordinator
+    finally:
+        coordinator.stop("test finished")
+        thread.join(15)
+    if errors:
+        raise errors[0]
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
+
+
+def event_for(run_dir: Path, update_id: str, timeout: float = 15) -> dict:
+    return wait_for(
+        lambda: next((e for e in events(run_dir) if e.get("update_id") == update_id), None), timeout, f"update {update_id}"
+    )
+
+
+class SiteClient:
+    """Publishes hand-made updates through the broker exactly as a worker would."""
+
+    def __init__(self, broker_url: str, site: str = "site-1"):
+        self.connection = amqp.connect(broker_url, 30, f"test-{site}")
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        self.site = site
+        self.user = amqp.broker_user(broker_url)
+
+    def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:
+        specs, parts = encode_tensors(delta, get_codec("fp32"))
+        header = UpdateHeader(
+            protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=coordinator.run_id, site=self.site,
+            base_version=base_version, num_samples=num_samples, train_seconds=0.0, tensors=specs,
+        )
+        amqp.publish_payload(self.channel, amqp.UPDATES, amqp.UPDATE_KEY, encode_payload(header, parts),
+                             header.update_id, user_id=self.user)
+        return header.update_id
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def constant_delta(coordinator: Coordinator, value: float) -> dict[str, torch.Tensor]:
+    return {name: torch.full(tuple(t.shape), value) for name, t in coordinator.params.items()}

@@ -1,0 +1,96 @@
+"""End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
+
+import threading
+
+import pika
+import pytest
+import torch
+
+from shared import amqp
+from shared.local_federation import run_federation, site_names
+from shared.settings import WorkerSettings, load_settings
+from shared.task import load_task
+from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
+from worker.site import SiteWorker
+
+pytestmark = pytest.mark.broker
+
+
+def test_ten_sites_reach_090(broker_url, tmp_path):
+    summary = run_federation(
+        broker_url, tmp_path, site_names(10),
+        coordinator={"strategy": "fedasync", "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
+    )
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert summary["time_to_accuracy"]["0.90"] is not None
+    applied = events(tmp_path, "update")
+    assert len(applied) == summary["updates_applied"] > 0
+    # Fast sites carry an asynchronous run; the 3-second site may not have answered by 0.90.
+    assert len({e["site"] for e in applied}) >= 5
+    assert summary["updates_rejected"] == 0
+    assert set(summary["worker_exit_codes"].values()) == {0}, "workers leave cleanly on the final announcement"
+
+
+def test_stale_update_is_weighted_by_its_staleness_and_too_stale_is_dropped(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", alpha=0.5, staleness="polynomial",
+                             staleness_a=0.5, max_staleness=3) as coordinator:
+        for version in range(5):
+            event_for(tmp_path, client.send(coordinator, version, constant_delta(coordinator, 0.0)))
+        wait_for(lambda: coordinator.version == 5, 10, "version 5")
+
+        before = {k: v.clone() for k, v in coordinator.params.items()}
+        stale = event_for(tmp_path, client.send(coordinator, 3, constant_delta(coordinator, 1.0)))
+        assert stale["staleness"] == 2
+        assert stale["weight"] == pytest.approx(0.5 * 3**-0.5, rel=1e-5)
+        for name, tensor in coordinator.params.items():
+            assert torch.allclose(tensor - before[name], torch.full_like(tensor, 0.5 * 3**-0.5), atol=1e-6)
+
+        before = {k: v.clone() for k, v in coordinator.params.items()}
+        dropped = event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, 1.0)))
+        assert dropped["event"] == "dropped"
+        assert dropped["reason"] == "staleness 6 exceeds the maximum of 3"
+        assert coordinator.version == 6
+        assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items()), "a dropped update changes nothing"
+    client.close()
+
+
+def test_site_joining_after_version_5_starts_from_the_newest(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+        for version in range(6):
+            event_for(tmp_path, client.send(coordinator, version, constant_delta(coordinator, 0.001)))
+        wait_for(lambda: coordinator.version == 6, 10, "version 6")
+
+        worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-3", max_tasks=1),
+                            load_task("shared.digits_task:DigitsStraggler"))
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive() and worker.sent == 1
+        assert worker.snapshots_fetched == [6], "the late site read only the newest snapshot"
+        wait_for(lambda: [e for e in events(tmp_path, "update") if e["site"] == "site-3"], 10, "site-3's update")
+        joined = [e for e in events(tmp_path, "update") if e["site"] == "site-3"]
+        assert joined[0]["base_version"] == 6 and joined[0]["staleness"] == 0
+    client.close()
+
+
+def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, tmp_path):
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+        before = {k: v.clone() for k, v in coordinator.params.items()}
+        connection = amqp.connect(broker_url, 30, "test-garbage")
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"\x00not a fedq message",
+                              pika.BasicProperties(headers={"x-anything": 1}))
+
+        def rejected():
+            method, properties, body = channel.basic_get(amqp.REJECTED, auto_ack=True)
+            return (properties, body) if method else None
+
+        properties, body = wait_for(rejected, 15, "a dead-lettered message")
+        assert properties.headers["fedq-reason"] == "message has no fedq chunk headers"
+        assert body == b"\x00not a fedq message"
+        assert coordinator.version == 0 and coordinator.stop_reason is None
+        assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items())
+        connection.close()

@@ -1,0 +1,102 @@
+"""The aggregation math, against results computed by hand."""
+
+import pytest
+import torch
+
+from coordinator.server_optimizers import FedAdam, FedYogi, ServerSGD
+from coordinator.staleness import staleness_weight
+from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Update
+
+
+def params(*values):
+    return {"w": torch.tensor(list(values), dtype=torch.float32)}
+
+
+def update(site, delta, n=1, base=0):
+    return Update(update_id=f"{site:0>32}", site=str(site), base_version=base, num_samples=n, delta={"w": torch.tensor(delta)})
+
+
+def test_fedasync_mixes_by_alpha_times_staleness_weight():
+    p = params(1.0, 2.0)
+    strategy = FedAsync(alpha=0.5, staleness_weight=staleness_weight("polynomial", a=0.5))
+    outcome = strategy.submit(p, update(1, [4.0, -2.0]), staleness=3)
+    # weight = 0.5 * (1 + 3) ** -0.5 = 0.25
+    assert outcome.new_version and outcome.weight == pytest.approx(0.25)
+    assert torch.allclose(p["w"], torch.tensor([2.0, 1.5]))
+
+
+def test_fedasync_at_zero_staleness_is_the_papers_mixing():
+    base = params(1.0, -1.0)
+    site_model = torch.tensor([3.0, 0.0])
+    p = {"w": base["w"].clone()}
+    FedAsync(alpha=0.3).submit(p, update(1, (site_model - base["w"]).tolist()), staleness=0)
+    assert torch.allclose(p["w"], 0.7 * base["w"] + 0.3 * site_model)
+
+
+def test_fedbuff_waits_for_k_then_steps_along_the_weighted_mean():
+    p = params(0.0, 0.0)
+    strategy = FedBuff(buffer_size=2, staleness_weight=staleness_weight("polynomial", a=1.0))
+    first = strategy.submit(p, update(1, [1.0, 2.0], n=30), staleness=0)
+    assert not first.new_version and torch.equal(p["w"], torch.zeros(2))
+    second = strategy.submit(p, update(2, [4.0, -4.0], n=10), staleness=1)
+    # (30 * 1 * [1, 2] + 10 * 0.5 * [4, -4]) / 40 = [50, 40] / 40
+    assert second.new_version and second.weight == pytest.approx(0.5)
+    assert torch.allclose(p["w"], torch.tensor([1.25, 1.0]))
+    assert strategy.sites == [] and strategy.samples == 0  # buffer emptied
+
+
+def test_fedbuff_with_all_sites_fresh_and_sgd_step_one_is_fedavg():
+    torch.manual_seed(0)
+    start = {"a": torch.randn(5, 3), "b": torch.randn(3)}
+    deltas = [{k: torch.randn_like(v) for k, v in start.items()} for _ in range(4)]
+    samples = [7, 100, 33, 1]
+    p = {k: v.clone() for k, v in start.items()}
+    strategy = FedBuff(buffer_size=4, optimizer=ServerSGD(lr=1.0))
+    for i, (d, n) in enumerate(zip(deltas, samples)):
+        strategy.submit(p, Update(f"{i:0>32}", f"s{i}", 0, n, d), staleness=0)
+    for k in start:
+        fedavg = start[k] + sum(n * d[k] for d, n in zip(deltas, samples)) / sum(samples)
+        assert torch.allclose(p[k], fedavg, atol=1e-6)
+
+
+def test_max_staleness_drops_with_a_reason():
+    strategy = FedAsync(alpha=0.5, max_staleness=4)
+    assert strategy.admit(update(1, [0.0]), staleness=4) is None
+    assert strategy.admit(update(1, [0.0]), staleness=5) == "staleness 5 exceeds the maximum of 4"
+
+
+def test_fedavg_round_takes_each_site_once_and_only_fresh_updates():
+    p = params(0.0)
+    strategy = FedAvgSync(sites=2)
+    assert not strategy.retrain
+    assert strategy.admit(update(1, [1.0]), staleness=0) is None
+    strategy.submit(p, update(1, [1.0], n=1), staleness=0)
+    assert "already answered" in strategy.admit(update(1, [5.0]), staleness=0)
+    assert "closed" in strategy.admit(update(2, [5.0]), staleness=1)
+    assert strategy.submit(p, update(2, [3.0], n=3), staleness=0).new_version
+    assert torch.allclose(p["w"], torch.tensor([2.5]))
+
+
+def test_server_sgd_momentum_accumulates():
+    p = params(0.0)
+    opt = ServerSGD(lr=0.5, momentum=0.9)
+    opt.step(p, {"w": torch.tensor([1.0])})  # v = 1, x = 0.5
+    opt.step(p, {"w": torch.tensor([1.0])})  # v = 1.9, x = 0.5 + 0.95
+    assert p["w"].item() == pytest.approx(1.45)
+
+
+def test_fedadam_first_step_by_hand():
+    p = params(0.0)
+    FedAdam(lr=0.1, beta1=0.9, beta2=0.99, tau=0.01).step(p, {"w": torch.tensor([2.0])})
+    m = 0.1 * 2.0
+    v = 0.99 * 0.01**2 + 0.01 * 4.0
+    assert p["w"].item() == pytest.approx(0.1 * m / (v**0.5 + 0.01), rel=1e-5)
+
+
+def test_fedyogi_first_step_by_hand():
+    p = params(0.0)
+    FedYogi(lr=0.1, beta1=0.9, beta2=0.99, tau=0.01).step(p, {"w": torch.tensor([2.0])})
+    m = 0.1 * 2.0
+    v0 = 0.01**2
+    v = v0 - 0.01 * 4.0 * (-1.0)  # sign(v0 - 4) = -1
+    assert p["w"].item() == pytest.approx(0.1 * m / (v**0.5 + 0.01), rel=1e-5)
