@@ -31,7 +31,7 @@ class CommonSettings(BaseSettings):
         description="AMQP URL of the broker: amqp://user:password@host:port/vhost (amqps:// for TLS).",
     )
     task: str = Field(DEFAULT_TASK, description="Import path of the task class, module:Class.")
-    heartbeat: int = Field(30, ge=5, le=600, description="AMQP heartbeat in seconds.")
+    heartbeat: int = Field(30, ge=1, le=600, description="AMQP heartbeat in seconds.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 
     @field_validator("broker_url")

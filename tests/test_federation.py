@@ -94,3 +94,28 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
         assert coordinator.version == 0 and coordinator.stop_reason is None
         assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items())
         connection.close()
+
+
+def test_training_longer_than_the_heartbeat_keeps_the_connection(broker_url, tmp_path):
+    """With a 2 s heartbeat the broker drops a connection left alone for about 4 s; training takes 8 s."""
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+        worker = SiteWorker(
+            load_settings(WorkerSettings, broker_url=broker_url, site="site-2", max_tasks=1, heartbeat=2,
+                          task="tests.slow_task:SlowDigits"),
+            load_task("tests.slow_task:SlowDigits"),
+        )
+        errors = []
+        thread = threading.Thread(target=lambda: _capture(worker.run, errors), daemon=True)
+        thread.start()
+        thread.join(60)
+        assert errors == [] and worker.sent == 1
+        update = wait_for(lambda: events(tmp_path, "update"), 10, "the slow site's update")[0]
+        assert update["site"] == "site-2" and update["train_seconds"] >= 8.0
+        assert coordinator.version == 1
+
+
+def _capture(fn, errors):
+    try:
+        fn()
+    except BaseException as exc:
+        errors.append(exc)

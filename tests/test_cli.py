@@ -1,0 +1,38 @@
+"""The fedq command as users run it: a subprocess, real broker, output checked."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+FEDQ = [sys.executable, "-m", "shared.cli"]
+
+
+def run(*args, env=None, timeout=60):
+    return subprocess.run([*FEDQ, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"]])
+def test_help_works_for_every_command(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: fedq" in result.stdout
+    if command in (["coordinator"], ["worker"]):
+        assert "examples:" in result.stdout and "FEDQ_BROKER_URL" in result.stdout
+
+
+def test_bad_setting_stops_with_the_variable_named():
+    result = run("coordinator", env={"FEDQ_STRATEGY": "fedmagic"})
+    assert result.returncode == 2
+    assert "FEDQ_STRATEGY (--strategy) = 'fedmagic'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.broker
+def test_demo_runs_a_federation_to_the_target(broker_url, tmp_path):
+    result = run("demo", "--strategy", "fedasync", "--target", "0.9", "--run-dir", str(tmp_path),
+                 env={"FEDQ_BROKER_URL": broker_url}, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "time to 0.90:" in result.stdout and "not reached" not in result.stdout.split("time to 0.90:")[1][:20]
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "sites" / "site-9.log").exists()
