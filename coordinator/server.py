@@ -24,7 +24,7 @@ from coordinator.staleness import staleness_weight
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
 from shared import amqp
 from shared.chunking import ChunkInfo, Reassembly
-from shared.codecs import decode_tensors, encode_tensors, get_codec
+from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
     Announcement,
@@ -79,6 +79,7 @@ class Coordinator:
         self.model = task.build_model()
         # These tensors share storage with the model, so updating them updates the model.
         self.params = float_state(self.model)
+        self.layout = Layout.of(self.params)
         self.run_id = new_id()
         self.version = 0
         self.strategy = make_strategy(settings)
@@ -111,9 +112,11 @@ class Coordinator:
                  s.strategy, s.task, len(self.params), sum(p.numel() for p in self.params.values()))
         try:
             self._wait_for_sites(connection)
-            self._evaluate()
+            # Scored before the clock starts: loading the evaluation data is not the federation's time.
+            self.last_metrics = self.task.evaluate(self.model)
             self.runlog.start_clock()
             self.runlog.event("start", strategy=s.strategy, settings=s.model_dump(mode="json"))
+            self._record_evaluation()
             self._publish_snapshot()
             while self.stop_reason is None:
                 connection.process_data_events(time_limit=0.5)
@@ -206,7 +209,7 @@ class Coordinator:
         staleness = self.version - header.base_version
         if staleness < 0:
             raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
-        delta = decode_tensors(header.tensors, parts)
+        delta = decode_tensors(header.tensors, parts, self.layout)
         check_matches_model(self.params, delta)
         update = Update(header.update_id, header.site, header.base_version, header.num_samples, delta, header.metrics)
         reason = self.strategy.admit(update, staleness)
@@ -252,6 +255,9 @@ class Coordinator:
 
     def _evaluate(self) -> None:
         self.last_metrics = self.task.evaluate(self.model)
+        self._record_evaluation()
+
+    def _record_evaluation(self) -> None:
         self.runlog.evaluation(self.version, self.last_metrics)
         if time.monotonic() - self._last_progress >= 1.0 or self.version == 0:
             self._last_progress = time.monotonic()

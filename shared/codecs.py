@@ -1,13 +1,19 @@
-"""Tensor codecs: how a float32 tensor becomes raw parts on the wire and back.
+"""Codecs: how a model's float32 tensors become raw parts on the wire, and back.
 
-A codec is named in every tensor's header entry, so the reader decodes whatever the writer chose.
-Codecs are pure functions on tensors; lossy ones state their error bound in their docstring.
+Every codec works on a whole set of named tensors against a *layout* (the model's tensor names and
+shapes, in order), which both sides know from the task. Dense codecs write one header entry per
+tensor; sparse codecs write a single entry for the whole model, so a small update is not dwarfed by
+its own header. The codec is named in each entry, so a reader decodes whatever the writer chose.
+
+All codecs are vectorized (torch/numpy, no per-element Python); lossy ones state their error bound.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -15,116 +21,327 @@ import torch
 
 from shared.protocol import PartSpec, ProtocolError, TensorSpec
 
+Tensors = dict[str, torch.Tensor]
+INT8_BLOCK = 256
+_GAP_DTYPES = ("uint8", "uint16", "uint32")
+FLAT_NAME = "*"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The model's tensors, names and shapes in order; the frame of reference for every codec."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, tensors: Tensors) -> "Layout":
+        return cls(tuple((name, tuple(t.shape)) for name, t in tensors.items()))
+
+    @property
+    def total(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+    @property
+    def fingerprint(self) -> int:
+        """A CRC of names and shapes: a sparse update made for another model is refused, not misapplied."""
+        return zlib.crc32(";".join(f"{name}:{shape}" for name, shape in self.shapes).encode())
+
+    def split(self, flat: torch.Tensor) -> Tensors:
+        """Views of one flat vector as the layout's named tensors."""
+        out, offset = {}, 0
+        for name, shape in self.shapes:
+            n = math.prod(shape)
+            out[name] = flat[offset : offset + n].view(shape)
+            offset += n
+        return out
+
 
 class Codec(ABC):
-    """Turns one float32 tensor into raw parts plus small parameters, and back."""
+    """Encodes a model's worth of float32 tensors, and decodes them against the layout."""
 
     name: ClassVar[str]
+    lossy: ClassVar[bool] = True
 
     @abstractmethod
-    def encode(self, tensor: torch.Tensor) -> tuple[dict, list[np.ndarray]]:
-        """Return (params, parts) for a contiguous float32 CPU tensor."""
+    def encode(self, tensors: Tensors) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
+        """Header entries and their raw parts, in order, for contiguous float32 CPU tensors."""
 
     @abstractmethod
-    def decode(self, spec: TensorSpec, parts: list[np.ndarray]) -> torch.Tensor:
-        """Rebuild the float32 tensor of ``spec.shape``; ProtocolError if the parts cannot be it."""
+    def decode(self, specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout) -> Tensors:
+        """Rebuild float32 tensors of the layout; ProtocolError if the entries cannot be them."""
 
 
-def _expect_parts(spec: TensorSpec, parts: list[np.ndarray], dtypes: tuple[str, ...], sizes: tuple[int, ...]) -> None:
+def _spec(name: str, shape: tuple[int, ...], codec: str, arrays: list[np.ndarray], **params) -> TensorSpec:
+    return TensorSpec(
+        name=name, shape=shape, codec=codec, params=params,
+        parts=tuple(PartSpec(dtype=a.dtype.name, shape=tuple(a.shape)) for a in arrays),
+    )
+
+
+def _expect_parts(spec: TensorSpec, parts: list[np.ndarray], want: tuple[tuple[str, int], ...]) -> None:
     got = tuple((p.dtype.name, p.size) for p in parts)
-    want = tuple(zip(dtypes, sizes))
     if got != want:
         raise ProtocolError(f"tensor {spec.name!r} ({spec.codec}) has parts {got}, expected {want}")
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    # torch warns on read-only memory; copy only in that case, otherwise share the payload buffer.
+    # torch warns on read-only memory; copy only then, otherwise share the payload's buffer.
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-class DenseFloat32(Codec):
+class ElementwiseCodec(Codec):
+    """A codec that encodes each tensor on its own, one header entry per tensor."""
+
+    @abstractmethod
+    def encode_one(self, flat: torch.Tensor) -> list[np.ndarray]:
+        ...
+
+    @abstractmethod
+    def decode_one(self, spec: TensorSpec, parts: list[np.ndarray], n: int) -> torch.Tensor:
+        ...
+
+    def encode(self, tensors):
+        specs, parts = [], []
+        for name, tensor in tensors.items():
+            arrays = self.encode_one(tensor.detach().reshape(-1))
+            specs.append(_spec(name, tuple(tensor.shape), self.name, arrays))
+            parts.extend(arrays)
+        return tuple(specs), parts
+
+    def decode(self, specs, parts, layout):
+        expected = dict(layout.shapes)
+        out: Tensors = {}
+        for spec, arrays in zip(specs, parts):
+            if spec.name not in expected:
+                raise ProtocolError(f"tensor {spec.name!r} is not in the model")
+            if spec.name in out:
+                raise ProtocolError(f"tensor {spec.name!r} appears twice")
+            if spec.shape != expected[spec.name]:
+                raise ProtocolError(f"tensor {spec.name!r} has shape {spec.shape}, the model's is {expected[spec.name]}")
+            out[spec.name] = self.decode_one(spec, arrays, math.prod(spec.shape)).view(spec.shape)
+        missing = expected.keys() - out.keys()
+        if missing:
+            raise ProtocolError(f"tensors missing from the payload: {sorted(missing)[:5]}")
+        return {name: out[name] for name in expected}
+
+
+class DenseFloat32(ElementwiseCodec):
     """The reference: exact, 4 bytes per value, decoded without a copy."""
 
     name = "fp32"
+    lossy = False
 
-    def encode(self, tensor):
-        return {}, [tensor.detach().reshape(-1).numpy()]
+    def encode_one(self, flat):
+        return [flat.to(torch.float32).numpy()]
 
-    def decode(self, spec, parts):
-        n = math.prod(spec.shape)
-        _expect_parts(spec, parts, ("float32",), (n,))
-        return _as_tensor(parts[0]).view(spec.shape)
+    def decode_one(self, spec, parts, n):
+        _expect_parts(spec, parts, (("float32", n),))
+        return _as_tensor(parts[0])
 
 
-class Float16(Codec):
-    """IEEE half precision: relative error at most 2**-11 in range, values beyond ±65504 become inf."""
+class Float16(ElementwiseCodec):
+    """IEEE half: relative error at most 2**-11 in range; beyond ±65504 values become inf (and are refused)."""
 
     name = "fp16"
 
-    def encode(self, tensor):
-        return {}, [tensor.detach().reshape(-1).to(torch.float16).numpy()]
+    def encode_one(self, flat):
+        return [flat.to(torch.float16).numpy()]
 
-    def decode(self, spec, parts):
-        n = math.prod(spec.shape)
-        _expect_parts(spec, parts, ("float16",), (n,))
-        return _as_tensor(parts[0]).to(torch.float32).view(spec.shape)
+    def decode_one(self, spec, parts, n):
+        _expect_parts(spec, parts, (("float16", n),))
+        return _as_tensor(parts[0]).to(torch.float32)
 
 
-class BFloat16(Codec):
-    """bfloat16 (float32's range, 8 bits of mantissa): relative error at most 2**-8.
-
-    numpy has no bfloat16, so the bits travel as uint16.
-    """
+class BFloat16(ElementwiseCodec):
+    """bfloat16 (float32's range, 8 bits of mantissa): relative error at most 2**-8. Travels as uint16."""
 
     name = "bf16"
 
-    def encode(self, tensor):
-        bits = tensor.detach().reshape(-1).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return {}, [bits]
+    def encode_one(self, flat):
+        return [flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)]
 
-    def decode(self, spec, parts):
-        n = math.prod(spec.shape)
-        _expect_parts(spec, parts, ("uint16",), (n,))
-        bits = _as_tensor(parts[0].view(np.int16))
-        return bits.view(torch.bfloat16).to(torch.float32).view(spec.shape)
+    def decode_one(self, spec, parts, n):
+        _expect_parts(spec, parts, (("uint16", n),))
+        return _as_tensor(parts[0].view(np.int16)).view(torch.bfloat16).to(torch.float32)
 
 
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (DenseFloat32(), Float16(), BFloat16())}
+def quantize_int8(values: torch.Tensor, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float32 scale per block: |error| <= scale / 2 = max|block| / 254."""
+    n = values.numel()
+    blocks = -(-n // block)
+    padded = torch.nn.functional.pad(values.reshape(-1), (0, blocks * block - n)).view(blocks, block)
+    scales = padded.abs().amax(dim=1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(padded / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return q.numpy(), scales.numpy()
 
 
-def get_codec(name: str) -> Codec:
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}") from None
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) -> torch.Tensor:
+    n = q.size
+    blocks = scales.size
+    values = torch.nn.functional.pad(_as_tensor(q).to(torch.float32), (0, blocks * block - n)).view(blocks, block)
+    return (values * _as_tensor(scales)[:, None]).reshape(-1)[:n]
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor], codec: Codec) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
-    """Encode named float32 tensors; returns the header entries and the parts in header order."""
-    specs, parts = [], []
-    for name, tensor in tensors.items():
-        params, arrays = codec.encode(tensor.detach().to(torch.float32).contiguous())
-        specs.append(
-            TensorSpec(
-                name=name,
-                shape=tuple(tensor.shape),
-                codec=codec.name,
-                params=params,
-                parts=tuple(PartSpec(dtype=a.dtype.name, shape=tuple(a.shape)) for a in arrays),
-            )
-        )
-        parts.extend(arrays)
-    return tuple(specs), parts
+class Int8(ElementwiseCodec):
+    """int8 with a float32 scale per block of 256 values: about 3.9x smaller than fp32,
+    absolute error at most max|block| / 254 per value."""
+
+    name = "int8"
+
+    def encode_one(self, flat):
+        return list(quantize_int8(flat))
+
+    def decode_one(self, spec, parts, n):
+        _expect_parts(spec, parts, (("int8", n), ("float32", -(-n // INT8_BLOCK))))
+        return dequantize_int8(parts[0], parts[1])
 
 
-def decode_tensors(specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Decode every tensor of a payload to float32; ProtocolError names the first that does not fit."""
-    tensors: dict[str, torch.Tensor] = {}
-    for spec, arrays in zip(specs, parts):
-        if spec.name in tensors:
-            raise ProtocolError(f"tensor {spec.name!r} appears twice")
-        codec = CODECS.get(spec.codec)
-        if codec is None:
-            raise ProtocolError(f"tensor {spec.name!r} uses unknown codec {spec.codec!r}")
-        tensors[spec.name] = codec.decode(spec, arrays)
-    return tensors
+def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of exactly the k largest magnitudes (ties broken by torch).
+
+    A sampled threshold first narrows the search to a few more than k candidates, so the cost is a
+    couple of passes over the data rather than a selection over all of it; if the sample misjudged,
+    the exact selection over everything runs instead.
+    """
+    n = values.numel()
+    magnitude = values.abs()
+    if k >= n:
+        return torch.arange(n)
+    if n > 1_000_000 and k < n // 4:
+        sample = magnitude[torch.randint(n, (100_000,))]
+        threshold = torch.quantile(sample, max(0.0, 1 - 1.5 * k / n)).item()
+        candidates = torch.nonzero(magnitude >= threshold).squeeze(1)
+        if candidates.numel() >= k:
+            chosen = candidates[torch.topk(magnitude[candidates], k, sorted=False).indices]
+            return torch.sort(chosen).values
+    return torch.sort(torch.topk(magnitude, k, sorted=False).indices).values
+
+
+def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct indices as gaps in the smallest unsigned type that makes the whole smallest.
+
+    A gap larger than the type holds is split into steps, each landing on a filler position whose
+    value is 0; returns the gaps and, per gap, which input index it ends on (-1 for fillers).
+    """
+    gaps = np.diff(indices.astype(np.int64), prepend=-1)  # each >= 1
+    best = None
+    for dtype in _GAP_DTYPES:
+        limit = np.iinfo(dtype).max
+        steps = -(-gaps // limit)
+        size = int(steps.sum()) * np.dtype(dtype).itemsize
+        if best is None or size < best[0]:
+            best = (size, dtype, limit, steps)
+    _, dtype, limit, steps = best
+    if int(steps.max(initial=1)) == 1:
+        return gaps.astype(dtype), np.arange(len(indices))
+    total = int(steps.sum())
+    out = np.full(total, limit, dtype=np.int64)
+    ends = np.cumsum(steps) - 1
+    out[ends] = gaps - (steps - 1) * limit
+    owner = np.full(total, -1, dtype=np.int64)
+    owner[ends] = np.arange(len(indices))
+    return out.astype(dtype), owner
+
+
+def decode_gaps(gaps: np.ndarray, total: int) -> np.ndarray:
+    """Positions from gaps; ProtocolError unless strictly increasing and inside ``total``."""
+    steps = gaps.astype(np.int64)
+    if steps.size and int(steps.min()) < 1:
+        raise ProtocolError("sparse indices are not strictly increasing")
+    positions = np.cumsum(steps) - 1
+    if positions.size and int(positions[-1]) >= total:
+        raise ProtocolError(f"sparse index {int(positions[-1])} is outside a model of {total} values")
+    return positions
+
+
+class TopK(Codec):
+    """Keeps the k = ceil(fraction * n) largest magnitudes of each tensor, drops the rest.
+
+    One header entry covers the whole model: gap-encoded positions in the flattened layout (uint8,
+    uint16 or uint32, whichever is smallest) and the kept values, as float32 or, with ``values =
+    "int8"``, as int8 with a scale per block of 256. What is dropped is not lost when the worker
+    runs error feedback: it is carried into the next update.
+    """
+
+    def __init__(self, fraction: float = 0.01, values: str = "fp32"):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction, self.values = fraction, values
+        self.name = "topk" if values == "fp32" else "topk-int8"
+
+    def encode(self, tensors):
+        picked, kept, offset = [], [], 0
+        for tensor in tensors.values():
+            flat = tensor.detach().reshape(-1)
+            if flat.numel():
+                idx = top_k_indices(flat, max(1, math.ceil(self.fraction * flat.numel())))
+                picked.append(idx + offset)
+                kept.append(flat[idx])
+            offset += flat.numel()
+        indices = torch.cat(picked).numpy() if picked else np.zeros(0, np.int64)
+        values = torch.cat(kept) if kept else torch.zeros(0)
+        gaps, owner = encode_gaps(indices)
+        if len(owner) != len(indices):  # fillers were inserted for gaps too wide for the type
+            real = owner >= 0
+            padded = torch.zeros(len(owner))
+            padded[torch.from_numpy(real)] = values[torch.from_numpy(owner[real])]
+            values = padded
+        layout = Layout.of(tensors)
+        arrays = [gaps, *quantize_int8(values)] if self.values == "int8" else [gaps, values.to(torch.float32).numpy()]
+        spec = _spec(FLAT_NAME, (layout.total,), self.name, arrays, layout=layout.fingerprint)
+        return (spec,), arrays
+
+    def decode(self, specs, parts, layout):
+        if len(specs) != 1 or specs[0].name != FLAT_NAME:
+            raise ProtocolError(f"a {self.name} payload has one entry named {FLAT_NAME!r}, got {[s.name for s in specs]}")
+        spec, arrays = specs[0], parts[0]
+        if spec.params.get("layout") != layout.fingerprint or spec.shape != (layout.total,):
+            raise ProtocolError(f"{self.name} update was encoded for another model (layout or size differs)")
+        if len(arrays) != (3 if self.values == "int8" else 2) or arrays[0].dtype.name not in _GAP_DTYPES:
+            raise ProtocolError(f"{self.name} entry has parts {[a.dtype.name for a in arrays]}")
+        gaps = arrays[0]
+        if self.values == "int8":
+            _expect_parts(spec, arrays, ((gaps.dtype.name, gaps.size), ("int8", gaps.size), ("float32", -(-gaps.size // INT8_BLOCK))))
+            values = dequantize_int8(arrays[1], arrays[2])
+        else:
+            _expect_parts(spec, arrays, ((gaps.dtype.name, gaps.size), ("float32", gaps.size)))
+            values = _as_tensor(arrays[1])
+        flat = torch.zeros(layout.total)
+        flat[torch.from_numpy(decode_gaps(gaps, layout.total))] = values
+        return layout.split(flat)
+
+
+CODEC_NAMES = ("fp32", "fp16", "bf16", "int8", "topk", "topk-int8")
+_ELEMENTWISE = {codec.name: codec for codec in (DenseFloat32(), Float16(), BFloat16(), Int8())}
+
+
+def get_codec(name: str, topk_fraction: float = 0.01) -> Codec:
+    """The codec called ``name``; top-k codecs keep ``topk_fraction`` of each tensor when encoding."""
+    if name in _ELEMENTWISE:
+        return _ELEMENTWISE[name]
+    if name == "topk":
+        return TopK(topk_fraction, "fp32")
+    if name == "topk-int8":
+        return TopK(topk_fraction, "int8")
+    raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+
+
+def encode_tensors(tensors: Tensors, codec: Codec) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
+    """Encode named tensors (any float dtype) with ``codec``."""
+    return codec.encode({name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()})
+
+
+def decode_tensors(specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout) -> Tensors:
+    """Decode a payload's tensors against the model's layout; one codec per payload."""
+    names = {spec.codec for spec in specs}
+    if len(names) > 1:
+        raise ProtocolError(f"a payload mixes codecs {sorted(names)}")
+    if not specs:
+        if layout.shapes:
+            raise ProtocolError("payload carries no tensors")
+        return {}
+    name = names.pop()
+    if name not in CODEC_NAMES:
+        raise ProtocolError(f"unknown codec {name!r}")
+    return get_codec(name).decode(specs, parts, layout)

@@ -2,7 +2,7 @@
 
 Every message fedq sends is one chunk of a *payload*. A payload is::
 
-    u32 little-endian header length | msgpack header | tensor parts, each starting on a 64-byte boundary
+    u32 little-endian header length | msgpack header | tensor parts, each aligned to its item size
 
 The header is a msgpack map validated by the schemas below; it names the payload's kind and lists
 every tensor (name, shape, dtype, codec, and the dtype and shape of each raw part the codec wrote).
@@ -24,7 +24,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 PROTOCOL_VERSION = 1
-PART_ALIGNMENT = 64
 # RabbitMQ 4.x refuses messages over 16 MiB by default; 4 MiB chunks stay far from any limit and
 # keep the memory a reader holds per chunk in flight small.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
@@ -149,8 +148,9 @@ def now() -> float:
     return time.time()
 
 
-def _aligned(offset: int) -> int:
-    return -(-offset // PART_ALIGNMENT) * PART_ALIGNMENT
+def _aligned(offset: int, itemsize: int) -> int:
+    # Natural alignment is all numpy and torch need; wider padding would dwarf small sparse updates.
+    return -(-offset // itemsize) * itemsize
 
 
 def encode_payload(header: _PayloadHeader, parts: list[np.ndarray]) -> list[memoryview]:
@@ -168,7 +168,7 @@ def encode_payload(header: _PayloadHeader, parts: list[np.ndarray]) -> list[memo
     for spec, array in zip(declared, parts):
         if array.dtype.name != spec.dtype or tuple(array.shape) != spec.shape:
             raise ValueError(f"array {array.dtype}{array.shape} does not match its declaration {spec}")
-        padding = _aligned(offset) - offset
+        padding = _aligned(offset, array.dtype.itemsize) - offset
         if padding:
             buffers.append(memoryview(bytes(padding)))
         data = memoryview(np.ascontiguousarray(array)).cast("B")
@@ -211,7 +211,7 @@ def decode_payload(payload: bytes | bytearray | memoryview) -> tuple[Any, list[l
     for tensor in header.tensors:
         arrays = []
         for spec in tensor.parts:
-            offset = _aligned(offset)
+            offset = _aligned(offset, np.dtype(spec.dtype).itemsize)
             end = offset + spec.nbytes
             if end > len(view):
                 raise ProtocolError(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.chunking import ChunkInfo, Reassembly, iter_chunks, read_single
-from shared.codecs import decode_tensors, encode_tensors, get_codec
+from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
     PROTOCOL_VERSION,
@@ -113,11 +113,12 @@ def test_payload_round_trip_is_zero_copy():
     payload = bytearray(b"".join(encode_payload(header, parts)))
     decoded_header, decoded_parts = decode_payload(payload)
     assert decoded_header == header
-    decoded = decode_tensors(decoded_header.tensors, decoded_parts)
+    decoded = decode_tensors(decoded_header.tensors, decoded_parts, Layout.of(tensors))
     for name, tensor in tensors.items():
         assert torch.equal(decoded[name], tensor)
     assert np.shares_memory(decoded_parts[0][0], np.frombuffer(payload, dtype=np.uint8))
-    assert all(p[0].ctypes.data % 64 == np.frombuffer(payload, np.uint8).ctypes.data % 64 for p in decoded_parts)
+    base = np.frombuffer(payload, np.uint8).ctypes.data
+    assert all((p[0].ctypes.data - base) % p[0].dtype.itemsize == 0 for p in decoded_parts)
 
 
 def test_header_only_payload_round_trip():

@@ -18,7 +18,7 @@ import torch
 
 from shared import amqp
 from shared.chunking import ChunkInfo, Reassembly, read_single
-from shared.codecs import decode_tensors, encode_tensors, get_codec
+from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     PROTOCOL_VERSION,
     Announcement,
@@ -57,6 +57,7 @@ class SiteWorker:
         self.task = task
         self.model = task.build_model()
         self.params = float_state(self.model)
+        self.layout = Layout.of(self.params)
         self.user = amqp.broker_user(settings.broker_url)
         self.announcement: Announcement | None = None
         self.base: dict[str, torch.Tensor] | None = None
@@ -164,7 +165,7 @@ class SiteWorker:
         header, parts = decode_payload(state["payload"])
         if not isinstance(header, SnapshotHeader):
             raise ProtocolError(f"stream {amqp.SNAPSHOTS} holds a {header.kind} payload")
-        tensors = decode_tensors(header.tensors, parts)
+        tensors = decode_tensors(header.tensors, parts, self.layout)
         check_matches_model(self.params, tensors)
         self.base, self.base_version, self.base_run = tensors, header.version, header.run_id
         self.snapshots_fetched.append(header.version)
