@@ -27,6 +27,8 @@ class RunLog:
         self.applied = 0
         self.dropped = 0
         self.rejected = 0
+        self.bytes_in: Counter[str] = Counter()
+        self.received = 0
 
     def start_clock(self) -> None:
         self._t0 = time.monotonic()
@@ -37,6 +39,11 @@ class RunLog:
 
     def event(self, kind: str, **fields: Any) -> None:
         self._file.write(json.dumps({"t": round(self.elapsed, 4), "event": kind, **fields}) + "\n")
+
+    def received_update(self, site: str, size: int) -> None:
+        """Count a decoded update's payload bytes against its site."""
+        self.bytes_in[site] += size
+        self.received += 1
 
     def evaluation(self, version: int, metrics: dict[str, float]) -> None:
         accuracy = metrics.get("accuracy", float("nan"))
@@ -54,6 +61,8 @@ class RunLog:
             "updates_dropped": self.dropped,
             "updates_rejected": self.rejected,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
+            "bytes_in_per_site": dict(sorted(self.bytes_in.items())),
+            "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
             "curve": self.curve,
             **extra,
         }

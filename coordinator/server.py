@@ -189,7 +189,7 @@ class Coordinator:
                 self.sites_seen.add(header.site)
                 self._announce()
             elif isinstance(header, UpdateHeader):
-                self._take_update(header, parts)
+                self._take_update(header, parts, len(payload))
             else:
                 raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
         except ProtocolError as exc:
@@ -198,8 +198,9 @@ class Coordinator:
         for tag in upload.tags:
             self._consumer.basic_ack(tag)
 
-    def _take_update(self, header: UpdateHeader, parts) -> None:
+    def _take_update(self, header: UpdateHeader, parts, size: int) -> None:
         self.sites_seen.add(header.site)
+        self.runlog.received_update(header.site, size)
         if header.run_id != self.run_id:
             self._drop(header, f"trained in run {header.run_id[:8]}, not the current run {self.run_id[:8]}", staleness=None)
             return
@@ -222,8 +223,8 @@ class Coordinator:
         self.runlog.staleness[staleness] += 1
         self.runlog.event(
             "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
-            staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples,
-            train_seconds=header.train_seconds, **header.metrics,
+            staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples, bytes=size,
+            train_seconds=header.train_seconds, metrics=header.metrics,
         )
         if outcome.new_version:
             self.version += 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
+from shared.codecs import CODEC_NAMES
 from shared.settings import ENV_PREFIX, CoordinatorSettings, SettingsError, WorkerSettings, load_settings
 
 EXAMPLES = {
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find or start a RabbitMQ broker, then run a coordinator and ten sites on digits-straggler.",
     )
     demo.add_argument("--strategy", choices=["fedasync", "fedbuff", "fedavg"], default="fedbuff")
-    demo.add_argument("--codec", choices=["fp32", "fp16", "bf16"], default="fp32", help="codec for site updates")
+    demo.add_argument("--codec", choices=list(CODEC_NAMES), default="fp32", help="codec for site updates (default fp32)")
     demo.add_argument("--target", type=float, default=0.95, help="stop at this test accuracy (default 0.95)")
     demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run log goes (default runs/demo)")

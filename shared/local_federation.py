@@ -27,7 +27,8 @@ def site_names(count: int) -> list[str]:
 
 def start_worker(broker_url: str, site: str, log_path: Path, **settings: Any) -> subprocess.Popen:
     """Start one site's worker process; its output goes to ``log_path``."""
-    env = {**os.environ, "FEDQ_BROKER_URL": broker_url, "FEDQ_SITE": site, "FEDQ_TORCH_THREADS": "1"}
+    env = {**os.environ, "FEDQ_BROKER_URL": broker_url, "FEDQ_SITE": site, "FEDQ_TORCH_THREADS": "1",
+           "FEDQ_STATE_DIR": str(log_path.parent)}
     env.update({f"FEDQ_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:

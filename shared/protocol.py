@@ -14,9 +14,9 @@ ever unpickled.
 from __future__ import annotations
 
 import math
+import secrets
 import struct
 import time
-import uuid
 from typing import Annotated, Any, Literal, Union
 
 import msgpack
@@ -33,6 +33,11 @@ SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 _HEADER_LENGTH = struct.Struct("<I")
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+# 64 random bits: no collision in any run's lifetime of updates, and half the bytes of a UUID,
+# which matters when a whole compressed update is a few hundred bytes.
+Id = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 
 
 class ProtocolError(ValueError):
@@ -86,7 +91,7 @@ class SnapshotHeader(_PayloadHeader):
     """A global model version as the coordinator publishes it."""
 
     kind: Literal["snapshot"] = "snapshot"
-    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    run_id: Id
     version: Annotated[int, Field(ge=0)]
     created_at: float
 
@@ -95,9 +100,9 @@ class UpdateHeader(_PayloadHeader):
     """What a site learned from one snapshot: the difference to that snapshot, encoded by a codec."""
 
     kind: Literal["update"] = "update"
-    update_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    update_id: Id
     #: The run of the snapshot this update was trained from; updates from other runs are dropped.
-    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    run_id: Id
     site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
     base_version: Annotated[int, Field(ge=0)]
     num_samples: Annotated[int, Field(gt=0)]
@@ -121,7 +126,7 @@ class Announcement(_PayloadHeader):
     """
 
     kind: Literal["announcement"] = "announcement"
-    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    run_id: Id
     version: Annotated[int, Field(ge=0)]
     payload_id: str
     chunks: Annotated[int, Field(ge=1)]
@@ -135,13 +140,20 @@ class Announcement(_PayloadHeader):
     final: bool = False
 
 
-Header = Annotated[Union[SnapshotHeader, UpdateHeader, Hello, Announcement], Field(discriminator="kind")]
+class TensorFile(_PayloadHeader):
+    """Tensors fedq keeps on its own disk (error-feedback residuals, checkpoints), never on the wire."""
+
+    kind: Literal["tensors"] = "tensors"
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+Header = Annotated[Union[SnapshotHeader, UpdateHeader, Hello, Announcement, TensorFile], Field(discriminator="kind")]
 _HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(Header)
 
 
 def new_id() -> str:
-    """A fresh payload or update id: 32 lowercase hex digits."""
-    return uuid.uuid4().hex
+    """A fresh run, payload or update id: 16 lowercase hex digits."""
+    return secrets.token_hex(8)
 
 
 def now() -> float:

@@ -13,6 +13,7 @@ from typing import Literal, Optional, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.codecs import CODEC_NAMES
 from shared.protocol import SITE_NAME_PATTERN
 
 ENV_PREFIX = "FEDQ_"
@@ -82,7 +83,12 @@ class CoordinatorSettings(CommonSettings):
 
 class WorkerSettings(CommonSettings):
     site: str = Field(..., pattern=SITE_NAME_PATTERN, description="This site's name, e.g. site-3.")
-    codec: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Codec for this site's updates.")
+    codec: Literal[CODEC_NAMES] = Field(
+        "fp32", description="Codec for this site's updates (topk-int8 is the smallest)."
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="Top-k codecs: fraction of each tensor's values sent.")
+    error_feedback: bool = Field(True, description="Carry what a lossy codec leaves out into the next update.")
+    state_dir: Path = Field(Path(".fedq-state"), description="Where the worker keeps its state (error-feedback residual).")
     torch_threads: Optional[int] = Field(None, ge=1, description="Threads for local training (default: PyTorch's).")
     max_tasks: Optional[int] = Field(None, ge=1, description="Stop after this many updates (default: run until told).")
 

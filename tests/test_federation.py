@@ -31,6 +31,20 @@ def test_ten_sites_reach_090(broker_url, tmp_path):
     assert set(summary["worker_exit_codes"].values()) == {0}, "workers leave cleanly on the final announcement"
 
 
+def test_topk_int8_updates_reach_090_and_are_over_50x_smaller(broker_url, tmp_path):
+    summary = run_federation(
+        broker_url, tmp_path, site_names(10),
+        coordinator={"strategy": "fedbuff", "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
+        worker={"codec": "topk-int8", "topk_fraction": 0.01},
+    )
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert summary["updates_rejected"] == 0
+    dense = sum(t.numel() * 4 for t in load_task("shared.digits_task:DigitsStraggler").build_model().parameters())
+    assert 0 < summary["mean_update_bytes"] < dense / 50
+    residuals = list((tmp_path / "sites").glob("*.residual"))
+    assert residuals, "lossy codecs keep an error-feedback residual on disk"
+
+
 def test_stale_update_is_weighted_by_its_staleness_and_too_stale_is_dropped(broker_url, tmp_path):
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", alpha=0.5, staleness="polynomial",

@@ -13,7 +13,7 @@ def params(*values):
 
 
 def update(site, delta, n=1, base=0):
-    return Update(update_id=f"{site:0>32}", site=str(site), base_version=base, num_samples=n, delta={"w": torch.tensor(delta)})
+    return Update(update_id=f"{site:0>16}", site=str(site), base_version=base, num_samples=n, delta={"w": torch.tensor(delta)})
 
 
 def test_fedasync_mixes_by_alpha_times_staleness_weight():
@@ -53,7 +53,7 @@ def test_fedbuff_with_all_sites_fresh_and_sgd_step_one_is_fedavg():
     p = {k: v.clone() for k, v in start.items()}
     strategy = FedBuff(buffer_size=4, optimizer=ServerSGD(lr=1.0))
     for i, (d, n) in enumerate(zip(deltas, samples)):
-        strategy.submit(p, Update(f"{i:0>32}", f"s{i}", 0, n, d), staleness=0)
+        strategy.submit(p, Update(f"{i:0>16}", f"s{i}", 0, n, d), staleness=0)
     for k in start:
         fedavg = start[k] + sum(n * d[k] for d, n in zip(deltas, samples)) / sum(samples)
         assert torch.allclose(p[k], fedavg, atol=1e-6)

@@ -35,6 +35,7 @@ from shared.protocol import (
 from shared.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
 from shared.validation import check_matches_model, float_state
+from worker.error_feedback import ErrorFeedback
 
 log = logging.getLogger("fedq.worker")
 
@@ -65,6 +66,11 @@ class SiteWorker:
         self.base_run: str | None = None
         self.started_at = now()
         self.last_trained: tuple[str | None, int] | None = None
+        self.codec = get_codec(settings.codec, settings.topk_fraction)
+        self.feedback = (
+            ErrorFeedback(settings.state_dir / f"{settings.site}.residual", self.layout)
+            if self.codec.lossy and settings.error_feedback else None
+        )
         self.sent = 0
         self.snapshots_fetched: list[int] = []
 
@@ -185,18 +191,21 @@ class SiteWorker:
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
         delta = {name: tensor - self.base[name] for name, tensor in self.params.items()}
-        codec = get_codec(self.settings.codec)
-        specs, parts = encode_tensors(delta, codec)
+        dense = sum(t.numel() * 4 for t in delta.values())
+        if self.feedback is not None:
+            specs, parts = self.feedback.encode(delta, self.codec)
+        else:
+            specs, parts = encode_tensors(delta, self.codec)
         header = UpdateHeader(
             protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=self.base_run, site=site, base_version=version,
             num_samples=result.num_samples, train_seconds=train_seconds, metrics=result.metrics, tensors=specs,
         )
-        buffers = encode_payload(header, parts)
-        dense = sum(t.numel() * 4 for t in delta.values())
-        last = self._publish(channel, buffers, header.update_id)
+        last = self._publish(channel, encode_payload(header, parts), header.update_id)
+        if self.feedback is not None:
+            self.feedback.commit()
         self.sent += 1
-        log.info("site %s: trained on version %d (%d samples) in %.2f s; update %s, %d bytes (dense %d, %s)",
-                 site, version, result.num_samples, train_seconds, header.update_id[:8], last.size, dense, codec.name)
+        log.info("site %s: trained on version %d (%d samples) in %.2f s; sent update %s: %d bytes (%s; dense fp32 %d)",
+                 site, version, result.num_samples, train_seconds, header.update_id[:8], last.size, self.codec.name, dense)
 
     def _train_in_background(self, connection: pika.BlockingConnection, context: SiteContext) -> TrainResult:
         """Run the task's training on a thread while this thread keeps the connection alive."""
