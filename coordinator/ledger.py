@@ -27,3 +27,14 @@ class Ledger:
 
     def applied_ids(self) -> list[str]:
         return [uid for uid, e in self.entries.items() if e.applied_at is not None]
+
+    def to_rows(self) -> list[list]:
+        """Plain rows for a checkpoint: [update_id, site, base_version, applied_at, reason]."""
+        return [[uid, e.site, e.base_version, e.applied_at, e.reason] for uid, e in self.entries.items()]
+
+    @classmethod
+    def from_rows(cls, rows) -> "Ledger":
+        ledger = cls()
+        for uid, site, base_version, applied_at, reason in rows:
+            ledger.record(uid, Entry(site, base_version, applied_at, reason))
+        return ledger

@@ -22,6 +22,7 @@ class RunLog:
         self.run_dir = run_dir
         self._file = open(run_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._t0 = time.monotonic()
+        self.started_at = time.time()
         self.curve: list[tuple[float, int, float, float]] = []
         self.staleness: Counter[int] = Counter()
         self.applied = 0
@@ -32,6 +33,12 @@ class RunLog:
 
     def start_clock(self) -> None:
         self._t0 = time.monotonic()
+        self.started_at = time.time()
+
+    def resume_clock(self, started_at: float) -> None:
+        """Continue a resumed run's clock from its first start, so its downtime counts."""
+        self.started_at = started_at
+        self._t0 = time.monotonic() - (time.time() - started_at)
 
     @property
     def elapsed(self) -> float:

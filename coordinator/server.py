@@ -13,10 +13,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pika
 
+from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from coordinator.ledger import Entry, Ledger
 from coordinator.runlog import RunLog
 from coordinator.server_optimizers import make_server_optimizer
@@ -70,6 +72,7 @@ class _Upload:
     reassembly: Reassembly
     tags: list[int] = field(default_factory=list)
     user_id: str | None = None
+    last_chunk: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -90,56 +93,85 @@ class Coordinator:
         self.last_metrics: dict[str, float] = {}
         self.stop_reason: str | None = None
         self.sites_seen: set[str] = set()
+        self.pending_acks: list[int] = []
+        self._last_checkpoint = time.monotonic()
         self._last_progress = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Serve until a stop condition or SIGTERM/SIGINT; returns the run summary."""
+        """Serve until a stop condition or SIGTERM/SIGINT, through broker outages; returns the run summary."""
         s = self.settings
-        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator")
-        self._publisher = connection.channel()
-        amqp.declare_shared_topology(self._publisher)
-        self._publisher.confirm_delivery()
-        consumer = connection.channel()
-        consumer.basic_qos(prefetch_count=s.prefetch)
-        consumer.basic_consume(amqp.UPDATES, self._on_message)
-        self._consumer = consumer
         # Signals reach only the main thread; a coordinator embedded elsewhere is stopped with stop().
         on_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
-        log.info("coordinator up: strategy %s, task %s, %d tensors, %d parameters",
-                 s.strategy, s.task, len(self.params), sum(p.numel() for p in self.params.values()))
+        resumed = s.resume and self._resume()
+        log.info("coordinator %s: strategy %s, task %s, %d tensors, %d parameters",
+                 "resumed" if resumed else "up", s.strategy, s.task, len(self.params),
+                 sum(p.numel() for p in self.params.values()))
         try:
-            self._wait_for_sites(connection)
-            # Scored before the clock starts: loading the evaluation data is not the federation's time.
-            self.last_metrics = self.task.evaluate(self.model)
-            self.runlog.start_clock()
-            self.runlog.event("start", strategy=s.strategy, settings=s.model_dump(mode="json"))
-            self._record_evaluation()
-            self._publish_snapshot()
-            while self.stop_reason is None:
-                connection.process_data_events(time_limit=0.5)
-                self._check_limits()
-            log.info("stopping: %s", self.stop_reason)
-            self._announce(final=True)
+            amqp.serve_with_reconnect(self._session, "coordinator", lambda: self.stop_reason is not None)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if connection.is_open:
-                connection.close()
         summary = self.runlog.summary(
             strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION
         )
         self.runlog.close()
         return summary
 
+    def _session(self, backoff: amqp.Backoff) -> bool:
+        """One connection's worth of serving; returns True when the run is over."""
+        s = self.settings
+        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator")
+        try:
+            backoff.reset()
+            # Deliveries of the last connection come again; what they carried is either in the
+            # checkpoint (and the ledger skips it) or redelivered in full.
+            self.uploads.clear()
+            self.pending_acks.clear()
+            self._publisher = connection.channel()
+            amqp.declare_shared_topology(self._publisher)
+            self._publisher.confirm_delivery()
+            self._consumer = connection.channel()
+            self._consumer.basic_qos(prefetch_count=s.prefetch)
+            self._consumer.basic_consume(amqp.UPDATES, self._on_message)
+            if self.announcement is None:
+                self._start(connection)
+            else:
+                self._publish_snapshot()  # the same version again, in case the outage lost it
+            while self.stop_reason is None:
+                connection.process_data_events(time_limit=0.5)
+                self._check_limits()
+                self._expire_uploads()
+                self._settle()
+            log.info("stopping: %s", self.stop_reason)
+            self._settle(force=True)
+            self._announce(final=True)
+            return True
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def _start(self, connection: pika.BlockingConnection) -> None:
+        """The first version of a new run, or the first publication after a resume."""
+        self._wait_for_sites(connection)
+        if not self.runlog.curve:
+            # Scored before the clock starts: loading the evaluation data is not the federation's time.
+            self.last_metrics = self.task.evaluate(self.model)
+            self.runlog.start_clock()
+            self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
+                              settings=self.settings.model_dump(mode="json"))
+            self._record_evaluation()
+        self._settle(force=True)
+        self._publish_snapshot()
+
     def _wait_for_sites(self, connection: pika.BlockingConnection) -> None:
         """Hold the first version until enough sites said hello, so a run's clock starts with its sites."""
-        if self.settings.wait_for_sites:
+        if self.settings.wait_for_sites and self.version == 0:
             log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
-        while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
-            connection.process_data_events(time_limit=0.5)
+            while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
+                connection.process_data_events(time_limit=0.5)
 
     def stop(self, reason: str) -> None:
         """Ask the run to end (safe from any thread); it finishes within half a second."""
@@ -147,6 +179,68 @@ class Coordinator:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop(f"received {signal.Signals(signum).name}")
+
+    # -- durability ------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.settings.run_dir / "checkpoint.fedq"
+
+    def _settle(self, force: bool = False) -> None:
+        """Checkpoint, then acknowledge every delivery taken since the last one.
+
+        Nothing is acknowledged before its effect is on disk: a crash before the checkpoint leaves
+        those deliveries unacknowledged, so the broker hands them over again and they are counted
+        once, against the checkpoint's ledger.
+        """
+        if not self.pending_acks and not force:
+            return
+        due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds
+        if force or due or len(self.pending_acks) >= max(1, self.settings.prefetch // 2):
+            self._checkpoint()
+            for tag in self.pending_acks:
+                self._consumer.basic_ack(tag)
+            self.pending_acks.clear()
+
+    def _checkpoint(self) -> None:
+        tensors, values = self.strategy.state()
+        write_checkpoint(self.checkpoint_path, Checkpoint(
+            run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
+            strategy_values=values, ledger_rows=self.ledger.to_rows(),
+            sites={"seen": sorted(self.sites_seen), "started_at": self.runlog.started_at},
+        ))
+        self._last_checkpoint = time.monotonic()
+
+    def _resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        checkpoint = read_checkpoint(self.checkpoint_path)
+        check_matches_model(self.params, checkpoint.params)
+        for name, tensor in checkpoint.params.items():
+            self.params[name].copy_(tensor)
+        self.run_id, self.version = checkpoint.run_id, checkpoint.version
+        self.strategy.restore(checkpoint.strategy_tensors, checkpoint.strategy_values)
+        self.ledger = Ledger.from_rows(checkpoint.ledger_rows)
+        self.sites_seen = set(checkpoint.sites["seen"])
+        self.runlog.resume_clock(checkpoint.sites["started_at"])
+        self.last_metrics = self.task.evaluate(self.model)
+        self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
+        self._record_evaluation()
+        log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
+                 self.run_id, self.version, self.checkpoint_path, len(self.ledger.entries))
+        return True
+
+    def _expire_uploads(self) -> None:
+        now_ = time.monotonic()
+        for payload_id, upload in list(self.uploads.items()):
+            if now_ - upload.last_chunk > self.settings.upload_timeout:
+                del self.uploads[payload_id]
+                log.warning("discarded update upload %s from %s: %d of %d chunks, idle for %.0f s",
+                            payload_id, upload.user_id or "unknown user", upload.reassembly.received,
+                            upload.reassembly.count, now_ - upload.last_chunk)
+                self.runlog.event("upload_expired", payload_id=payload_id, user=upload.user_id,
+                                  received=upload.reassembly.received, chunks=upload.reassembly.count)
+                self.pending_acks.extend(upload.tags)
 
     def _check_limits(self) -> None:
         s = self.settings
@@ -170,6 +264,7 @@ class Coordinator:
         if upload is None:
             upload = self.uploads[info.payload_id] = _Upload(Reassembly(info), user_id=properties.user_id)
         upload.tags.append(method.delivery_tag)
+        upload.last_chunk = time.monotonic()
         try:
             complete = upload.reassembly.add(info, body)
         except ProtocolError as exc:
@@ -181,6 +276,7 @@ class Coordinator:
             self._handle(upload, properties.headers)
 
     def _handle(self, upload: _Upload, headers: dict | None) -> None:
+        new_version = False
         try:
             payload = upload.reassembly.payload()
             header, parts = decode_payload(payload)
@@ -189,24 +285,31 @@ class Coordinator:
                 self.sites_seen.add(header.site)
                 self._announce()
             elif isinstance(header, UpdateHeader):
-                self._take_update(header, parts, len(payload))
+                new_version = self._take_update(header, parts, len(payload))
             else:
                 raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
         except ProtocolError as exc:
             self._refuse(upload.tags, headers, upload.reassembly.prefix(MAX_CHUNK_BYTES), str(exc), upload.user_id)
             return
-        for tag in upload.tags:
-            self._consumer.basic_ack(tag)
+        self.pending_acks.extend(upload.tags)
+        if new_version:
+            # Durable before it is published: a restarted coordinator never hands out a version
+            # number twice for two different models.
+            self._settle(force=True)
+            self._publish_snapshot()
+        else:
+            self._settle()
 
-    def _take_update(self, header: UpdateHeader, parts, size: int) -> None:
+    def _take_update(self, header: UpdateHeader, parts, size: int) -> bool:
+        """Apply or drop a decoded update; returns whether it made a new version."""
         self.sites_seen.add(header.site)
         self.runlog.received_update(header.site, size)
         if header.run_id != self.run_id:
-            self._drop(header, f"trained in run {header.run_id[:8]}, not the current run {self.run_id[:8]}", staleness=None)
-            return
+            self._drop(header, f"trained in run {header.run_id}, not the current run {self.run_id}", staleness=None)
+            return False
         if header.update_id in self.ledger:
             self._drop(header, "already counted (redelivered or replayed)", staleness=None)
-            return
+            return False
         staleness = self.version - header.base_version
         if staleness < 0:
             raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
@@ -216,7 +319,7 @@ class Coordinator:
         reason = self.strategy.admit(update, staleness)
         if reason is not None:
             self._drop(header, reason, staleness)
-            return
+            return False
         outcome = self.strategy.submit(self.params, update, staleness)
         self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
         self.runlog.applied += 1
@@ -230,7 +333,7 @@ class Coordinator:
             self.version += 1
             if self.version % self.settings.eval_every == 0:
                 self._evaluate()
-            self._publish_snapshot()
+        return outcome.new_version
 
     def _drop(self, header: UpdateHeader, reason: str, staleness: int | None) -> None:
         log.warning("dropped update %s from %s (base version %d): %s", header.update_id, header.site, header.base_version, reason)
@@ -249,8 +352,7 @@ class Coordinator:
             headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
         )
         self._publisher.basic_publish(amqp.REJECTED, "", body, properties)
-        for tag in tags:
-            self._consumer.basic_ack(tag)
+        self.pending_acks.extend(tags)
 
     # -- outgoing versions -----------------------------------------------------------------------
 

@@ -63,6 +63,13 @@ class Strategy(ABC):
     def submit(self, params: Tensors, update: Update, staleness: int) -> Outcome:
         """Fold an admitted update into ``params`` (in place, or into a buffer)."""
 
+    def state(self) -> tuple[dict[str, Tensors], dict]:
+        """What a checkpoint must keep besides the model: named tensor groups and plain values."""
+        return {}, {}
+
+    def restore(self, tensors: dict[str, Tensors], values: dict) -> None:
+        """Take back what ``state`` returned."""
+
 
 class FedAsync(Strategy):
     """Mix every update in at once: x <- x + alpha * s(staleness) * delta.
@@ -118,6 +125,14 @@ class FedBuff(Strategy):
         self.optimizer.step(params, mean)
         self.reset_buffer()
         return Outcome(True, weight)
+
+    def state(self):
+        return {"buffer": self.sum, **self.optimizer.state_dict()}, {"samples": self.samples, "sites": list(self.sites)}
+
+    def restore(self, tensors, values):
+        self.sum = dict(tensors.get("buffer", {}))
+        self.samples, self.sites = int(values["samples"]), list(values["sites"])
+        self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer"})
 
 
 class FedAvgSync(FedBuff):

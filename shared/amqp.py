@@ -7,9 +7,11 @@ it): RabbitMQ refuses a redeclaration with different arguments, so drift would s
 from __future__ import annotations
 
 import logging
+import random
 import ssl
+import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -128,3 +130,55 @@ def stream_offset_at(timestamp: float) -> datetime:
 def broker_user(url: str) -> str:
     """The user name in an AMQP URL, sent as user_id so the broker vouches for the sender."""
     return pika.URLParameters(url).credentials.username
+
+
+# Failures a new connection can cure. Bad credentials and refused permissions are not among them:
+# retrying those only hides the mistake, so they stop the process with pika's own message.
+RECOVERABLE = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+    pika.exceptions.NackError,
+    OSError,
+)
+FATAL = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded: 0.5 s, 1 s, 2 s ... up to ``maximum``."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, rng: random.Random | None = None):
+        self.initial, self.maximum = initial, maximum
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2**self.failures)
+        self.failures += 1
+        # Full jitter: sites that lost the broker together do not all come back in the same instant.
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def serve_with_reconnect(session: Callable[[Backoff], bool], who: str, stopping: Callable[[], bool]) -> None:
+    """Run ``session`` until it returns True, reconnecting with backoff whenever the broker is lost.
+
+    ``session`` opens its own connection, calls ``backoff.reset()`` once connected, and returns True
+    when its work is done. ``stopping`` ends the loop instead of a reconnect.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            if session(backoff):
+                return
+        except FATAL:
+            raise
+        except RECOVERABLE as exc:
+            if stopping():
+                return
+            delay = backoff.next_delay()
+            log.warning("%s lost the broker (%s: %s); reconnecting in %.1f s (attempt %d)",
+                        who, type(exc).__name__, exc, delay, backoff.failures)
+            time.sleep(delay)

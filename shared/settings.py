@@ -72,7 +72,12 @@ class CoordinatorSettings(CommonSettings):
     wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")
     prefetch: int = Field(64, ge=1, description="Update messages the coordinator takes from the broker at once.")
     max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")
-    run_dir: Path = Field(Path("runs/latest"), description="Where the run log and summary are written.")
+    run_dir: Path = Field(Path("runs/latest"), description="Where the run log, summary and checkpoint are written.")
+    resume: bool = Field(True, description="Resume from run_dir's checkpoint if there is one.")
+    checkpoint_seconds: float = Field(
+        1.0, ge=0, description="Longest wait before a checkpoint makes taken updates durable (and acknowledged)."
+    )
+    upload_timeout: float = Field(600.0, gt=0, description="Discard an incomplete chunked update idle this many seconds.")
 
     @model_validator(mode="after")
     def _optimizer_needs_a_buffer(self) -> "CoordinatorSettings":

@@ -133,3 +133,17 @@ def _capture(fn, errors):
         fn()
     except BaseException as exc:
         errors.append(exc)
+
+
+def test_half_precision_snapshots_keep_a_full_precision_master(broker_url, tmp_path):
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", snapshot_codec="fp16") as coordinator:
+        initial = {k: v.clone() for k, v in coordinator.params.items()}
+        worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-4", max_tasks=1),
+                            load_task("shared.digits_task:DigitsStraggler"))
+        worker.run()
+        wait_for(lambda: coordinator.version == 1, 10, "the update")
+        for name, tensor in initial.items():
+            assert torch.equal(worker.base[name], tensor.half().float()), "the site trained from the fp16 snapshot"
+        master = torch.cat([t.reshape(-1) for t in coordinator.params.values()])
+        assert master.dtype == torch.float32
+        assert not torch.equal(master, master.half().float()), "the coordinator's copy is not rounded to fp16"

@@ -31,11 +31,13 @@ from shared.protocol import (
     encode_payload,
     new_id,
     now,
+    payload_size,
 )
 from shared.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
 from shared.validation import check_matches_model, float_state
 from worker.error_feedback import ErrorFeedback
+from worker.outbox import Outbox
 
 log = logging.getLogger("fedq.worker")
 
@@ -71,21 +73,31 @@ class SiteWorker:
             ErrorFeedback(settings.state_dir / f"{settings.site}.residual", self.layout)
             if self.codec.lossy and settings.error_feedback else None
         )
+        self.outbox = Outbox(settings.state_dir / f"{settings.site}.outbox")
         self.sent = 0
         self.snapshots_fetched: list[int] = []
 
     def run(self) -> int:
-        """Train and send updates until the coordinator announces the end (or ``max_tasks``); returns updates sent."""
+        """Train and send updates until the coordinator announces the end (or ``max_tasks``), through
+        broker outages; returns the updates the broker confirmed."""
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         self.task.prepare_site(s.site)
         _warm_up_torch()
+        amqp.serve_with_reconnect(self._session, f"site {s.site}", lambda: False)
+        return self.sent
+
+    def _session(self, backoff: amqp.Backoff) -> bool:
+        """One connection's worth of work; returns True when the worker is done."""
+        s = self.settings
         connection = amqp.connect(s.broker_url, s.heartbeat, f"fedq-worker-{s.site}")
         try:
+            backoff.reset()
             channel = connection.channel()
             channel.confirm_delivery()
             channel.basic_consume(amqp.declare_site_queue(channel, s.site), self._on_announcement)
+            self._flush_outbox(channel)
             self._publish(channel, encode_payload(Hello(protocol=PROTOCOL_VERSION, site=s.site), []), new_id())
             log.info("site %s connected; waiting for a snapshot", s.site)
             while s.max_tasks is None or self.sent < s.max_tasks:
@@ -96,11 +108,12 @@ class SiteWorker:
                 stale_base = (self.base_run, self.base_version) != (announcement.run_id, announcement.version)
                 if stale_base and not self._fetch_snapshot(connection, announcement):
                     continue
-                self._train_and_send(connection, channel)
+                self._train(connection)
+                self._flush_outbox(channel)
+            return True
         finally:
             if connection.is_open:
                 connection.close()
-        return self.sent
 
     def _has_work(self) -> bool:
         a = self.announcement
@@ -181,13 +194,18 @@ class SiteWorker:
 
     # -- training and the update -----------------------------------------------------------------
 
-    def _train_and_send(self, connection: pika.BlockingConnection, channel) -> None:
+    def _train(self, connection: pika.BlockingConnection) -> None:
+        """Train on the base snapshot and put the update in the outbox.
+
+        If the broker is lost during training, training still finishes and its update waits in the
+        outbox; only then does the connection failure propagate to the reconnect loop.
+        """
         assert self.base is not None and self.base_version is not None
         site, version = self.settings.site, self.base_version
         for name, tensor in self.params.items():
             tensor.copy_(self.base[name])
         started = time.monotonic()
-        result = self._train_in_background(connection, SiteContext(site=site, version=version))
+        result, lost = self._train_in_background(connection, SiteContext(site=site, version=version))
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
         delta = {name: tensor - self.base[name] for name, tensor in self.params.items()}
@@ -200,15 +218,35 @@ class SiteWorker:
             protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=self.base_run, site=site, base_version=version,
             num_samples=result.num_samples, train_seconds=train_seconds, metrics=result.metrics, tensors=specs,
         )
-        last = self._publish(channel, encode_payload(header, parts), header.update_id)
+        buffers = encode_payload(header, parts)
+        self.outbox.put(header.update_id, buffers)
+        # The residual moves on only once the update it belongs with is safe on disk.
         if self.feedback is not None:
             self.feedback.commit()
-        self.sent += 1
-        log.info("site %s: trained on version %d (%d samples) in %.2f s; sent update %s: %d bytes (%s; dense fp32 %d)",
-                 site, version, result.num_samples, train_seconds, header.update_id[:8], last.size, self.codec.name, dense)
+        log.info("site %s: trained on version %d (%d samples) in %.2f s; update %s: %d bytes (%s; dense fp32 %d)",
+                 site, version, result.num_samples, train_seconds, header.update_id, payload_size(buffers),
+                 self.codec.name, dense)
+        if lost is not None:
+            raise lost
 
-    def _train_in_background(self, connection: pika.BlockingConnection, context: SiteContext) -> TrainResult:
-        """Run the task's training on a thread while this thread keeps the connection alive."""
+    def _flush_outbox(self, channel) -> None:
+        """Publish every waiting update, oldest first; each leaves the outbox once confirmed."""
+        for path in self.outbox.pending():
+            entry = self.outbox.read(path)
+            if entry is None:
+                continue
+            update_id, payload = entry
+            self._publish(channel, [payload], update_id)
+            self.outbox.remove(path)
+            self.sent += 1
+
+    def _train_in_background(
+        self, connection: pika.BlockingConnection, context: SiteContext
+    ) -> tuple[TrainResult, BaseException | None]:
+        """Run the task's training on a thread while this thread keeps the connection alive.
+
+        Returns the result and the connection failure met meanwhile, if any.
+        """
         outcome: dict = {}
 
         def work():
@@ -224,15 +262,20 @@ class SiteWorker:
 
         thread = threading.Thread(target=work, name=f"train-{context.site}", daemon=True)
         thread.start()
-        while thread.is_alive():
-            connection.process_data_events(time_limit=1.0)
+        lost = None
+        while thread.is_alive() and lost is None:
+            try:
+                connection.process_data_events(time_limit=1.0)
+            except amqp.RECOVERABLE as exc:
+                log.warning("site %s: lost the broker during training (%s); training goes on", context.site, exc)
+                lost = exc
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
         result = outcome["result"]
         if not isinstance(result, TrainResult) or result.num_samples <= 0:
             raise ValueError(f"task {self.settings.task} train() must return a TrainResult with num_samples > 0, got {result!r}")
-        return result
+        return result, lost
 
     def _publish(self, channel, buffers, payload_id: str) -> ChunkInfo:
         return amqp.publish_payload(channel, amqp.UPDATES, amqp.UPDATE_KEY, buffers, payload_id, user_id=self.user)

@@ -1,0 +1,51 @@
+"""Files that survive crashes: written atomically, read back only if their digest matches.
+
+A file is ``magic | SHA-256 of the body | body``. Writing goes to a temporary file that is fsynced
+and then renamed over the target (and the folder fsynced), so after a crash the path holds the old
+file or the new one, never a torn mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from shared.protocol import ProtocolError
+
+_DIGEST = 32
+
+
+def write_durable(path: Path, magic: bytes, buffers: list[memoryview]) -> None:
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as out:
+        out.write(magic + digest.digest())
+        for buffer in buffers:
+            out.write(buffer)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_durable(path: Path, magic: bytes) -> memoryview:
+    """The body of a file ``write_durable`` wrote; ProtocolError if it is damaged or not of this kind."""
+    size = path.stat().st_size
+    data = bytearray(size)
+    with open(path, "rb") as source:
+        source.readinto(data)
+    view = memoryview(data)
+    if size < len(magic) + _DIGEST or bytes(view[: len(magic)]) != magic:
+        raise ProtocolError(f"{path} is not a {magic.decode(errors='replace')} file")
+    body = view[len(magic) + _DIGEST :]
+    if hashlib.sha256(body).digest() != bytes(view[len(magic) : len(magic) + _DIGEST]):
+        raise ProtocolError(f"{path} is damaged: its SHA-256 does not match")
+    return body
