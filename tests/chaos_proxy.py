@@ -22,6 +22,7 @@ class ChaosProxy:
         self._open.set()  # cleared while stalled
         self.bytes_per_second: float | None = None
         self.cuts = 0
+        self.down = False  # while set, new connections are refused, as from a site that is offline
         self._closed = False
         threading.Thread(target=self._accept, daemon=True, name="chaos-accept").start()
 
@@ -37,6 +38,9 @@ class ChaosProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.down:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -81,6 +85,14 @@ class ChaosProxy:
                 s.close()
         self.cuts += 1
         return len(links)
+
+    def go_down(self) -> None:
+        """Cut every connection and refuse new ones until ``come_back``."""
+        self.down = True
+        self.cut()
+
+    def come_back(self) -> None:
+        self.down = False
 
     def stall(self, seconds: float) -> None:
         """Hold all traffic for ``seconds`` (connections stay open), then let it flow again."""

@@ -4,6 +4,7 @@ protocol to the real broker. Nothing here stands in for RabbitMQ."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -33,8 +34,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 @contextmanager
 def running_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> Iterator[Coordinator]:
     """A coordinator serving on a background thread until the block ends."""
-    coordinator = Coordinator(load_settings(CoordinatorSettings, broker_url=broker_url, run_dir=run_dir, **settings),
-                              load_task("shared.digits_task:DigitsStraggler"))
+    config = load_settings(CoordinatorSettings, broker_url=broker_url, run_dir=run_dir, **settings)
+    coordinator = Coordinator(config, load_task(config.task))
     errors: list[BaseException] = []
 
     def serve():
@@ -92,3 +93,11 @@ class SiteClient:
 
 def constant_delta(coordinator: Coordinator, value: float) -> dict[str, torch.Tensor]:
     return {name: torch.full(tuple(t.shape), value) for name, t in coordinator.params.items()}
+
+
+def confirmed_updates(log_folder: Path) -> list[str]:
+    """Update ids the workers logged as confirmed by the broker."""
+    ids = []
+    for log_file in log_folder.glob("*.log"):
+        ids += re.findall(r"update ([0-9a-f]{16}) confirmed by the broker", log_file.read_text())
+    return ids

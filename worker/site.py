@@ -42,6 +42,7 @@ from worker.outbox import Outbox
 log = logging.getLogger("fedq.worker")
 
 SNAPSHOT_TIMEOUT = 300.0
+HELLO_WAIT = 5.0
 _STREAM_PREFETCH = 16
 
 
@@ -74,6 +75,7 @@ class SiteWorker:
             if self.codec.lossy and settings.error_feedback else None
         )
         self.outbox = Outbox(settings.state_dir / f"{settings.site}.outbox")
+        self.heard = False
         self.sent = 0
         self.snapshots_fetched: list[int] = []
 
@@ -98,10 +100,15 @@ class SiteWorker:
             channel.confirm_delivery()
             channel.basic_consume(amqp.declare_site_queue(channel, s.site), self._on_announcement)
             self._flush_outbox(channel)
+            self.heard = False
             self._publish(channel, encode_payload(Hello(protocol=PROTOCOL_VERSION, site=s.site), []), new_id())
             log.info("site %s connected; waiting for a snapshot", s.site)
+            # Whatever was announced while this site was away is waiting in its queue, and the hello
+            # makes the coordinator say it again: hear it before training on older news.
+            self._wait(connection, lambda: self.heard, timeout=HELLO_WAIT)
             while s.max_tasks is None or self.sent < s.max_tasks:
                 announcement = self._wait(connection, self._has_work)
+                assert announcement is not None  # _has_work is only true with one
                 if announcement.final:
                     log.info("site %s: the coordinator ended the run at version %d", s.site, announcement.version)
                     break
@@ -119,10 +126,12 @@ class SiteWorker:
         a = self.announcement
         return a is not None and (a.final or a.retrain or (a.run_id, a.version) != self.last_trained)
 
-    def _wait(self, connection: pika.BlockingConnection, ready: Callable[[], bool]) -> Announcement:
-        while not ready():
-            connection.process_data_events(time_limit=1.0)
-        assert self.announcement is not None
+    def _wait(
+        self, connection: pika.BlockingConnection, ready: Callable[[], bool], timeout: float | None = None
+    ) -> Announcement | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready() and (deadline is None or time.monotonic() < deadline):
+            connection.process_data_events(time_limit=1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
         return self.announcement
 
     def _on_announcement(self, channel, method, properties, body) -> None:
@@ -141,6 +150,7 @@ class SiteWorker:
             # The queue keeps only the newest announcement and one publisher orders them, so the
             # latest delivered is the one to follow, even when a new run restarted the versions.
             self.announcement = header
+            self.heard = True
 
     # -- snapshot ------------------------------------------------------------------------------
 
@@ -239,6 +249,7 @@ class SiteWorker:
             self._publish(channel, [payload], update_id)
             self.outbox.remove(path)
             self.sent += 1
+            log.info("site %s: update %s confirmed by the broker", self.settings.site, update_id)
 
     def _train_in_background(
         self, connection: pika.BlockingConnection, context: SiteContext

@@ -1,0 +1,186 @@
+"""Intermittent sites and crashes on a real broker: nothing confirmed is lost, nothing counts twice."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from coordinator.checkpoint import read_checkpoint
+from shared.local_broker import LocalNode
+from shared.local_federation import run_federation, site_names, start_worker
+from shared.settings import WorkerSettings, load_settings
+from shared.task import load_task
+from tests.chaos_proxy import ChaosProxy
+from tests.federation_helpers import (
+    SiteClient, confirmed_updates, constant_delta, event_for, events, running_coordinator, wait_for,
+)
+from worker.site import SiteWorker
+
+pytestmark = pytest.mark.broker
+BROKER_CONFIG = __import__("pathlib").Path(__file__).parent.parent / "broker_config"
+
+
+def applied_once(run_dir):
+    """Update ids in the final ledger, asserting none is there twice."""
+    rows = read_checkpoint(run_dir / "checkpoint.fedq").ledger_rows
+    ids = [row[0] for row in rows if row[3] is not None]
+    assert len(ids) == len(set(ids))
+    return set(ids)
+
+
+def test_connections_cut_repeatedly_still_reach_090(broker, broker_url, tmp_path):
+    proxy = ChaosProxy(broker.port)
+    stop = threading.Event()
+
+    def cut_every_second():
+        time.sleep(14)  # let the sites start and the run begin
+        while not stop.wait(1.0):
+            proxy.cut()
+
+    threading.Thread(target=cut_every_second, daemon=True).start()
+    try:
+        summary = run_federation(
+            broker_url, tmp_path, site_names(10), worker_broker_url=proxy.url(broker_url),
+            coordinator={"strategy": "fedbuff", "buffer_size": 5, "server_lr": 0.5, "stop_at_accuracy": 0.90,
+                         "max_seconds": 150, "max_staleness": 10_000},
+        )
+    finally:
+        stop.set()
+        proxy.close()
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert proxy.cuts >= 3, "the links were cut while the federation ran"
+    applied = applied_once(tmp_path)
+    update_events = [e["update_id"] for e in events(tmp_path, "update")]
+    assert len(update_events) == len(set(update_events)), "no update was counted twice"
+    assert set(update_events) == applied
+    logs = "".join(p.read_text() for p in (tmp_path / "sites").glob("*.log"))
+    assert "reconnecting in" in logs
+
+
+def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
+    node = LocalNode(BROKER_CONFIG)
+    node.start()
+    url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
+    restarted = threading.Event()
+
+    def restart_after_version_3():
+        wait_for(lambda: (tmp_path / "events.jsonl").exists() and any(
+            e.get("version", 0) >= 3 for e in events(tmp_path, "evaluation")), 90, "version 3")
+        node.restart()
+        restarted.set()
+
+    threading.Thread(target=restart_after_version_3, daemon=True).start()
+    try:
+        summary = run_federation(
+            url, tmp_path, site_names(10),
+            coordinator={"strategy": "fedbuff", "buffer_size": 10, "server_lr": 0.3, "stop_at_accuracy": 0.90,
+                         "max_seconds": 240, "max_staleness": 10_000},
+        )
+    finally:
+        node.close()
+    assert restarted.is_set()
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    update_events = [e["update_id"] for e in events(tmp_path, "update")]
+    assert len(update_events) == len(set(update_events))
+    assert applied_once(tmp_path) == set(update_events)
+
+
+def start_coordinator(url, run_dir, log):
+    env = {**os.environ, "FEDQ_BROKER_URL": url, "FEDQ_RUN_DIR": str(run_dir), "FEDQ_STRATEGY": "fedasync",
+           "FEDQ_MAX_STALENESS": "100000", "FEDQ_CHECKPOINT_SECONDS": "0.2"}
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", "coordinator"], env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def checkpoint_version(run_dir):
+    try:
+        return read_checkpoint(run_dir / "checkpoint.fedq").version
+    except (FileNotFoundError, OSError):
+        return -1
+
+
+def test_coordinator_killed_mid_run_resumes_and_counts_every_confirmed_update_once(broker_url, tmp_path):
+    sites = site_names(6)
+    coordinator = start_coordinator(broker_url, tmp_path, tmp_path / "coordinator.log")
+    workers = [start_worker(broker_url, site, tmp_path / "sites" / f"{site}.log", max_tasks=10) for site in sites]
+    try:
+        wait_for(lambda: checkpoint_version(tmp_path) >= 15, 90, "version 15")
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+        killed_at = checkpoint_version(tmp_path)
+        time.sleep(1.0)  # the sites go on without it; their updates wait in the queue
+        coordinator = start_coordinator(broker_url, tmp_path, tmp_path / "coordinator.log")
+        for worker in workers:
+            assert worker.wait(timeout=120) == 0
+        confirmed = confirmed_updates(tmp_path / "sites")
+        assert len(confirmed) == 10 * len(sites)
+        wait_for(lambda: set(confirmed) <= applied_once(tmp_path), 60, "every confirmed update in the ledger")
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        coordinator.wait(timeout=30)
+        for worker in workers:
+            worker.kill()
+    log = (tmp_path / "coordinator.log").read_text()
+    assert f"resumed run" in log and f"at version {killed_at}" in log
+    assert applied_once(tmp_path) == set(confirmed), "each confirmed update applied exactly once"
+    assert read_checkpoint(tmp_path / "checkpoint.fedq").version == len(confirmed), "fedasync: one version per update"
+
+
+def test_worker_killed_mid_upload_delivers_its_update_once(broker, broker_url, tmp_path):
+    proxy = ChaosProxy(broker.port)
+    proxy.bytes_per_second = 3e6  # a 20 MB update takes about 7 s
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", task="tests.big_task:WideDigits",
+                             upload_timeout=3.0) as coordinator:
+        site_log = tmp_path / "sites" / "site-1.log"
+        worker = start_worker(proxy.url(broker_url), "site-1", site_log, task="tests.big_task:WideDigits", max_tasks=1)
+        wait_for(lambda: site_log.exists() and "trained on version 0" in site_log.read_text(), 120, "training done")
+        time.sleep(2.0)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        outbox = list((tmp_path / "sites" / "site-1.outbox").glob("*.update"))
+        assert len(outbox) == 1, "the unconfirmed update waits in the outbox"
+        assert coordinator.version == 0, "half an update is never applied"
+        proxy.bytes_per_second = None
+        restarted = start_worker(proxy.url(broker_url), "site-1", site_log, task="tests.big_task:WideDigits", max_tasks=1)
+        assert restarted.wait(timeout=120) == 0
+        update_id = outbox[0].stem.split("-", 1)[1]
+        event_for(tmp_path, update_id, timeout=30)
+        wait_for(lambda: coordinator.version >= 1, 10, "the update applied")
+        time.sleep(4.0)  # time for any repeated chunks to arrive and be discarded or deduplicated
+        applied = [e for e in events(tmp_path, "update") if e["update_id"] == update_id]
+        assert len(applied) == 1 and coordinator.version == 1
+        assert not list((tmp_path / "sites" / "site-1.outbox").glob("*.update"))
+    proxy.close()
+
+
+def test_site_offline_for_25_versions_gets_only_the_newest_and_its_stale_update_is_weighted(broker, broker_url, tmp_path):
+    proxy = ChaosProxy(broker.port)
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", alpha=0.5, staleness="polynomial",
+                             staleness_a=0.5, max_staleness=100) as coordinator:
+        worker = SiteWorker(
+            load_settings(WorkerSettings, broker_url=proxy.url(broker_url), site="site-5", max_tasks=2,
+                          task="tests.slow_task:SlowDigits", state_dir=tmp_path / "site-5"),
+            load_task("tests.slow_task:SlowDigits"),
+        )
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        wait_for(lambda: worker.snapshots_fetched == [0], 60, "the site's first snapshot")
+        proxy.go_down()
+        for version in range(25):
+            event_for(tmp_path, client.send(coordinator, version, constant_delta(coordinator, 0.0)))
+        wait_for(lambda: coordinator.version == 25, 10, "version 25")
+        proxy.come_back()
+        thread.join(90)
+        assert not thread.is_alive()
+        # Back online, its stale update lands first (making version 26); then it reads only the newest.
+        assert len(worker.snapshots_fetched) == 2 and worker.snapshots_fetched[1] >= 25
+        mine = [e for e in events(tmp_path, "update") if e["site"] == "site-5"]
+        assert [e["base_version"] for e in mine] == worker.snapshots_fetched
+        assert mine[0]["staleness"] == 25 and mine[0]["weight"] == pytest.approx(0.5 * 26**-0.5, rel=1e-5)
+    client.close()
+    proxy.close()
