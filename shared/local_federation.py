@@ -25,14 +25,22 @@ def site_names(count: int) -> list[str]:
     return [f"site-{i}" for i in range(count)]
 
 
-def start_worker(broker_url: str, site: str, log_path: Path, **settings: Any) -> subprocess.Popen:
-    """Start one site's worker process; its output goes to ``log_path``."""
-    env = {**os.environ, "FEDQ_BROKER_URL": broker_url, "FEDQ_SITE": site, "FEDQ_TORCH_THREADS": "1",
-           "FEDQ_STATE_DIR": str(log_path.parent)}
-    env.update({f"FEDQ_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+def _start(command: str, log_path: Path, settings: dict[str, Any]) -> subprocess.Popen:
+    env = {**os.environ, **{f"FEDQ_{k.upper()}": str(v) for k, v in settings.items() if v is not None}}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "shared.cli", command], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_worker(broker_url: str, site: str, log_path: Path, **settings: Any) -> subprocess.Popen:
+    """Start one site's worker process; its output goes to ``log_path``, its state beside it."""
+    defaults = {"broker_url": broker_url, "site": site, "torch_threads": 1, "state_dir": log_path.parent}
+    return _start("worker", log_path, {**defaults, **settings})
+
+
+def start_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> subprocess.Popen:
+    """Start a coordinator process on ``run_dir`` (resuming its checkpoint if any); output in coordinator.log."""
+    return _start("coordinator", run_dir / "coordinator.log", {"broker_url": broker_url, "run_dir": run_dir, **settings})
 
 
 def run_federation(

@@ -1,9 +1,6 @@
 """Intermittent sites and crashes on a real broker: nothing confirmed is lost, nothing counts twice."""
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,7 +8,7 @@ import pytest
 
 from coordinator.checkpoint import read_checkpoint
 from shared.local_broker import LocalNode
-from shared.local_federation import run_federation, site_names, start_worker
+from shared.local_federation import run_federation, site_names, start_coordinator, start_worker
 from shared.settings import WorkerSettings, load_settings
 from shared.task import load_task
 from tests.chaos_proxy import ChaosProxy
@@ -89,11 +86,8 @@ def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
     assert applied_once(tmp_path) == set(update_events)
 
 
-def start_coordinator(url, run_dir, log):
-    env = {**os.environ, "FEDQ_BROKER_URL": url, "FEDQ_RUN_DIR": str(run_dir), "FEDQ_STRATEGY": "fedasync",
-           "FEDQ_MAX_STALENESS": "100000", "FEDQ_CHECKPOINT_SECONDS": "0.2"}
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", "coordinator"], env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+def start_fedasync_coordinator(url, run_dir):
+    return start_coordinator(url, run_dir, strategy="fedasync", max_staleness=100_000, checkpoint_seconds=0.2)
 
 
 def checkpoint_version(run_dir):
@@ -105,7 +99,7 @@ def checkpoint_version(run_dir):
 
 def test_coordinator_killed_mid_run_resumes_and_counts_every_confirmed_update_once(broker_url, tmp_path):
     sites = site_names(6)
-    coordinator = start_coordinator(broker_url, tmp_path, tmp_path / "coordinator.log")
+    coordinator = start_fedasync_coordinator(broker_url, tmp_path)
     workers = [start_worker(broker_url, site, tmp_path / "sites" / f"{site}.log", max_tasks=10) for site in sites]
     try:
         wait_for(lambda: checkpoint_version(tmp_path) >= 15, 90, "version 15")
@@ -113,7 +107,7 @@ def test_coordinator_killed_mid_run_resumes_and_counts_every_confirmed_update_on
         coordinator.wait()
         killed_at = checkpoint_version(tmp_path)
         time.sleep(1.0)  # the sites go on without it; their updates wait in the queue
-        coordinator = start_coordinator(broker_url, tmp_path, tmp_path / "coordinator.log")
+        coordinator = start_fedasync_coordinator(broker_url, tmp_path)
         for worker in workers:
             assert worker.wait(timeout=120) == 0
         confirmed = confirmed_updates(tmp_path / "sites")
