@@ -25,6 +25,17 @@ class Ledger:
     def record(self, update_id: str, entry: Entry) -> None:
         self.entries[update_id] = entry
 
+    def forget_before(self, base_version: int) -> int:
+        """Forget updates trained from versions older than ``base_version``; returns how many.
+
+        Safe when the strategy drops anything that stale: a replay of a forgotten update is then
+        refused for its staleness, so the ledger need only span the staleness window.
+        """
+        old = [uid for uid, e in self.entries.items() if e.base_version < base_version]
+        for uid in old:
+            del self.entries[uid]
+        return len(old)
+
     def applied_ids(self) -> list[str]:
         return [uid for uid, e in self.entries.items() if e.applied_at is not None]
 

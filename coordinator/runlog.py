@@ -29,6 +29,8 @@ class RunLog:
         self.dropped = 0
         self.rejected = 0
         self.bytes_in: Counter[str] = Counter()
+        self.applied_per_site: Counter[str] = Counter()
+        self.dropped_per_site: Counter[str] = Counter()
         self.received = 0
 
     def start_clock(self) -> None:
@@ -69,12 +71,30 @@ class RunLog:
             "updates_rejected": self.rejected,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
             "bytes_in_per_site": dict(sorted(self.bytes_in.items())),
+            "applied_per_site": dict(sorted(self.applied_per_site.items())),
+            "dropped_per_site": dict(sorted(self.dropped_per_site.items())),
             "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
             "curve": self.curve,
             **extra,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
         return result
+
+    def counters(self) -> dict[str, Any]:
+        """The totals so far, for a checkpoint: a resumed run goes on counting from them."""
+        return {
+            "applied": self.applied, "dropped": self.dropped, "rejected": self.rejected, "received": self.received,
+            "staleness": {str(k): v for k, v in self.staleness.items()}, "bytes_in": dict(self.bytes_in),
+            "applied_per_site": dict(self.applied_per_site), "dropped_per_site": dict(self.dropped_per_site),
+        }
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        self.applied, self.dropped = counters["applied"], counters["dropped"]
+        self.rejected, self.received = counters["rejected"], counters["received"]
+        self.staleness = Counter({int(k): v for k, v in counters["staleness"].items()})
+        self.bytes_in = Counter(counters["bytes_in"])
+        self.applied_per_site = Counter(counters["applied_per_site"])
+        self.dropped_per_site = Counter(counters["dropped_per_site"])
 
     def close(self) -> None:
         self._file.close()

@@ -203,11 +203,14 @@ class Coordinator:
             self.pending_acks.clear()
 
     def _checkpoint(self) -> None:
+        if self.strategy.max_staleness is not None:
+            self.ledger.forget_before(self.version - self.strategy.max_staleness)
         tensors, values = self.strategy.state()
         write_checkpoint(self.checkpoint_path, Checkpoint(
             run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
             strategy_values=values, ledger_rows=self.ledger.to_rows(),
-            sites={"seen": sorted(self.sites_seen), "started_at": self.runlog.started_at},
+            sites={"seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
+                   "counters": self.runlog.counters()},
         ))
         self._last_checkpoint = time.monotonic()
 
@@ -223,6 +226,7 @@ class Coordinator:
         self.ledger = Ledger.from_rows(checkpoint.ledger_rows)
         self.sites_seen = set(checkpoint.sites["seen"])
         self.runlog.resume_clock(checkpoint.sites["started_at"])
+        self.runlog.restore_counters(checkpoint.sites["counters"])
         self.last_metrics = self.task.evaluate(self.model)
         self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
         self._record_evaluation()
@@ -323,6 +327,7 @@ class Coordinator:
         outcome = self.strategy.submit(self.params, update, staleness)
         self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
         self.runlog.applied += 1
+        self.runlog.applied_per_site[header.site] += 1
         self.runlog.staleness[staleness] += 1
         self.runlog.event(
             "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
@@ -340,6 +345,7 @@ class Coordinator:
         if header.update_id not in self.ledger:
             self.ledger.record(header.update_id, Entry(header.site, header.base_version, None, reason))
         self.runlog.dropped += 1
+        self.runlog.dropped_per_site[header.site] += 1
         self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
 
     def _refuse(self, tags: list[int], headers: dict | None, body: bytes, reason: str, user_id: str | None) -> None:

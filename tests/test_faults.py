@@ -115,10 +115,15 @@ def test_coordinator_killed_mid_run_resumes_and_counts_every_confirmed_update_on
         wait_for(lambda: set(confirmed) <= applied_once(tmp_path), 60, "every confirmed update in the ledger")
     finally:
         coordinator.send_signal(signal.SIGTERM)
-        coordinator.wait(timeout=30)
+        stopped = coordinator.wait(timeout=30)
         for worker in workers:
             worker.kill()
+    assert stopped == 0, "SIGTERM ends the coordinator cleanly"
     log = (tmp_path / "coordinator.log").read_text()
+    assert "stopping: received SIGTERM" in log
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert summary["updates_applied"] == len(confirmed), "counts carry over the restart"
+    assert sum(summary["applied_per_site"].values()) == len(confirmed)
     assert f"resumed run" in log and f"at version {killed_at}" in log
     assert applied_once(tmp_path) == set(confirmed), "each confirmed update applied exactly once"
     assert read_checkpoint(tmp_path / "checkpoint.fedq").version == len(confirmed), "fedasync: one version per update"
