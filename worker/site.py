@@ -3,7 +3,8 @@
 The connection lives on the main thread and is serviced the whole time (pika answers heartbeats
 only while its connection is driven); training runs on a second thread, so an hour of training
 costs nothing on the wire. Announcements arrive on the site's latest-only queue; the snapshot they
-name is read from the stream, verified, and trained on; the difference is published with confirms.
+name is read from the stream, verified, and trained on; the difference waits in the outbox until
+the broker has confirmed it. Lost connections are re-made with backoff; no finished work is lost.
 """
 
 from __future__ import annotations
@@ -163,39 +164,47 @@ class SiteWorker:
         started = time.monotonic()
         channel = connection.channel()
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
-        state: dict = {"reassembly": None, "payload": None}
+        state: dict = {"reassembly": None, "payload": None, "error": None}
 
         def on_chunk(ch, method, properties, body):
             ch.basic_ack(method.delivery_tag)
             if state["payload"] is not None or (properties.headers or {}).get("fedq-payload") != announcement.payload_id:
                 return  # another snapshot stored near this one in the stream
-            info = ChunkInfo.from_headers(properties.headers, announcement.size)
-            if state["reassembly"] is None:
-                state["reassembly"] = Reassembly(info)
-            if state["reassembly"].add(info, body):
-                state["payload"] = state["reassembly"].payload()
+            try:
+                info = ChunkInfo.from_headers(properties.headers, announcement.size)
+                if state["reassembly"] is None:
+                    state["reassembly"] = Reassembly(info)
+                if state["reassembly"].add(info, body):
+                    state["payload"] = state["reassembly"].payload()
+            except ProtocolError as exc:
+                state["error"] = exc
 
         tag = channel.basic_consume(
             amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": amqp.stream_offset_at(announcement.published_at)}
         )
-        while state["payload"] is None and time.monotonic() - started < SNAPSHOT_TIMEOUT:
+        while state["payload"] is None and state["error"] is None and time.monotonic() - started < SNAPSHOT_TIMEOUT:
             connection.process_data_events(time_limit=1.0)
         amqp.cancel_stream_consumer(channel, tag)
         channel.close()
-        if state["payload"] is None:
-            log.warning(
-                "site %s: snapshot version %d did not arrive from stream %s within %.0f s; waiting for the next "
-                "version (if this repeats, check that the stream's retention keeps at least one whole snapshot)",
-                self.settings.site, announcement.version, amqp.SNAPSHOTS, SNAPSHOT_TIMEOUT,
-            )
+        try:
+            if state["error"] is not None:
+                raise state["error"]
+            if state["payload"] is None:
+                raise TimeoutError(
+                    f"it did not arrive from stream {amqp.SNAPSHOTS} within {SNAPSHOT_TIMEOUT:.0f} s; if this repeats, "
+                    "check that the stream's retention keeps at least one whole snapshot"
+                )
+            header, parts = decode_payload(state["payload"])
+            if not isinstance(header, SnapshotHeader):
+                raise ProtocolError(f"the stream holds a {header.kind} payload under its id")
+            tensors = decode_tensors(header.tensors, parts, self.layout)
+            check_matches_model(self.params, tensors)
+        except (ProtocolError, TimeoutError) as exc:
+            log.error("site %s: cannot use snapshot version %d (%s); waiting for the next version",
+                      self.settings.site, announcement.version, exc)
             if self.announcement is announcement:
                 self.announcement = None
             return False
-        header, parts = decode_payload(state["payload"])
-        if not isinstance(header, SnapshotHeader):
-            raise ProtocolError(f"stream {amqp.SNAPSHOTS} holds a {header.kind} payload")
-        tensors = decode_tensors(header.tensors, parts, self.layout)
-        check_matches_model(self.params, tensors)
         self.base, self.base_version, self.base_run = tensors, header.version, header.run_id
         self.snapshots_fetched.append(header.version)
         log.info("site %s: snapshot version %d (%d bytes) in %.2f s",
