@@ -31,6 +31,7 @@ class RunLog:
         self.bytes_in: Counter[str] = Counter()
         self.applied_per_site: Counter[str] = Counter()
         self.dropped_per_site: Counter[str] = Counter()
+        self.rejected_per_user: Counter[str] = Counter()
         self.received = 0
 
     def start_clock(self) -> None:
@@ -73,6 +74,7 @@ class RunLog:
             "bytes_in_per_site": dict(sorted(self.bytes_in.items())),
             "applied_per_site": dict(sorted(self.applied_per_site.items())),
             "dropped_per_site": dict(sorted(self.dropped_per_site.items())),
+            "rejected_per_user": dict(sorted(self.rejected_per_user.items())),
             "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
             "curve": self.curve,
             **extra,
@@ -86,6 +88,7 @@ class RunLog:
             "applied": self.applied, "dropped": self.dropped, "rejected": self.rejected, "received": self.received,
             "staleness": {str(k): v for k, v in self.staleness.items()}, "bytes_in": dict(self.bytes_in),
             "applied_per_site": dict(self.applied_per_site), "dropped_per_site": dict(self.dropped_per_site),
+            "rejected_per_user": dict(self.rejected_per_user),
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -95,6 +98,7 @@ class RunLog:
         self.bytes_in = Counter(counters["bytes_in"])
         self.applied_per_site = Counter(counters["applied_per_site"])
         self.dropped_per_site = Counter(counters["dropped_per_site"])
+        self.rejected_per_user = Counter(counters["rejected_per_user"])
 
     def close(self) -> None:
         self._file.close()

@@ -20,6 +20,7 @@ import pika
 
 from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from coordinator.ledger import Entry, Ledger
+from coordinator.robust import clip_to_norm, update_norm
 from coordinator.runlog import RunLog
 from coordinator.server_optimizers import make_server_optimizer
 from coordinator.staleness import staleness_weight
@@ -40,7 +41,7 @@ from shared.protocol import (
     now,
     PROTOCOL_VERSION,
 )
-from shared.settings import CoordinatorSettings
+from shared.settings import CoordinatorSettings, SettingsError
 from shared.validation import check_matches_model, float_state
 from shared.task import Task
 
@@ -62,7 +63,8 @@ def make_strategy(settings: CoordinatorSettings) -> Strategy:
     weight = staleness_weight(settings.staleness, settings.staleness_a, settings.staleness_b)
     if settings.strategy == "fedasync":
         return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness)
-    return FedBuff(settings.buffer_size, optimizer, staleness_weight=weight, max_staleness=settings.max_staleness)
+    return FedBuff(settings.buffer_size, optimizer, settings.aggregation, settings.trim_fraction,
+                   staleness_weight=weight, max_staleness=settings.max_staleness)
 
 
 @dataclass
@@ -85,7 +87,10 @@ class Coordinator:
         self.layout = Layout.of(self.params)
         self.run_id = new_id()
         self.version = 0
-        self.strategy = make_strategy(settings)
+        try:
+            self.strategy = make_strategy(settings)
+        except ValueError as exc:
+            raise SettingsError(f"fedq cannot start: {exc}. Fix FEDQ_STRATEGY and its settings, then start again.") from None
         self.ledger = Ledger()
         self.runlog = RunLog(settings.run_dir)
         self.uploads: dict[str, _Upload] = {}
@@ -284,6 +289,8 @@ class Coordinator:
         try:
             payload = upload.reassembly.payload()
             header, parts = decode_payload(payload)
+            if isinstance(header, (Hello, UpdateHeader)):
+                self._check_sender(header.site, upload.user_id)
             if isinstance(header, Hello):
                 log.info("site %s said hello", header.site)
                 self.sites_seen.add(header.site)
@@ -312,13 +319,13 @@ class Coordinator:
             self._drop(header, f"trained in run {header.run_id}, not the current run {self.run_id}", staleness=None)
             return False
         if header.update_id in self.ledger:
-            self._drop(header, "already counted (redelivered or replayed)", staleness=None)
-            return False
+            raise ProtocolError(f"update {header.update_id} was already counted (redelivered or replayed)")
         staleness = self.version - header.base_version
         if staleness < 0:
             raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
         delta = decode_tensors(header.tensors, parts, self.layout)
         check_matches_model(self.params, delta)
+        self._bound_norm(delta)
         update = Update(header.update_id, header.site, header.base_version, header.num_samples, delta, header.metrics)
         reason = self.strategy.admit(update, staleness)
         if reason is not None:
@@ -340,6 +347,25 @@ class Coordinator:
                 self._evaluate()
         return outcome.new_version
 
+    def _check_sender(self, site: str, user: str | None) -> None:
+        """The broker vouches for ``user_id``; the claimed site must be that user's."""
+        s = self.settings
+        if not user:
+            raise ProtocolError("the message carries no user_id, so its sender cannot be verified")
+        if user not in s.any_site_users and s.site_users.get(user, user) != site:
+            raise ProtocolError(f"user {user!r} may not send for site {site!r}")
+
+    def _bound_norm(self, delta) -> None:
+        bound = self.settings.update_norm_bound
+        if bound is None:
+            return
+        if self.settings.update_norm_action == "refuse":
+            norm = update_norm(delta)
+            if norm > bound:
+                raise ProtocolError(f"update norm {norm:.4g} exceeds the bound {bound:g}")
+        else:
+            clip_to_norm(delta, bound)
+
     def _drop(self, header: UpdateHeader, reason: str, staleness: int | None) -> None:
         log.warning("dropped update %s from %s (base version %d): %s", header.update_id, header.site, header.base_version, reason)
         if header.update_id not in self.ledger:
@@ -352,6 +378,7 @@ class Coordinator:
         """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""
         log.warning("refused a message from %s: %s", user_id or "unknown user", reason)
         self.runlog.rejected += 1
+        self.runlog.rejected_per_user[user_id or ""] += 1
         self.runlog.event("rejected", user=user_id, reason=reason)
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,

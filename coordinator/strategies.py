@@ -12,11 +12,13 @@ differences to their base snapshot, so mixing one in never needs the old snapsho
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
+from coordinator.robust import coordinate_median, trimmed_mean
 from coordinator.server_optimizers import ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant
 
@@ -90,49 +92,77 @@ class FedAsync(Strategy):
         return Outcome(True, weight)
 
 
-class FedBuff(Strategy):
-    """Buffer K updates, then step the server optimizer along their weighted mean (Nguyen et al., 2022).
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
 
-    The mean is sum(n_i * s(tau_i) * delta_i) / sum(n_i): sample counts weight the sites as FedAvg
+
+class FedBuff(Strategy):
+    """Buffer K updates, then step the server optimizer along their aggregate (Nguyen et al., 2022).
+
+    ``mean``: sum(n_i * s(tau_i) * delta_i) / sum(n_i). Sample counts weight the sites as FedAvg
     does, and staleness shrinks an old update's share without inflating the fresh ones. With
-    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg.
+    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum.
+
+    ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
+    (which a hostile site could inflate), so one bad site among K cannot pull the model away. They
+    hold all K updates until the buffer is full: K copies of the model.
     """
 
-    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None, **kwargs):
+    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None, aggregation: str = "mean",
+                 trim_fraction: float = 0.2, **kwargs):
         super().__init__(**kwargs)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         self.buffer_size = buffer_size
         self.optimizer = optimizer or ServerSGD(1.0)
+        self.aggregation = aggregation
+        self.trim = math.floor(trim_fraction * buffer_size)
+        if aggregation == "trimmed-mean" and not 1 <= self.trim < buffer_size / 2:
+            raise ValueError(
+                f"trimmed-mean over {buffer_size} updates with trim_fraction {trim_fraction} trims {self.trim} from each "
+                f"side; choose trim_fraction and buffer_size so that 1 <= floor(trim_fraction * buffer_size) < buffer_size / 2"
+            )
         self.reset_buffer()
 
     def reset_buffer(self) -> None:
         self.sum: Tensors = {}
+        self.held: list[Tensors] = []
         self.samples = 0
         self.sites: list[str] = []
 
     def submit(self, params, update, staleness):
         weight = self.staleness_weight(staleness)
-        for name, delta in update.delta.items():
-            acc = self.sum.get(name)
-            if acc is None:
-                self.sum[name] = delta * (update.num_samples * weight)
-            else:
-                acc.add_(delta, alpha=update.num_samples * weight)
+        if self.aggregation == "mean":
+            for name, delta in update.delta.items():
+                acc = self.sum.get(name)
+                if acc is None:
+                    self.sum[name] = delta * (update.num_samples * weight)
+                else:
+                    acc.add_(delta, alpha=update.num_samples * weight)
+        else:
+            self.held.append({name: delta * weight for name, delta in update.delta.items()})
         self.samples += update.num_samples
         self.sites.append(update.site)
         if len(self.sites) < self.buffer_size:
             return Outcome(False, weight)
-        mean = {name: acc.div_(self.samples) for name, acc in self.sum.items()}
-        self.optimizer.step(params, mean)
+        self.optimizer.step(params, self._aggregate())
         self.reset_buffer()
         return Outcome(True, weight)
 
+    def _aggregate(self) -> Tensors:
+        if self.aggregation == "mean":
+            return {name: acc.div_(self.samples) for name, acc in self.sum.items()}
+        statistic = (lambda s: trimmed_mean(s, self.trim)) if self.aggregation == "trimmed-mean" else coordinate_median
+        return {name: statistic(torch.stack([h[name] for h in self.held])) for name in self.held[0]}
+
     def state(self):
-        return {"buffer": self.sum, **self.optimizer.state_dict()}, {"samples": self.samples, "sites": list(self.sites)}
+        buffers = {"buffer": self.sum} if self.aggregation == "mean" else {f"held{i}": h for i, h in enumerate(self.held)}
+        return {**buffers, **self.optimizer.state_dict()}, {"samples": self.samples, "sites": list(self.sites)}
 
     def restore(self, tensors, values):
-        self.sum = dict(tensors.get("buffer", {}))
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
-        self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer"})
+        self.sum = dict(tensors.get("buffer", {}))
+        self.held = [dict(tensors[f"held{i}"]) for i in range(len(self.sites))] if self.aggregation != "mean" else []
+        self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer" and not k.startswith("held")})
 
 
 class FedAvgSync(FedBuff):

@@ -55,6 +55,22 @@ class CoordinatorSettings(CommonSettings):
         200, ge=0, description="Drop updates whose base is more than this many versions old (empty: never)."
     )
     buffer_size: int = Field(3, ge=1, description="FedBuff: updates per new version (K).")
+    aggregation: Literal["mean", "trimmed-mean", "median"] = Field(
+        "mean", description="FedBuff: how the buffer is combined; trimmed-mean and median resist hostile sites."
+    )
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Trimmed mean: fraction cut from each side.")
+    update_norm_bound: Optional[float] = Field(
+        None, gt=0, description="Largest L2 norm an update may have (empty: no bound)."
+    )
+    update_norm_action: Literal["clip", "refuse"] = Field(
+        "clip", description="What to do with an update over the norm bound: scale it down, or dead-letter it."
+    )
+    any_site_users: list[str] = Field(
+        ["fedq"], description="Broker users that may send for any site (the development user; empty in production)."
+    )
+    site_users: dict[str, str] = Field(
+        {}, description='Broker user of each site, as JSON {"user": "site"}; a user not listed speaks for the site of its own name.'
+    )
     sites: int = Field(10, ge=1, description="FedAvg: sites that answer each synchronous round.")
     server_optimizer: Literal["sgd", "adam", "yogi"] = Field("sgd", description="Server optimizer for FedBuff and FedAvg.")
     server_lr: float = Field(1.0, gt=0, description="Server learning rate.")

@@ -77,15 +77,25 @@ class SiteClient:
         self.site = site
         self.user = amqp.broker_user(broker_url)
 
-    def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:
+    def update_payload(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor],
+                       num_samples: int = 10, site: str | None = None) -> tuple[str, bytes]:
+        """A well-formed update's id and payload bytes."""
         specs, parts = encode_tensors(delta, get_codec("fp32"))
         header = UpdateHeader(
-            protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=coordinator.run_id, site=self.site,
+            protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=coordinator.run_id, site=site or self.site,
             base_version=base_version, num_samples=num_samples, train_seconds=0.0, tensors=specs,
         )
-        amqp.publish_payload(self.channel, amqp.UPDATES, amqp.UPDATE_KEY, encode_payload(header, parts),
-                             header.update_id, user_id=self.user)
-        return header.update_id
+        return header.update_id, b"".join(encode_payload(header, parts))
+
+    def publish(self, payload: bytes, payload_id: str | None = None, user_id: str | None = "") -> None:
+        """Publish payload bytes as chunks; ``user_id=None`` sends none, "" sends this client's user."""
+        amqp.publish_payload(self.channel, amqp.UPDATES, amqp.UPDATE_KEY, [memoryview(payload)], payload_id or new_id(),
+                             user_id=self.user if user_id == "" else user_id)
+
+    def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:
+        update_id, payload = self.update_payload(coordinator, base_version, delta, num_samples)
+        self.publish(payload, update_id)
+        return update_id
 
     def close(self) -> None:
         self.connection.close()
