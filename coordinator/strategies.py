@@ -103,8 +103,10 @@ class FedBuff(Strategy):
     K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum.
 
     ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
-    (which a hostile site could inflate), so one bad site among K cannot pull the model away. They
-    hold all K updates until the buffer is full: K copies of the model.
+    (which a hostile site could inflate), so one bad site among K cannot pull the model away. A
+    buffer takes one update per site: in asynchronous training a hostile site may also be the
+    fastest, and could otherwise hold more places than the trim removes. They hold all K updates
+    until the buffer is full: K copies of the model.
     """
 
     def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None, aggregation: str = "mean",
@@ -122,6 +124,11 @@ class FedBuff(Strategy):
                 f"side; choose trim_fraction and buffer_size so that 1 <= floor(trim_fraction * buffer_size) < buffer_size / 2"
             )
         self.reset_buffer()
+
+    def admit(self, update, staleness):
+        if self.aggregation != "mean" and update.site in self.sites:
+            return f"site {update.site} already has an update in this buffer ({self.aggregation} takes one per site)"
+        return super().admit(update, staleness)
 
     def reset_buffer(self) -> None:
         self.sum: Tensors = {}

@@ -51,11 +51,12 @@ def run_federation(
     coordinator: dict[str, Any] | None = None,
     worker: dict[str, Any] | None = None,
     worker_broker_url: str | None = None,
+    site_settings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run a coordinator and one worker per site until the coordinator stops; returns its summary.
 
-    ``coordinator`` and ``worker`` are settings (as for the ``fedq`` flags) for each side; workers may
-    reach the broker by another URL (a proxy, in tests). Worker logs and state land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
+    ``coordinator`` and ``worker`` are settings (as for the ``fedq`` flags) for each side, and
+    ``site_settings`` adds settings for single sites; workers may reach the broker by another URL. Worker logs and state land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
     the clock starts when the federation is complete, as a benchmark wants.
     """
     worker = worker or {}
@@ -63,8 +64,11 @@ def run_federation(
         CoordinatorSettings,
         **{"broker_url": broker_url, "run_dir": run_dir, "wait_for_sites": len(sites), **(coordinator or {})},
     )
-    workers = {site: start_worker(worker_broker_url or broker_url, site, run_dir / "sites" / f"{site}.log", **worker)
-               for site in sites}
+    workers = {
+        site: start_worker(worker_broker_url or broker_url, site, run_dir / "sites" / f"{site}.log",
+                           **{**worker, **(site_settings or {}).get(site, {})})
+        for site in sites
+    }
     try:
         summary = Coordinator(settings, load_task(settings.task)).run()
         _wait_for_exit(workers, timeout=30.0)

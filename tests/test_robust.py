@@ -54,3 +54,11 @@ def test_robust_buffer_survives_a_checkpoint_round_trip():
     restored.restore(tensors, values)
     restored.submit(params, updates([0.0, 0.0, 3.0])[2], staleness=0)
     assert params["w"].item() == pytest.approx(3.0)
+
+
+def test_robust_buffers_take_one_update_per_site():
+    strategy = FedBuff(buffer_size=3, aggregation="median")
+    first = updates([1.0])[0]
+    strategy.submit({"w": torch.zeros(1)}, first, staleness=0)
+    assert "already has an update in this buffer" in strategy.admit(first, staleness=0)
+    assert FedBuff(buffer_size=3).admit(first, staleness=0) is None, "the plain mean takes any number"

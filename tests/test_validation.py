@@ -147,3 +147,16 @@ def test_fuzz_1000_malformed_messages_are_dead_lettered_and_change_nothing(broke
         method, properties, _ = client.channel.basic_get(amqp.REJECTED, auto_ack=True)
         assert properties.headers["fedq-reason"]
     client.close()
+
+
+def test_a_site_sending_100x_updates_is_outvoted_by_a_trimmed_mean(broker_url, tmp_path):
+    from shared.local_federation import run_federation, site_names
+
+    summary = run_federation(
+        broker_url, tmp_path, site_names(10),
+        coordinator={"strategy": "fedbuff", "buffer_size": 5, "aggregation": "trimmed-mean", "trim_fraction": 0.2,
+                     "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
+        site_settings={"site-0": {"task": "tests.hostile_task:ScaledDigits"}},
+    )
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert summary["applied_per_site"].get("site-0", 0) > 0, "the hostile site's updates were taken, and outvoted"

@@ -1,0 +1,17 @@
+"""A hostile site: it trains honestly, then sends its change scaled a hundred times."""
+
+import torch
+
+from shared.digits_task import DigitsStraggler
+
+SCALE = 100.0
+
+
+class ScaledDigits(DigitsStraggler):
+    def train(self, model, site):
+        start = [p.detach().clone() for p in model.parameters()]
+        result = super().train(model, site)
+        with torch.no_grad():
+            for param, before in zip(model.parameters(), start):
+                param.copy_(before + SCALE * (param - before))
+        return result
