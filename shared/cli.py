@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -92,6 +93,21 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0 if reached else 1
 
 
+def run_provision(args: argparse.Namespace) -> int:
+    from shared.provision import provision_sites
+
+    password = args.admin_password or os.environ.get("FEDQ_ADMIN_PASSWORD")
+    if not password:
+        print("fedq provision needs the admin password: --admin-password or FEDQ_ADMIN_PASSWORD", file=sys.stderr)
+        return 2
+    created = provision_sites(args.management_url, args.admin_user, password, args.vhost, args.sites,
+                              args.broker_host, args.broker_port, tls=not args.plain)
+    print(f"# {len(created)} site(s) provisioned in vhost {args.vhost!r}. Give each site its two lines, privately:")
+    for site in created:
+        print(f"\n# {site.site}\nFEDQ_SITE={site.site}\nFEDQ_BROKER_URL={site.broker_url}")
+    return 0
+
+
 def _describe(summary: dict) -> str:
     times = "  ".join(
         f"time to {m}: {'%.1f s' % t if t is not None else 'not reached'}" for m, t in summary["time_to_accuracy"].items()
@@ -137,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run log goes (default runs/demo)")
     demo.set_defaults(handler=run_demo)
+
+    provision = commands.add_parser(
+        "provision", help="create broker users for sites", formatter_class=formatter,
+        description="Create one broker user per site, with a generated password and only the permissions a site "
+        "needs (its own announcement queue, the snapshot stream, publishing updates), and print each site's settings.",
+        epilog="""examples:
+  FEDQ_ADMIN_PASSWORD=... fedq provision hospital-a hospital-b --management-url https://broker.example.org:15671 \\
+      --broker-host broker.example.org""",
+    )
+    provision.add_argument("sites", nargs="+", metavar="SITE", help="site names, e.g. site-0 hospital-a")
+    provision.add_argument("--management-url", default="http://127.0.0.1:15672", help="RabbitMQ management API")
+    provision.add_argument("--admin-user", default="fedq", help="a management user with the administrator tag")
+    provision.add_argument("--admin-password", help="its password (or FEDQ_ADMIN_PASSWORD)")
+    provision.add_argument("--vhost", default="fedq")
+    provision.add_argument("--broker-host", default="127.0.0.1", help="the host sites connect to")
+    provision.add_argument("--broker-port", type=int, default=5671, help="the AMQP port sites connect to (default 5671)")
+    provision.add_argument("--plain", action="store_true", help="amqp:// without TLS (development only)")
+    provision.set_defaults(handler=run_provision)
     return parser
 
 

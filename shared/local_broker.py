@@ -4,7 +4,6 @@ local node, or a fresh vhost on the system broker, in that order of preference."
 from __future__ import annotations
 
 import atexit
-import base64
 import json
 import os
 import re
@@ -16,15 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pika
 import pika.exceptions
+
+from shared.management import ManagementError, management_call
 
 # The development credentials from broker_config/definitions.json (stored there only as a hash).
 DEV_USER = "fedq"
@@ -378,26 +377,7 @@ class Broker:
         if self.management_url is None:
             raise RuntimeError(f"the {self.kind} broker at {self.host}:{self.port} has no management API")
         user, password = self.management_auth or (self.username, self.password)
-        request = urllib.request.Request(
-            self.management_url.rstrip("/") + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={
-                "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode(),
-                "Content-Type": "application/json",
-            },
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                data = response.read()
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(
-                f"management API {method} {path} on {self.management_url} answered {exc.code}: "
-                f"{exc.read().decode(errors='replace')}"
-            ) from exc
-        except urllib.error.URLError as exc:
-            raise RuntimeError(f"management API at {self.management_url} does not answer: {exc.reason}") from exc
-        return json.loads(data) if data else None
+        return management_call(self.management_url, user, password, method, path, body)
 
     def create_vhost(self, name: str) -> str:
         """Create a fresh vhost, give this broker's user full permissions, and load into it the vhost-scoped
@@ -431,7 +411,7 @@ class Broker:
         if self.management_url is not None:
             try:
                 self.management_api("DELETE", f"/api/vhosts/{urllib.parse.quote(name, safe='')}")
-            except RuntimeError as exc:
+            except ManagementError as exc:
                 if "answered 404" not in str(exc):
                     raise
         elif self._rabbitmqctl is not None:

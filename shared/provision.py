@@ -1,0 +1,62 @@
+"""Provisioning: one broker user per site, allowed exactly what a site needs and nothing more.
+
+A site may declare and read its own announcement queue, read the snapshot stream, and write to the
+updates exchange. It cannot read updates (its own or anyone's), the dead-letter queue or another
+site's queue, cannot publish snapshots, and cannot declare anything else. RabbitMQ checks the
+``user_id`` of every message against the connection's user, so a site cannot speak for another.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import urllib.parse
+from dataclasses import dataclass
+
+from shared import amqp
+from shared.management import management_call
+from shared.protocol import SITE_NAME_PATTERN
+
+COORDINATOR_PERMISSIONS = {"configure": r"^fedq\..*", "write": r"^fedq\..*", "read": r"^fedq\..*"}
+
+
+def site_permissions(site: str) -> dict[str, str]:
+    """The configure, write and read patterns of a site's user."""
+    own = re.escape(amqp.site_queue(site))
+    return {
+        "configure": f"^{own}$",
+        # Binding its queue needs write on the queue; publishing updates, write on the exchange.
+        "write": f"^({own}|{re.escape(amqp.UPDATES)})$",
+        # Binding needs read on the announcements exchange; the snapshot stream is read as a queue.
+        "read": f"^({own}|{re.escape(amqp.ANNOUNCEMENTS)}|{re.escape(amqp.SNAPSHOTS)})$",
+    }
+
+
+@dataclass(frozen=True)
+class SiteCredentials:
+    site: str
+    user: str
+    password: str
+    broker_url: str
+
+
+def provision_sites(
+    management_url: str, admin_user: str, admin_password: str, vhost: str, sites: list[str],
+    broker_host: str, broker_port: int, tls: bool = True,
+) -> list[SiteCredentials]:
+    """Create (or reset) a user with a fresh password and site permissions for each site."""
+    for site in sites:
+        if not re.fullmatch(SITE_NAME_PATTERN, site):
+            raise ValueError(f"site name {site!r} must match {SITE_NAME_PATTERN}")
+    q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
+    created = []
+    for site in sites:
+        password = secrets.token_urlsafe(24)
+        management_call(management_url, admin_user, admin_password, "PUT", f"/api/users/{q(site)}",
+                        {"password": password, "tags": ""})
+        management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(site)}",
+                        site_permissions(site))
+        scheme = "amqps" if tls else "amqp"
+        url = f"{scheme}://{q(site)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"
+        created.append(SiteCredentials(site, site, password, url))
+    return created

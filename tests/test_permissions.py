@@ -1,0 +1,106 @@
+"""Per-site users, as `fedq provision` makes them, on a real broker: allowed what a site needs, refused the rest."""
+
+import subprocess
+import sys
+import threading
+import urllib.parse
+
+import pika
+import pytest
+
+from shared import amqp
+from shared.provision import provision_sites
+from shared.settings import WorkerSettings, load_settings
+from shared.task import load_task
+from tests.federation_helpers import events, running_coordinator, wait_for
+from worker.site import SiteWorker
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def sites(broker, broker_url):
+    vhost = urllib.parse.unquote(broker_url.rsplit("/", 1)[1])
+    created = provision_sites(broker.management_url, broker.username, broker.password, vhost, ["site-1", "site-2"],
+                              broker.host, broker.port, tls=False)
+    yield {c.site: c for c in created}
+    for c in created:
+        broker.management_api("DELETE", f"/api/users/{c.user}")
+
+
+def refused(url, attempt, code=403):
+    """Run ``attempt(channel)`` as the URL's user; assert the broker refuses it with ``code``."""
+    connection = amqp.connect(url, 30, "test-permissions")
+    channel = connection.channel()
+    channel.confirm_delivery()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as caught:
+        attempt(channel)
+        connection.process_data_events(time_limit=0.5)
+    assert caught.value.reply_code == code, caught.value
+    connection.close()
+    return str(caught.value)
+
+
+def test_a_site_user_can_do_what_a_site_does(sites):
+    connection = amqp.connect(sites["site-1"].broker_url, 30, "test-site-1")
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queue = amqp.declare_site_queue(channel, "site-1")
+    channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
+    stream = connection.channel()
+    stream.basic_qos(prefetch_count=1)
+    tag = stream.basic_consume(amqp.SNAPSHOTS, lambda *a: None, arguments={"x-stream-offset": "first"})
+    amqp.cancel_stream_consumer(stream, tag)
+    channel.basic_consume(queue, lambda *a: None)
+    connection.close()
+
+
+@pytest.mark.parametrize("what, attempt", [
+    ("consume the updates queue", lambda ch: ch.basic_consume(amqp.UPDATES, lambda *a: None)),
+    ("consume the dead-letter queue", lambda ch: ch.basic_consume(amqp.REJECTED, lambda *a: None)),
+    ("consume another site's queue", lambda ch: ch.basic_consume(amqp.site_queue("site-2"), lambda *a: None)),
+    ("publish a snapshot", lambda ch: ch.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, b"x",
+                                                      pika.BasicProperties(user_id="site-1"))),
+    ("announce a version", lambda ch: ch.basic_publish(amqp.ANNOUNCEMENTS, "", b"x", pika.BasicProperties(user_id="site-1"))),
+    ("declare a queue of another name", lambda ch: ch.queue_declare("fedq.site.site-1.other")),
+    ("declare another site's queue", lambda ch: ch.queue_declare(amqp.site_queue("site-2"), durable=True,
+                                                                 arguments=amqp.SITE_QUEUE_ARGUMENTS)),
+    ("purge the updates queue", lambda ch: ch.queue_purge(amqp.UPDATES)),
+])
+def test_a_site_user_is_refused(sites, what, attempt):
+    site2 = amqp.connect(sites["site-2"].broker_url, 30, "test-site-2")
+    amqp.declare_site_queue(site2.channel(), "site-2")
+    site2.close()
+    assert "ACCESS_REFUSED" in refused(sites["site-1"].broker_url, attempt)
+
+
+def test_a_site_user_cannot_claim_another_users_identity(sites):
+    message = refused(sites["site-1"].broker_url, lambda ch: ch.basic_publish(
+        amqp.UPDATES, amqp.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
+    assert "user_id property set to 'site-2' but authenticated user was 'site-1'" in message
+
+
+def test_a_provisioned_site_trains_with_the_coordinator_trusting_only_site_users(broker_url, sites, tmp_path):
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", any_site_users=[]) as coordinator:
+        worker = SiteWorker(load_settings(WorkerSettings, broker_url=sites["site-1"].broker_url, site="site-1",
+                                          max_tasks=1, state_dir=tmp_path / "site-1"),
+                            load_task("shared.digits_task:DigitsStraggler"))
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert worker.sent == 1
+        wait_for(lambda: events(tmp_path, "update"), 15, "the site's update")
+        assert events(tmp_path, "update")[0]["site"] == "site-1" and coordinator.version == 1
+
+
+def test_provision_command_prints_each_sites_settings(broker, broker_url):
+    vhost = urllib.parse.unquote(broker_url.rsplit("/", 1)[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "provision", "lab-a", "--management-url", broker.management_url,
+         "--admin-user", broker.username, "--vhost", vhost, "--broker-host", "broker.example.org"],
+        capture_output=True, text=True, timeout=60, env={"FEDQ_ADMIN_PASSWORD": broker.password, "PATH": "/usr/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "FEDQ_SITE=lab-a" in result.stdout
+    assert "FEDQ_BROKER_URL=amqps://lab-a:" in result.stdout and "@broker.example.org:5671/" in result.stdout
+    broker.management_api("DELETE", "/api/users/lab-a")
