@@ -128,7 +128,7 @@ class Coordinator:
     def _session(self, backoff: amqp.Backoff) -> bool:
         """One connection's worth of serving; returns True when the run is over."""
         s = self.settings
-        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator")
+        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator", **s.tls_files())
         try:
             backoff.reset()
             # Deliveries of the last connection come again; what they carried is either in the

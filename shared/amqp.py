@@ -11,6 +11,7 @@ import random
 import ssl
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 import pika
@@ -48,15 +49,42 @@ def site_queue(site: str) -> str:
     return f"fedq.site.{site}.announcements"
 
 
-def connect(url: str, heartbeat: int, name: str) -> pika.BlockingConnection:
-    """Open a connection named ``name`` (shown in the management UI), with TLS for amqps:// URLs."""
+class TLSSetupError(RuntimeError):
+    """TLS cannot work as configured (certificate not trusted, or not a TLS port); retrying will not help."""
+
+
+def connect(
+    url: str, heartbeat: int, name: str, *, ca_file: Path | None = None, cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> pika.BlockingConnection:
+    """Open a connection named ``name`` (shown in the management UI).
+
+    amqps:// URLs use TLS with the broker's certificate always verified, against ``ca_file`` or the
+    system's trust store; ``cert_file``/``key_file`` present a client certificate.
+    """
     params = pika.URLParameters(url)
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
     params.client_properties = {"connection_name": name}
-    if url.startswith("amqps://") and params.ssl_options is None:
-        params.ssl_options = pika.SSLOptions(ssl.create_default_context(), params.host)
-    return pika.BlockingConnection(params)
+    if url.startswith("amqps://"):
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        params.ssl_options = pika.SSLOptions(context, params.host)
+    try:
+        return pika.BlockingConnection(params)
+    except ssl.SSLCertVerificationError as exc:
+        raise TLSSetupError(
+            f"the broker at {params.host}:{params.port} presented a certificate that "
+            f"{ca_file or 'the system trust store'} does not trust ({exc.verify_message}); set FEDQ_TLS_CA_FILE "
+            "to the CA that signed the broker's certificate"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason != "WRONG_VERSION_NUMBER":
+            raise
+        raise TLSSetupError(
+            f"{params.host}:{params.port} does not speak TLS; amqps:// needs the broker's TLS port (5671 by default)"
+        ) from None
 
 
 def declare_shared_topology(channel: BlockingChannel) -> None:
@@ -141,7 +169,7 @@ RECOVERABLE = (
     pika.exceptions.NackError,
     OSError,
 )
-FATAL = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
+FATAL = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError, TLSSetupError)
 
 
 class Backoff:

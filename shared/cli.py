@@ -45,7 +45,8 @@ def _settings_from(args: argparse.Namespace, cls: type[BaseSettings]):
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)-18s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every failed connection with a traceback; fedq says what failed and what to do itself.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
@@ -175,11 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import pika.exceptions
+
+    from shared.amqp import TLSSetupError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
+    except (SettingsError, TLSSetupError) as exc:
+        print(f"fedq: {exc}" if isinstance(exc, TLSSetupError) else exc, file=sys.stderr)
+        return 2
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+        print(f"fedq: the broker refused this user or vhost ({exc}); check the user, password and vhost in "
+              "FEDQ_BROKER_URL", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

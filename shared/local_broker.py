@@ -132,8 +132,12 @@ class LocalNode:
         management_port: int | None = None,
         name: str | None = None,
         base_dir: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener."""
         self.config_dir = Path(config_dir)
+        self.tls = tls
+        self.tls_port = _free_port() if tls else None
         self.plugins = _enabled_plugins(self.config_dir)
         self.amqp_port = amqp_port or _free_port()
         self.management_port = management_port or _free_port()
@@ -211,6 +215,15 @@ class LocalNode:
             overrides |= {"prometheus.tcp.port": str(self.prometheus_port), "prometheus.tcp.ip": "127.0.0.1"}
         source = (self.config_dir / "rabbitmq.conf").read_text()
         (conf / "rabbitmq.conf").write_text(_rewrite_conf(source, overrides))
+        if self.tls:
+            copies = []
+            for path, name in zip(self.tls, ("ca.pem", "server.pem", "server.key")):
+                shutil.copyfile(path, conf / name)
+                copies.append(str(conf / name))
+            tls_overrides = {"listeners.ssl.default": f"127.0.0.1:{self.tls_port}", "ssl_options.cacertfile": copies[0],
+                             "ssl_options.certfile": copies[1], "ssl_options.keyfile": copies[2]}
+            tls_source = (self.config_dir / "tls.conf").read_text()
+            (conf / "conf.d" / "10-tls.conf").write_text(_rewrite_conf(tls_source, tls_overrides))
         for name in ("definitions.json", "enabled_plugins"):
             shutil.copyfile(self.config_dir / name, conf / name)
         if self._as_root:

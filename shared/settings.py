@@ -33,7 +33,21 @@ class CommonSettings(BaseSettings):
     )
     task: str = Field(DEFAULT_TASK, description="Import path of the task class, module:Class.")
     heartbeat: int = Field(30, ge=1, le=600, description="AMQP heartbeat in seconds.")
+    tls_ca_file: Optional[Path] = Field(None, description="CA certificate that signed the broker's (amqps://); default: the system's.")
+    tls_cert_file: Optional[Path] = Field(None, description="Client certificate to present (amqps://), if the broker asks.")
+    tls_key_file: Optional[Path] = Field(None, description="Key of the client certificate.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    def tls_files(self) -> dict[str, Optional[Path]]:
+        """The TLS keyword arguments of shared.amqp.connect."""
+        return {"ca_file": self.tls_ca_file, "cert_file": self.tls_cert_file, "key_file": self.tls_key_file}
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable(cls, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
 
     @field_validator("broker_url")
     @classmethod

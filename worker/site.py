@@ -94,7 +94,7 @@ class SiteWorker:
     def _session(self, backoff: amqp.Backoff) -> bool:
         """One connection's worth of work; returns True when the worker is done."""
         s = self.settings
-        connection = amqp.connect(s.broker_url, s.heartbeat, f"fedq-worker-{s.site}")
+        connection = amqp.connect(s.broker_url, s.heartbeat, f"fedq-worker-{s.site}", **s.tls_files())
         try:
             backoff.reset()
             channel = connection.channel()
