@@ -20,6 +20,7 @@ import pika
 
 from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from coordinator.ledger import Entry, Ledger
+from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.runlog import RunLog
 from coordinator.server_optimizers import make_server_optimizer
@@ -58,13 +59,17 @@ def make_strategy(settings: CoordinatorSettings) -> Strategy:
         settings.server_beta2,
         settings.server_tau,
     )
+    privacy = (
+        GaussianPrivacy(settings.dp_clip_norm, settings.dp_noise_multiplier, settings.dp_delta)
+        if settings.dp_noise_multiplier else None
+    )
     if settings.strategy == "fedavg":
-        return FedAvgSync(settings.sites, optimizer)
+        return FedAvgSync(settings.sites, optimizer, privacy=privacy)
     weight = staleness_weight(settings.staleness, settings.staleness_a, settings.staleness_b)
     if settings.strategy == "fedasync":
-        return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness)
+        return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
     return FedBuff(settings.buffer_size, optimizer, settings.aggregation, settings.trim_fraction,
-                   staleness_weight=weight, max_staleness=settings.max_staleness)
+                   staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
 
 
 @dataclass
@@ -119,8 +124,10 @@ class Coordinator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        privacy = self.strategy.privacy
         summary = self.runlog.summary(
-            strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION
+            strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION,
+            privacy={"epsilon": privacy.epsilon(), "delta": privacy.delta, "releases": privacy.releases} if privacy else None,
         )
         self.runlog.close()
         return summary
@@ -215,7 +222,8 @@ class Coordinator:
             run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
             strategy_values=values, ledger_rows=self.ledger.to_rows(),
             sites={"seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
-                   "counters": self.runlog.counters()},
+                   "counters": self.runlog.counters(),
+                   "dp_releases": self.strategy.privacy.releases if self.strategy.privacy else 0},
         ))
         self._last_checkpoint = time.monotonic()
 
@@ -232,6 +240,8 @@ class Coordinator:
         self.sites_seen = set(checkpoint.sites["seen"])
         self.runlog.resume_clock(checkpoint.sites["started_at"])
         self.runlog.restore_counters(checkpoint.sites["counters"])
+        if self.strategy.privacy is not None:
+            self.strategy.privacy.releases = checkpoint.sites["dp_releases"]
         self.last_metrics = self.task.evaluate(self.model)
         self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
         self._record_evaluation()
@@ -326,6 +336,8 @@ class Coordinator:
         delta = decode_tensors(header.tensors, parts, self.layout)
         check_matches_model(self.params, delta)
         self._bound_norm(delta)
+        if self.strategy.privacy is not None:
+            self.strategy.privacy.clip(delta)
         update = Update(header.update_id, header.site, header.base_version, header.num_samples, delta, header.metrics)
         reason = self.strategy.admit(update, staleness)
         if reason is not None:
@@ -391,6 +403,8 @@ class Coordinator:
 
     def _evaluate(self) -> None:
         self.last_metrics = self.task.evaluate(self.model)
+        if self.strategy.privacy is not None:
+            self.last_metrics["epsilon"] = self.strategy.privacy.epsilon()
         self._record_evaluation()
 
     def _record_evaluation(self) -> None:

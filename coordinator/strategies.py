@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import coordinate_median, trimmed_mean
 from coordinator.server_optimizers import ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant
@@ -51,9 +52,12 @@ class Strategy(ABC):
     #: Whether a site that already trained on the newest version should train on it again.
     retrain = True
 
-    def __init__(self, staleness_weight: StalenessWeight = constant, max_staleness: int | None = None):
+    def __init__(self, staleness_weight: StalenessWeight = constant, max_staleness: int | None = None,
+                 privacy: GaussianPrivacy | None = None):
         self.staleness_weight = staleness_weight
         self.max_staleness = max_staleness
+        #: With central differential privacy, every release of a new model gets calibrated noise.
+        self.privacy = privacy
 
     def admit(self, update: Update, staleness: int) -> str | None:
         """A reason to drop this update, or None to take it."""
@@ -87,8 +91,12 @@ class FedAsync(Strategy):
 
     def submit(self, params, update, staleness):
         weight = self.alpha * self.staleness_weight(staleness)
-        for name, delta in update.delta.items():
-            params[name].add_(delta, alpha=weight)
+        delta = update.delta
+        if self.privacy is not None:
+            delta = {name: t.clone() for name, t in delta.items()}
+            self.privacy.release(delta, sensitivity=1.0)
+        for name, tensor in delta.items():
+            params[name].add_(tensor, alpha=weight)
         return Outcome(True, weight)
 
 
@@ -114,6 +122,8 @@ class FedBuff(Strategy):
         super().__init__(**kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if aggregation != "mean" and self.privacy is not None:
+            raise ValueError(f"differential privacy is calibrated for the mean, not the {aggregation}")
         self.buffer_size = buffer_size
         self.optimizer = optimizer or ServerSGD(1.0)
         self.aggregation = aggregation
@@ -126,8 +136,9 @@ class FedBuff(Strategy):
         self.reset_buffer()
 
     def admit(self, update, staleness):
-        if self.aggregation != "mean" and update.site in self.sites:
-            return f"site {update.site} already has an update in this buffer ({self.aggregation} takes one per site)"
+        if (self.aggregation != "mean" or self.privacy is not None) and update.site in self.sites:
+            why = "differential privacy" if self.privacy is not None else self.aggregation
+            return f"site {update.site} already has an update in this buffer ({why} takes one per site)"
         return super().admit(update, staleness)
 
     def reset_buffer(self) -> None:
@@ -138,20 +149,26 @@ class FedBuff(Strategy):
 
     def submit(self, params, update, staleness):
         weight = self.staleness_weight(staleness)
+        # Under differential privacy every update counts the same: a sample count would let one
+        # site's share, and so the noise it needs, grow without bound.
+        share = 1 if self.privacy is not None else update.num_samples
         if self.aggregation == "mean":
             for name, delta in update.delta.items():
                 acc = self.sum.get(name)
                 if acc is None:
-                    self.sum[name] = delta * (update.num_samples * weight)
+                    self.sum[name] = delta * (share * weight)
                 else:
-                    acc.add_(delta, alpha=update.num_samples * weight)
+                    acc.add_(delta, alpha=share * weight)
         else:
             self.held.append({name: delta * weight for name, delta in update.delta.items()})
-        self.samples += update.num_samples
+        self.samples += share
         self.sites.append(update.site)
         if len(self.sites) < self.buffer_size:
             return Outcome(False, weight)
-        self.optimizer.step(params, self._aggregate())
+        aggregate = self._aggregate()
+        if self.privacy is not None:
+            self.privacy.release(aggregate, sensitivity=1.0 / self.buffer_size)
+        self.optimizer.step(params, aggregate)
         self.reset_buffer()
         return Outcome(True, weight)
 
@@ -178,8 +195,9 @@ class FedAvgSync(FedBuff):
 
     retrain = False
 
-    def __init__(self, sites: int, optimizer: ServerOptimizer | None = None):
-        super().__init__(buffer_size=sites, optimizer=optimizer, staleness_weight=constant, max_staleness=0)
+    def __init__(self, sites: int, optimizer: ServerOptimizer | None = None, privacy: GaussianPrivacy | None = None):
+        super().__init__(buffer_size=sites, optimizer=optimizer, staleness_weight=constant, max_staleness=0,
+                         privacy=privacy)
 
     def admit(self, update, staleness):
         if staleness > 0:

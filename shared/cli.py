@@ -102,10 +102,13 @@ def run_provision(args: argparse.Namespace) -> int:
         print("fedq provision needs the admin password: --admin-password or FEDQ_ADMIN_PASSWORD", file=sys.stderr)
         return 2
     created = provision_sites(args.management_url, args.admin_user, password, args.vhost, args.sites,
-                              args.broker_host, args.broker_port, tls=not args.plain)
-    print(f"# {len(created)} site(s) provisioned in vhost {args.vhost!r}. Give each site its two lines, privately:")
-    for site in created:
-        print(f"\n# {site.site}\nFEDQ_SITE={site.site}\nFEDQ_BROKER_URL={site.broker_url}")
+                              args.broker_host, args.broker_port, tls=not args.plain, coordinator_user=args.coordinator)
+    print(f"# provisioned in vhost {args.vhost!r}. Give each its lines, privately:")
+    for entry in created:
+        if entry.site:
+            print(f"\n# site {entry.site}\nFEDQ_SITE={entry.site}\nFEDQ_BROKER_URL={entry.broker_url}")
+        else:
+            print(f"\n# coordinator\nFEDQ_BROKER_URL={entry.broker_url}\nFEDQ_ANY_SITE_USERS=[]")
     return 0
 
 
@@ -171,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--broker-host", default="127.0.0.1", help="the host sites connect to")
     provision.add_argument("--broker-port", type=int, default=5671, help="the AMQP port sites connect to (default 5671)")
     provision.add_argument("--plain", action="store_true", help="amqp:// without TLS (development only)")
+    provision.add_argument("--coordinator", metavar="USER", help="also create the coordinator's user")
     provision.set_defaults(handler=run_provision)
     return parser
 

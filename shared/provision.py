@@ -42,21 +42,25 @@ class SiteCredentials:
 
 def provision_sites(
     management_url: str, admin_user: str, admin_password: str, vhost: str, sites: list[str],
-    broker_host: str, broker_port: int, tls: bool = True,
+    broker_host: str, broker_port: int, tls: bool = True, coordinator_user: str | None = None,
 ) -> list[SiteCredentials]:
-    """Create (or reset) a user with a fresh password and site permissions for each site."""
+    """Create (or reset) a user with a fresh password and site permissions for each site, and for
+    the coordinator if ``coordinator_user`` is given (its entry's ``site`` is empty)."""
     for site in sites:
         if not re.fullmatch(SITE_NAME_PATTERN, site):
             raise ValueError(f"site name {site!r} must match {SITE_NAME_PATTERN}")
     q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
+    wanted = [(site, site, site_permissions(site)) for site in sites]
+    if coordinator_user:
+        wanted.append(("", coordinator_user, COORDINATOR_PERMISSIONS))
     created = []
-    for site in sites:
+    for site, user, permissions in wanted:
         password = secrets.token_urlsafe(24)
-        management_call(management_url, admin_user, admin_password, "PUT", f"/api/users/{q(site)}",
+        management_call(management_url, admin_user, admin_password, "PUT", f"/api/users/{q(user)}",
                         {"password": password, "tags": ""})
-        management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(site)}",
-                        site_permissions(site))
+        management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(user)}",
+                        permissions)
         scheme = "amqps" if tls else "amqp"
-        url = f"{scheme}://{q(site)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"
-        created.append(SiteCredentials(site, site, password, url))
+        url = f"{scheme}://{q(user)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"
+        created.append(SiteCredentials(site, user, password, url))
     return created

@@ -79,6 +79,11 @@ class CoordinatorSettings(CommonSettings):
     update_norm_action: Literal["clip", "refuse"] = Field(
         "clip", description="What to do with an update over the norm bound: scale it down, or dead-letter it."
     )
+    dp_noise_multiplier: Optional[float] = Field(
+        None, gt=0, description="Central differential privacy: Gaussian noise, in units of dp_clip_norm (empty: off)."
+    )
+    dp_clip_norm: float = Field(1.0, gt=0, description="Differential privacy: every update is clipped to this L2 norm.")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="Differential privacy: the delta epsilon is reported for.")
     any_site_users: list[str] = Field(
         ["fedq"], description="Broker users that may send for any site (the development user; empty in production)."
     )

@@ -96,11 +96,14 @@ def test_a_provisioned_site_trains_with_the_coordinator_trusting_only_site_users
 def test_provision_command_prints_each_sites_settings(broker, broker_url):
     vhost = urllib.parse.unquote(broker_url.rsplit("/", 1)[1])
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "provision", "lab-a", "--management-url", broker.management_url,
+        [sys.executable, "-m", "shared.cli", "provision", "lab-a", "--coordinator", "central", "--management-url",
+         broker.management_url,
          "--admin-user", broker.username, "--vhost", vhost, "--broker-host", "broker.example.org"],
         capture_output=True, text=True, timeout=60, env={"FEDQ_ADMIN_PASSWORD": broker.password, "PATH": "/usr/bin"},
     )
     assert result.returncode == 0, result.stderr
     assert "FEDQ_SITE=lab-a" in result.stdout
     assert "FEDQ_BROKER_URL=amqps://lab-a:" in result.stdout and "@broker.example.org:5671/" in result.stdout
-    broker.management_api("DELETE", "/api/users/lab-a")
+    assert "FEDQ_BROKER_URL=amqps://central:" in result.stdout and "FEDQ_ANY_SITE_USERS=[]" in result.stdout
+    for user in ("lab-a", "central"):
+        broker.management_api("DELETE", f"/api/users/{user}")
