@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from pydantic_settings import BaseSettings
@@ -40,7 +42,18 @@ def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]
 
 
 def _settings_from(args: argparse.Namespace, cls: type[BaseSettings]):
-    return load_settings(cls, **{name: getattr(args, name) for name in cls.model_fields})
+    values = {}
+    for name, field in cls.model_fields.items():
+        value = getattr(args, name)
+        # Lists and maps are JSON on the command line, as they are in FEDQ_* variables.
+        if value is not None and typing.get_origin(field.annotation) in (list, dict):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise SettingsError(f"fedq cannot start: --{name.replace('_', '-')} takes JSON, such as [] or "
+                                    f'{{"user": "site"}}; got {value!r}') from None
+        values[name] = value
+    return load_settings(cls, **values)
 
 
 def _configure_logging(level: str) -> None:

@@ -29,6 +29,17 @@ def test_bad_setting_stops_with_the_variable_named():
     assert "Traceback" not in result.stderr
 
 
+def test_list_and_map_flags_take_json():
+    from shared.cli import _settings_from, build_parser
+    from shared.settings import CoordinatorSettings
+
+    args = build_parser().parse_args(["coordinator", "--any-site-users", "[]", "--site-users", '{"u1": "site-1"}'])
+    settings = _settings_from(args, CoordinatorSettings)
+    assert settings.any_site_users == [] and settings.site_users == {"u1": "site-1"}
+    result = run("coordinator", "--any-site-users", "nobody")
+    assert result.returncode == 2 and "--any-site-users takes JSON" in result.stderr
+
+
 @pytest.mark.broker
 def test_demo_runs_a_federation_to_the_target(broker_url, tmp_path):
     result = run("demo", "--strategy", "fedasync", "--target", "0.9", "--run-dir", str(tmp_path),

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.broker
 def sites(broker, broker_url):
     vhost = urllib.parse.unquote(broker_url.rsplit("/", 1)[1])
     created = provision_sites(broker.management_url, broker.username, broker.password, vhost, ["site-1", "site-2"],
-                              broker.host, broker.port, tls=False)
-    yield {c.site: c for c in created}
+                              broker.host, broker.port, tls=False, coordinator_user="coordinator")
+    yield {c.user: c for c in created}
     for c in created:
         broker.management_api("DELETE", f"/api/users/{c.user}")
 
@@ -80,8 +80,9 @@ def test_a_site_user_cannot_claim_another_users_identity(sites):
     assert "user_id property set to 'site-2' but authenticated user was 'site-1'" in message
 
 
-def test_a_provisioned_site_trains_with_the_coordinator_trusting_only_site_users(broker_url, sites, tmp_path):
-    with running_coordinator(broker_url, tmp_path, strategy="fedasync", any_site_users=[]) as coordinator:
+def test_provisioned_coordinator_and_site_train_together_trusting_only_site_users(sites, tmp_path):
+    with running_coordinator(sites["coordinator"].broker_url, tmp_path, strategy="fedasync",
+                             any_site_users=[]) as coordinator:
         worker = SiteWorker(load_settings(WorkerSettings, broker_url=sites["site-1"].broker_url, site="site-1",
                                           max_tasks=1, state_dir=tmp_path / "site-1"),
                             load_task("shared.digits_task:DigitsStraggler"))
