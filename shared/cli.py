@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -88,6 +89,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from shared.local_federation import run_federation, site_names
 
     _configure_logging("INFO")
+    run_dir = Path(args.run_dir)
+    if (run_dir / "events.jsonl").exists():
+        # A demo is a new run every time; resuming the last one's checkpoint would end it at once.
+        shutil.rmtree(run_dir)
     broker = find_broker(log=logging.getLogger("fedq.demo").info)
     try:
         summary = run_federation(
@@ -105,6 +110,19 @@ def run_demo(args: argparse.Namespace) -> int:
     if not reached:
         print(f"the demo did not reach {args.target} accuracy; the site logs above say what the workers saw")
     return 0 if reached else 1
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from coordinator.report import write_report
+
+    try:
+        written = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedq report: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def run_provision(args: argparse.Namespace) -> int:
@@ -170,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run log goes (default runs/demo)")
     demo.set_defaults(handler=run_demo)
+
+    report = commands.add_parser(
+        "report", help="plot a run's log", formatter_class=formatter,
+        description="Write PNGs of accuracy and loss against time and version, the staleness histogram and "
+        "per-site contributions, and a report.html that shows them, from a coordinator's run folder.",
+        epilog="""examples:
+  fedq report runs/demo                 # writes runs/demo/report.html and its PNGs
+  fedq report runs/latest --out /tmp/r""",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the coordinator's run folder (holds events.jsonl)")
+    report.add_argument("--out", help="where to write the report (default: RUN_DIR)")
+    report.set_defaults(handler=run_report)
 
     provision = commands.add_parser(
         "provision", help="create broker users for sites", formatter_class=formatter,

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.image
 import pytest
 
 FEDQ = [sys.executable, "-m", "shared.cli"]
@@ -13,7 +14,7 @@ def run(*args, env=None, timeout=60):
     return subprocess.run([*FEDQ, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"], ["report"], ["provision"]])
 def test_help_works_for_every_command(command):
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -47,3 +48,17 @@ def test_demo_runs_a_federation_to_the_target(broker_url, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "time to 0.90:" in result.stdout and "not reached" not in result.stdout.split("time to 0.90:")[1][:20]
     assert (tmp_path / "summary.json").exists() and (tmp_path / "sites" / "site-9.log").exists()
+
+    report = run("report", str(tmp_path), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    for name in ("accuracy.png", "staleness.png", "sites.png"):
+        image = matplotlib.image.imread(tmp_path / "report" / name)
+        assert image.shape[0] >= 400 and image.shape[1] >= 700, f"{name} is {image.shape}"
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert all(f'src="{name}"' in page for name in ("accuracy.png", "staleness.png", "sites.png"))
+
+
+def test_report_of_a_folder_without_a_run_says_so(tmp_path):
+    result = run("report", str(tmp_path))
+    assert result.returncode == 2 and "events.jsonl does not exist" in result.stderr
