@@ -11,3 +11,13 @@ class SlowDigits(DigitsStraggler):
     def train(self, model, site):
         time.sleep(TRAIN_SECONDS)
         return super().train(model, site)
+
+
+class SlowDigitsWithProgress(DigitsStraggler):
+    """Reports progress through a long task, as a real training loop would."""
+
+    def train(self, model, site):
+        for step in range(1, 5):
+            time.sleep(TRAIN_SECONDS / 4)
+            site.progress(step / 5)
+        return super().train(model, site)

@@ -110,13 +110,14 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
         connection.close()
 
 
-def test_training_longer_than_the_heartbeat_keeps_the_connection(broker_url, tmp_path):
+def test_training_longer_than_the_heartbeat_keeps_the_connection(broker_url, tmp_path, caplog):
     """With a 2 s heartbeat the broker drops a connection left alone for about 4 s; training takes 8 s."""
+    caplog.set_level("INFO", logger="fedq.worker")
     with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
         worker = SiteWorker(
             load_settings(WorkerSettings, broker_url=broker_url, site="site-2", max_tasks=1, heartbeat=2,
-                          task="tests.slow_task:SlowDigits"),
-            load_task("tests.slow_task:SlowDigits"),
+                          task="tests.slow_task:SlowDigitsWithProgress"),
+            load_task("tests.slow_task:SlowDigitsWithProgress"),
         )
         errors = []
         thread = threading.Thread(target=lambda: _capture(worker.run, errors), daemon=True)
@@ -126,6 +127,7 @@ def test_training_longer_than_the_heartbeat_keeps_the_connection(broker_url, tmp
         update = wait_for(lambda: events(tmp_path, "update"), 10, "the slow site's update")[0]
         assert update["site"] == "site-2" and update["train_seconds"] >= 8.0
         assert coordinator.version == 1
+        assert "site site-2: training on version 0, 60% done" in caplog.text, "long training reports its progress"
 
 
 def _capture(fn, errors):

@@ -44,6 +44,7 @@ log = logging.getLogger("fedq.worker")
 
 SNAPSHOT_TIMEOUT = 300.0
 HELLO_WAIT = 5.0
+PROGRESS_EVERY = 5.0
 _STREAM_PREFETCH = 16
 
 
@@ -224,7 +225,8 @@ class SiteWorker:
         for name, tensor in self.params.items():
             tensor.copy_(self.base[name])
         started = time.monotonic()
-        result, lost = self._train_in_background(connection, SiteContext(site=site, version=version))
+        context = SiteContext(site=site, version=version, progress=self._progress_reporter(version, started))
+        result, lost = self._train_in_background(connection, context)
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
         delta = {name: tensor - self.base[name] for name, tensor in self.params.items()}
@@ -247,6 +249,19 @@ class SiteWorker:
                  self.codec.name, dense)
         if lost is not None:
             raise lost
+
+    def _progress_reporter(self, version: int, started: float) -> Callable[[float], None]:
+        """A progress callback for the task that logs long training every few seconds, not short tasks."""
+        last = [started]
+
+        def report(fraction: float) -> None:
+            now_ = time.monotonic()
+            if now_ - last[0] >= PROGRESS_EVERY:
+                last[0] = now_
+                log.info("site %s: training on version %d, %.0f%% done after %.0f s",
+                         self.settings.site, version, 100 * fraction, now_ - started)
+
+        return report
 
     def _flush_outbox(self, channel) -> None:
         """Publish every waiting update, oldest first; each leaves the outbox once confirmed."""
