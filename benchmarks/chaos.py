@@ -22,7 +22,6 @@ import logging
 import signal
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 

@@ -402,9 +402,10 @@ class Coordinator:
     # -- outgoing versions -----------------------------------------------------------------------
 
     def _evaluate(self) -> None:
-        self.last_metrics = self.task.evaluate(self.model)
+        metrics = self.task.evaluate(self.model)
         if self.strategy.privacy is not None:
-            self.last_metrics["epsilon"] = self.strategy.privacy.epsilon()
+            metrics["epsilon"] = self.strategy.privacy.epsilon()
+        self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
         self._record_evaluation()
 
     def _record_evaluation(self) -> None:

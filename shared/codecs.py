@@ -111,7 +111,7 @@ class ElementwiseCodec(Codec):
     def decode(self, specs, parts, layout):
         expected = dict(layout.shapes)
         out: Tensors = {}
-        for spec, arrays in zip(specs, parts):
+        for spec, arrays in zip(specs, parts, strict=True):
             if spec.name not in expected:
                 raise ProtocolError(f"tensor {spec.name!r} is not in the model")
             if spec.name in out:

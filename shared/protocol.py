@@ -177,7 +177,7 @@ def encode_payload(header: _PayloadHeader, parts: list[np.ndarray]) -> list[memo
     header_bytes = msgpack.packb(header.model_dump(mode="python"), use_bin_type=True)
     buffers = [memoryview(_HEADER_LENGTH.pack(len(header_bytes)) + header_bytes)]
     offset = len(buffers[0])
-    for spec, array in zip(declared, parts):
+    for spec, array in zip(declared, parts, strict=True):
         if array.dtype.name != spec.dtype or tuple(array.shape) != spec.shape:
             raise ValueError(f"array {array.dtype}{array.shape} does not match its declaration {spec}")
         padding = _aligned(offset, array.dtype.itemsize) - offset

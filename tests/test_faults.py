@@ -124,7 +124,7 @@ def test_coordinator_killed_mid_run_resumes_and_counts_every_confirmed_update_on
     summary = __import__("json").loads((tmp_path / "summary.json").read_text())
     assert summary["updates_applied"] == len(confirmed), "counts carry over the restart"
     assert sum(summary["applied_per_site"].values()) == len(confirmed)
-    assert f"resumed run" in log and f"at version {killed_at}" in log
+    assert "resumed run" in log and f"at version {killed_at}" in log
     assert applied_once(tmp_path) == set(confirmed), "each confirmed update applied exactly once"
     assert read_checkpoint(tmp_path / "checkpoint.fedq").version == len(confirmed), "fedasync: one version per update"
 

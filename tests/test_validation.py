@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared import amqp
-from shared.protocol import PROTOCOL_VERSION, new_id
+from shared.protocol import new_id
 from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
@@ -129,7 +129,7 @@ def test_fuzz_1000_malformed_messages_are_dead_lettered_and_change_nothing(broke
         wait_for(lambda: coordinator.version == 1, 10, "the valid update")
         before = {k: v.clone() for k, v in coordinator.params.items()}
         sent = 0
-        for kind, route, body, headers in malformed_messages(client, coordinator, valid_payload, valid_id, rng):
+        for _kind, route, body, headers in malformed_messages(client, coordinator, valid_payload, valid_id, rng):
             if route == "raw":
                 client.channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, body, pika.BasicProperties(
                     headers=headers or None, user_id=client.user))
