@@ -172,6 +172,15 @@ RECOVERABLE = (
 FATAL = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError, TLSSetupError)
 
 
+def _recovering(exc: BaseException) -> bool:
+    """A queue the broker has not finished recovering after a restart: 404 '... is down or inaccessible'."""
+    return (
+        isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+        and exc.reply_code == 404
+        and "down or inaccessible" in exc.reply_text
+    )
+
+
 class Backoff:
     """Exponential backoff with full jitter, bounded: 0.5 s, 1 s, 2 s ... up to ``maximum``."""
 
@@ -203,7 +212,9 @@ def serve_with_reconnect(session: Callable[[Backoff], bool], who: str, stopping:
                 return
         except FATAL:
             raise
-        except RECOVERABLE as exc:
+        except (*RECOVERABLE, pika.exceptions.ChannelClosedByBroker) as exc:
+            if not isinstance(exc, RECOVERABLE) and not _recovering(exc):
+                raise
             if stopping():
                 return
             delay = backoff.next_delay()

@@ -1,0 +1,46 @@
+"""The reconnect loop's decisions, without a broker: what is retried, what stops, how long it waits."""
+
+import random
+
+import pika.exceptions
+import pytest
+
+from shared import amqp
+
+
+def test_backoff_grows_exponentially_with_jitter_and_stays_bounded():
+    backoff = amqp.Backoff(initial=0.5, maximum=8.0, rng=random.Random(0))
+    delays = [backoff.next_delay() for _ in range(10)]
+    ceilings = [min(8.0, 0.5 * 2**i) for i in range(10)]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials_stop():
+    attempts = []
+    failures = [
+        pika.exceptions.StreamLostError("gone"),
+        pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - home node 'n' of durable queue 'q' is down or inaccessible"),
+    ]
+
+    def session(backoff):
+        attempts.append(1)
+        if failures:
+            raise failures.pop(0)
+        return True
+
+    amqp.serve_with_reconnect(session, "test", lambda: False)
+    assert len(attempts) == 3
+
+    def refused(backoff):
+        raise pika.exceptions.ProbableAuthenticationError("bad password")
+
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        amqp.serve_with_reconnect(refused, "test", lambda: False)
+
+    def forbidden(backoff):
+        raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
+
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        amqp.serve_with_reconnect(forbidden, "test", lambda: False)
