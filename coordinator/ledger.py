@@ -36,9 +36,6 @@ class Ledger:
             del self.entries[uid]
         return len(old)
 
-    def applied_ids(self) -> list[str]:
-        return [uid for uid, e in self.entries.items() if e.applied_at is not None]
-
     def to_rows(self) -> list[list]:
         """Plain rows for a checkpoint: [update_id, site, base_version, applied_at, reason]."""
         return [[uid, e.site, e.base_version, e.applied_at, e.reason] for uid, e in self.entries.items()]
