@@ -2,7 +2,7 @@
 
 One tensor file (shared.tensor_files: atomic, digest-checked, no pickle) holds the model, the
 strategy's buffer and the server optimizer's moments as tensors, and the run id, version, ledger,
-strategy counters and per-site statistics as plain values.
+the run's clock, counters and per-site statistics as plain values.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class Checkpoint:
     strategy_tensors: dict[str, Tensors]
     strategy_values: dict[str, Any]
     ledger_rows: list[list]
-    sites: dict[str, Any]
+    #: Run-level values: sites seen, the clock's start, counters, privacy releases.
+    run: dict[str, Any]
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -39,7 +40,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "version": checkpoint.version,
         "strategy": checkpoint.strategy_values,
         "ledger": checkpoint.ledger_rows,
-        "sites": checkpoint.sites,
+        "run": checkpoint.run,
     }
     save_tensors(path, tensors, meta)
 
@@ -54,5 +55,5 @@ def read_checkpoint(path: Path) -> Checkpoint:
     params = groups.pop("model", {})
     return Checkpoint(
         run_id=meta["run_id"], version=int(meta["version"]), params=params, strategy_tensors=groups,
-        strategy_values=dict(meta["strategy"]), ledger_rows=[list(r) for r in meta["ledger"]], sites=dict(meta["sites"]),
+        strategy_values=dict(meta["strategy"]), ledger_rows=[list(r) for r in meta["ledger"]], run=dict(meta["run"]),
     )

@@ -170,7 +170,7 @@ class Coordinator:
         self._wait_for_sites(connection)
         if not self.runlog.curve:
             # Scored before the clock starts: loading the evaluation data is not the federation's time.
-            self.last_metrics = self.task.evaluate(self.model)
+            self._score()
             self.runlog.start_clock()
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
                               settings=self.settings.model_dump(mode="json"))
@@ -221,7 +221,7 @@ class Coordinator:
         write_checkpoint(self.checkpoint_path, Checkpoint(
             run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
             strategy_values=values, ledger_rows=self.ledger.to_rows(),
-            sites={"seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
+            run={"sites_seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
                    "counters": self.runlog.counters(),
                    "dp_releases": self.strategy.privacy.releases if self.strategy.privacy else 0},
         ))
@@ -237,14 +237,13 @@ class Coordinator:
         self.run_id, self.version = checkpoint.run_id, checkpoint.version
         self.strategy.restore(checkpoint.strategy_tensors, checkpoint.strategy_values)
         self.ledger = Ledger.from_rows(checkpoint.ledger_rows)
-        self.sites_seen = set(checkpoint.sites["seen"])
-        self.runlog.resume_clock(checkpoint.sites["started_at"])
-        self.runlog.restore_counters(checkpoint.sites["counters"])
+        self.sites_seen = set(checkpoint.run["sites_seen"])
+        self.runlog.resume_clock(checkpoint.run["started_at"])
+        self.runlog.restore_counters(checkpoint.run["counters"])
         if self.strategy.privacy is not None:
-            self.strategy.privacy.releases = checkpoint.sites["dp_releases"]
-        self.last_metrics = self.task.evaluate(self.model)
+            self.strategy.privacy.releases = checkpoint.run["dp_releases"]
         self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
-        self._record_evaluation()
+        self._evaluate()
         log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
                  self.run_id, self.version, self.checkpoint_path, len(self.ledger.entries))
         return True
@@ -402,11 +401,14 @@ class Coordinator:
     # -- outgoing versions -----------------------------------------------------------------------
 
     def _evaluate(self) -> None:
+        self._score()
+        self._record_evaluation()
+
+    def _score(self) -> None:
         metrics = self.task.evaluate(self.model)
         if self.strategy.privacy is not None:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
-        self._record_evaluation()
 
     def _record_evaluation(self) -> None:
         self.runlog.evaluation(self.version, self.last_metrics)
