@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,12 @@ class RunLog:
         self.dropped_per_site: Counter[str] = Counter()
         self.rejected_per_user: Counter[str] = Counter()
         self.received = 0
+        self.bytes_out = 0
+        # What each site did last, for the status table.
+        self.last_seen: dict[str, float] = {}
+        self.last_base: dict[str, int] = {}
+        self.last_staleness: dict[str, int] = {}
+        self._recent_applied: deque[float] = deque()
 
     def start_clock(self) -> None:
         self._t0 = time.monotonic()
@@ -54,6 +60,28 @@ class RunLog:
         """Count a decoded update's payload bytes against its site."""
         self.bytes_in[site] += size
         self.received += 1
+        self.seen(site)
+
+    def seen(self, site: str) -> None:
+        self.last_seen[site] = time.time()
+
+    def applied_update(self, site: str, base_version: int, staleness: int) -> None:
+        self.applied += 1
+        self.applied_per_site[site] += 1
+        self.staleness[staleness] += 1
+        self.last_base[site], self.last_staleness[site] = base_version, staleness
+        self._recent_applied.append(time.monotonic())
+
+    def refused(self, user: str | None) -> None:
+        self.rejected += 1
+        self.rejected_per_user[user or ""] += 1
+
+    def updates_per_minute(self) -> float:
+        """Updates applied in the last minute (scaled up while the run is younger than that)."""
+        horizon = time.monotonic() - 60.0
+        while self._recent_applied and self._recent_applied[0] < horizon:
+            self._recent_applied.popleft()
+        return len(self._recent_applied) * 60.0 / max(1.0, min(60.0, self.elapsed))
 
     def evaluation(self, version: int, metrics: dict[str, float]) -> None:
         accuracy = metrics.get("accuracy", float("nan"))
@@ -88,7 +116,8 @@ class RunLog:
             "applied": self.applied, "dropped": self.dropped, "rejected": self.rejected, "received": self.received,
             "staleness": {str(k): v for k, v in self.staleness.items()}, "bytes_in": dict(self.bytes_in),
             "applied_per_site": dict(self.applied_per_site), "dropped_per_site": dict(self.dropped_per_site),
-            "rejected_per_user": dict(self.rejected_per_user),
+            "rejected_per_user": dict(self.rejected_per_user), "bytes_out": self.bytes_out,
+            "last_seen": self.last_seen, "last_base": self.last_base, "last_staleness": self.last_staleness,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -99,6 +128,10 @@ class RunLog:
         self.applied_per_site = Counter(counters["applied_per_site"])
         self.dropped_per_site = Counter(counters["dropped_per_site"])
         self.rejected_per_user = Counter(counters["rejected_per_user"])
+        self.bytes_out = counters["bytes_out"]
+        self.last_seen = dict(counters["last_seen"])
+        self.last_base = dict(counters["last_base"])
+        self.last_staleness = dict(counters["last_staleness"])
 
     def close(self) -> None:
         self._file.close()

@@ -20,11 +20,13 @@ import pika
 
 from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from coordinator.ledger import Entry, Ledger
+from coordinator.metrics import serve_metrics
 from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.runlog import RunLog
 from coordinator.server_optimizers import make_server_optimizer
 from coordinator.staleness import staleness_weight
+from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
 from shared import amqp
 from shared.chunking import ChunkInfo, Reassembly
@@ -35,6 +37,7 @@ from shared.protocol import (
     Hello,
     ProtocolError,
     SnapshotHeader,
+    Status,
     UpdateHeader,
     decode_payload,
     encode_payload,
@@ -79,6 +82,7 @@ class _Upload:
     reassembly: Reassembly
     tags: list[int] = field(default_factory=list)
     user_id: str | None = None
+    first_chunk: float = field(default_factory=time.monotonic)
     last_chunk: float = field(default_factory=time.monotonic)
 
 
@@ -105,7 +109,11 @@ class Coordinator:
         self.sites_seen: set[str] = set()
         self.pending_acks: list[int] = []
         self._last_checkpoint = time.monotonic()
-        self._last_progress = 0.0
+        self.ingest = Observations(INGEST_BOUNDS)
+        # Replaced whole on every tick, so readers on other threads (metrics) never see it half-built.
+        self.status: Status | None = None
+        self._last_status = 0.0
+        self.metrics_url: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -115,6 +123,7 @@ class Coordinator:
         # Signals reach only the main thread; a coordinator embedded elsewhere is stopped with stop().
         on_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
+        metrics = self._serve_metrics()
         resumed = s.resume and self._resume()
         log.info("coordinator %s: strategy %s, task %s, %d tensors, %d parameters",
                  "resumed" if resumed else "up", s.strategy, s.task, len(self.params),
@@ -124,6 +133,9 @@ class Coordinator:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
         privacy = self.strategy.privacy
         summary = self.runlog.summary(
             strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION,
@@ -157,9 +169,11 @@ class Coordinator:
                 self._check_limits()
                 self._expire_uploads()
                 self._settle()
+                self._tick()
             log.info("stopping: %s", self.stop_reason)
             self._settle(force=True)
             self._announce(final=True)
+            self._tick(force=True)
             return True
         finally:
             if connection.is_open:
@@ -174,7 +188,7 @@ class Coordinator:
             self.runlog.start_clock()
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
                               settings=self.settings.model_dump(mode="json"))
-            self._record_evaluation()
+            self.runlog.evaluation(self.version, self.last_metrics)
         self._settle(force=True)
         self._publish_snapshot()
 
@@ -184,6 +198,34 @@ class Coordinator:
             log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
             while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
                 connection.process_data_events(time_limit=0.5)
+
+    def _serve_metrics(self):
+        s = self.settings
+        if s.metrics_port is None:
+            return None
+        try:
+            server = serve_metrics(lambda: self.status, s.metrics_host, s.metrics_port)
+        except OSError as exc:
+            raise SettingsError(
+                f"fedq cannot start: the metrics endpoint cannot listen on {s.metrics_host}:{s.metrics_port} ({exc.strerror}); "
+                "set FEDQ_METRICS_PORT (--metrics-port) to a free port, 0 for any free port, or empty to turn it off"
+            ) from None
+        self.metrics_url = f"http://{s.metrics_host}:{server.server_port}/metrics"
+        return server
+
+    def _tick(self, force: bool = False) -> None:
+        """Every ``status_seconds``: publish the status for fedq status and metrics, and log progress."""
+        if not force and time.monotonic() - self._last_status < self.settings.status_seconds:
+            return
+        self._last_status = time.monotonic()
+        s = self.settings
+        self.status = build_status(
+            self.runlog, run_id=self.run_id, strategy=s.strategy, version=self.version, metrics=self.last_metrics,
+            queue_depths=amqp.queue_depths(self._publisher), ingest=self.ingest, every=s.status_seconds,
+            site_of_user=lambda user: s.site_users.get(user, user),
+        )
+        amqp.publish_status(self._publisher, self.status)
+        log.info("%s", progress_line(self.status))
 
     def stop(self, reason: str) -> None:
         """Ask the run to end (safe from any thread); it finishes within half a second."""
@@ -303,6 +345,7 @@ class Coordinator:
             if isinstance(header, Hello):
                 log.info("site %s said hello", header.site)
                 self.sites_seen.add(header.site)
+                self.runlog.seen(header.site)
                 self._announce()
             elif isinstance(header, UpdateHeader):
                 new_version = self._take_update(header, parts, len(payload))
@@ -311,6 +354,8 @@ class Coordinator:
         except ProtocolError as exc:
             self._refuse(upload.tags, headers, upload.reassembly.prefix(MAX_CHUNK_BYTES), str(exc), upload.user_id)
             return
+        finally:
+            self.ingest.observe(time.monotonic() - upload.first_chunk)
         self.pending_acks.extend(upload.tags)
         if new_version:
             # Durable before it is published: a restarted coordinator never hands out a version
@@ -344,9 +389,7 @@ class Coordinator:
             return False
         outcome = self.strategy.submit(self.params, update, staleness)
         self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
-        self.runlog.applied += 1
-        self.runlog.applied_per_site[header.site] += 1
-        self.runlog.staleness[staleness] += 1
+        self.runlog.applied_update(header.site, header.base_version, staleness)
         self.runlog.event(
             "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
             staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples, bytes=size,
@@ -388,8 +431,7 @@ class Coordinator:
     def _refuse(self, tags: list[int], headers: dict | None, body: bytes, reason: str, user_id: str | None) -> None:
         """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""
         log.warning("refused a message from %s: %s", user_id or "unknown user", reason)
-        self.runlog.rejected += 1
-        self.runlog.rejected_per_user[user_id or ""] += 1
+        self.runlog.refused(user_id)
         self.runlog.event("rejected", user=user_id, reason=reason)
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -402,7 +444,7 @@ class Coordinator:
 
     def _evaluate(self) -> None:
         self._score()
-        self._record_evaluation()
+        self.runlog.evaluation(self.version, self.last_metrics)
 
     def _score(self) -> None:
         metrics = self.task.evaluate(self.model)
@@ -410,13 +452,6 @@ class Coordinator:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
 
-    def _record_evaluation(self) -> None:
-        self.runlog.evaluation(self.version, self.last_metrics)
-        if time.monotonic() - self._last_progress >= 1.0 or self.version == 0:
-            self._last_progress = time.monotonic()
-            metrics = "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
-            log.info("version %5d  %s  %6.1f s  updates %d applied, %d dropped, %d refused",
-                     self.version, metrics, self.runlog.elapsed, self.runlog.applied, self.runlog.dropped, self.runlog.rejected)
 
     def _publish_snapshot(self) -> None:
         specs, parts = encode_tensors(self.params, get_codec(self.settings.snapshot_codec))
@@ -426,6 +461,7 @@ class Coordinator:
         last = amqp.publish_payload(
             self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, encode_payload(header, parts), payload_id
         )
+        self.runlog.bytes_out += last.size
         self.announcement = Announcement(
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=payload_id, chunks=last.count,
             size=last.size, sha256=last.sha256, published_at=published_at, retrain=self.strategy.retrain,

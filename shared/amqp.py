@@ -17,8 +17,8 @@ from typing import Any, Callable
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.chunking import ChunkInfo, iter_chunks
-from shared.protocol import MAX_CHUNK_BYTES
+from shared.chunking import ChunkInfo, iter_chunks, read_single
+from shared.protocol import MAX_CHUNK_BYTES, ProtocolError, Status, decode_header, encode_payload, new_id
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,11 @@ ANNOUNCEMENTS = "fedq.announcements"  # fanout exchange; one latest-only queue p
 UPDATES = "fedq.updates"  # exchange and quorum queue
 UPDATE_KEY = "update"
 REJECTED = "fedq.rejected"  # exchange and queue for messages the coordinator refused, with the reason
+STATUS = "fedq.status"  # exchange and latest-only queue: the coordinator's state for fedq status
 
-EXCHANGES: dict[str, str] = {SNAPSHOTS: "direct", ANNOUNCEMENTS: "fanout", UPDATES: "direct", REJECTED: "fanout"}
+EXCHANGES: dict[str, str] = {
+    SNAPSHOTS: "direct", ANNOUNCEMENTS: "fanout", UPDATES: "direct", REJECTED: "fanout", STATUS: "fanout",
+}
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
     # any point in time; retention is bounded by a policy (broker_config/definitions.json).
@@ -38,8 +41,14 @@ QUEUES: dict[str, dict[str, Any]] = {
     # failing are dead-lettered instead of looping forever.
     UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED, "x-delivery-limit": 20},
     REJECTED: {"x-queue-type": "classic"},
+    # Only the newest status matters; readers take it and put it back for the next reader.
+    STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
 }
-BINDINGS: list[tuple[str, str, str]] = [(SNAPSHOTS, SNAPSHOTS, SNAPSHOT_KEY), (UPDATES, UPDATES, UPDATE_KEY), (REJECTED, REJECTED, "")]
+BINDINGS: list[tuple[str, str, str]] = [
+    (SNAPSHOTS, SNAPSHOTS, SNAPSHOT_KEY), (UPDATES, UPDATES, UPDATE_KEY), (REJECTED, REJECTED, ""), (STATUS, STATUS, ""),
+]
+# Queues whose depth the coordinator reports.
+WATCHED_QUEUES = (UPDATES, REJECTED)
 # Only the newest announcement matters to a site that was away; older ones are dropped at the broker.
 SITE_QUEUE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
 
@@ -115,12 +124,13 @@ def publish_payload(
     user_id: str | None = None,
     mandatory: bool = True,
     chunk_bytes: int = MAX_CHUNK_BYTES,
+    progress: Callable[[ChunkInfo], None] | None = None,
 ) -> ChunkInfo:
     """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
 
     Each basic_publish returns only once the broker has confirmed the chunk, so when this returns
     the whole payload is safe at the broker; a refusal raises pika's NackError, or UnroutableError
-    if ``mandatory`` and no queue took it.
+    if ``mandatory`` and no queue took it. ``progress`` is called after each confirmed chunk.
     """
     info = None
     for info, body in iter_chunks(buffers, payload_id, chunk_bytes):
@@ -132,8 +142,32 @@ def publish_payload(
             content_type="application/x-fedq",
         )
         channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        if progress is not None:
+            progress(info)
     assert info is not None  # iter_chunks always yields at least one chunk
     return info
+
+
+def queue_depths(channel: BlockingChannel) -> dict[str, int]:
+    """Messages ready in each watched queue (a passive declare: nothing is created)."""
+    return {name: channel.queue_declare(name, passive=True).method.message_count for name in WATCHED_QUEUES}
+
+
+def publish_status(channel: BlockingChannel, status: Status) -> None:
+    """Replace the status on the broker with ``status``."""
+    publish_payload(channel, STATUS, "", encode_payload(status, []), new_id(), mandatory=False)
+
+
+def read_status(channel: BlockingChannel) -> Status | None:
+    """The newest status the coordinator published, or None if there is none; left for other readers."""
+    method, properties, body = channel.basic_get(STATUS, auto_ack=False)
+    if method is None:
+        return None
+    channel.basic_nack(method.delivery_tag, requeue=True)
+    header, _ = decode_header(read_single(properties.headers, body))
+    if not isinstance(header, Status):
+        raise ProtocolError(f"{STATUS} holds a {header.kind} payload, not a status")
+    return header
 
 
 def cancel_stream_consumer(channel: BlockingChannel, consumer_tag: str) -> None:
@@ -153,6 +187,12 @@ def cancel_stream_consumer(channel: BlockingChannel, consumer_tag: str) -> None:
 def stream_offset_at(timestamp: float) -> datetime:
     """The x-stream-offset that starts a stream reader at a point in time (whole seconds)."""
     return datetime.fromtimestamp(int(timestamp) - 1, tz=timezone.utc)
+
+
+def broker_address(url: str) -> str:
+    """Where an AMQP URL points, without its credentials: host:port/vhost."""
+    params = pika.URLParameters(url)
+    return f"{params.host}:{params.port}/{params.virtual_host}"
 
 
 def broker_user(url: str) -> str:

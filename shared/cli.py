@@ -8,13 +8,14 @@ import logging
 import os
 import shutil
 import sys
+import time
 import typing
 from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
 from shared.codecs import CODEC_NAMES
-from shared.settings import ENV_PREFIX, CoordinatorSettings, SettingsError, WorkerSettings, load_settings
+from shared.settings import ENV_PREFIX, CommonSettings, CoordinatorSettings, SettingsError, WorkerSettings, load_settings
 
 EXAMPLES = {
     "coordinator": """examples:
@@ -26,12 +27,20 @@ EXAMPLES = {
     "demo": """examples:
   fedq demo                        # FedBuff on digits-straggler, ten sites, until 0.95 accuracy
   fedq demo --strategy fedavg      # the synchronous baseline, for comparison""",
+    "status": """examples:
+  fedq status --broker-url amqps://coordinator:SECRET@broker.example.org:5671/fedq
+  fedq status --watch 5            # redraw every 5 s
+  fedq status --json | jq .sites   # for scripts""",
 }
+# Settings that mean nothing to fedq status, which only reads what the coordinator published.
+_STATUS_IGNORES = {"task", "log_level"}
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings], skip: set[str] = frozenset()) -> None:
     """One flag per setting, so flags, FEDQ_* variables and .env all name the same things."""
     for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
         default = "required" if field.is_required() else f"default {field.default}"
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -45,7 +54,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]
 def _settings_from(args: argparse.Namespace, cls: type[BaseSettings]):
     values = {}
     for name, field in cls.model_fields.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         # Lists and maps are JSON on the command line, as they are in FEDQ_* variables.
         if value is not None and typing.get_origin(field.annotation) in (list, dict):
             try:
@@ -125,6 +134,49 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(args: argparse.Namespace) -> int:
+    import pika.exceptions
+
+    from coordinator.status import format_status
+    from shared import amqp
+
+    settings = _settings_from(args, CommonSettings)
+    try:
+        connection = amqp.connect(settings.broker_url, settings.heartbeat, "fedq-status", **settings.tls_files())
+    except pika.exceptions.AMQPConnectionError as exc:
+        if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
+            raise
+        print(f"fedq status: cannot reach the broker at {amqp.broker_address(settings.broker_url)} ({exc!r}); "
+              "check FEDQ_BROKER_URL and that this machine can reach it", file=sys.stderr)
+        return 2
+    try:
+        channel = connection.channel()
+        while True:
+            try:
+                status = amqp.read_status(channel)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                print(f"fedq status: the broker refused to read {amqp.STATUS} ({exc.reply_text}); "
+                      + ("use the coordinator's or an administrator's user: sites may not read it"
+                         if exc.reply_code == 403 else "no coordinator has run in this vhost yet"), file=sys.stderr)
+                return 2
+            if status is None:
+                print(f"fedq status: no coordinator has published its status in this vhost yet ({amqp.STATUS} is "
+                      "empty); is the coordinator running?", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(status.model_dump(mode="json")), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[H\033[J", end="")
+                print(format_status(status), flush=True)
+            if not args.watch:
+                return 0
+            connection.sleep(args.watch)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
 def run_provision(args: argparse.Namespace) -> int:
     from shared.provision import provision_sites
 
@@ -200,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="the coordinator's run folder (holds events.jsonl)")
     report.add_argument("--out", help="where to write the report (default: RUN_DIR)")
     report.set_defaults(handler=run_report)
+
+    status = commands.add_parser(
+        "status", help="show the coordinator's state and every site's", epilog=EXAMPLES["status"], formatter_class=formatter,
+        description="Print the sites (last seen, base version, staleness, updates applied and refused, bytes in) and "
+        "the global state (version, last evaluation, queue depths), as the coordinator last published them on the "
+        "broker. Works from any machine that can reach the broker, with the coordinator's or an administrator's user.",
+    )
+    _add_settings_flags(status, CommonSettings, skip=_STATUS_IGNORES)
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until interrupted")
+    status.add_argument("--json", action="store_true", help="print the status as JSON, one object per line")
+    status.set_defaults(handler=run_status)
 
     provision = commands.add_parser(
         "provision", help="create broker users for sites", formatter_class=formatter,

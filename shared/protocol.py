@@ -147,7 +147,56 @@ class TensorFile(_PayloadHeader):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
-Header = Annotated[Union[SnapshotHeader, UpdateHeader, Hello, Announcement, TensorFile], Field(discriminator="kind")]
+class SiteStatus(_Schema):
+    """One site as the coordinator sees it, for ``fedq status``."""
+
+    site: str
+    last_seen: Union[float, None] = None  # unix time of its last message
+    base_version: Union[int, None] = None  # of its last update
+    staleness: Union[int, None] = None  # of its last update
+    applied: int = 0
+    dropped: int = 0
+    refused: int = 0
+    bytes_in: int = 0
+
+
+class Histogram(_Schema):
+    """Counts of observations at or below each bound (the last bound is infinity), their sum and number."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+
+class Status(_PayloadHeader):
+    """The coordinator's state, published every few seconds for ``fedq status`` and metrics."""
+
+    kind: Literal["status"] = "status"
+    run_id: Id
+    strategy: str
+    published_at: float
+    every: float  # seconds between status messages; an older one means the coordinator is quiet
+    elapsed: float
+    version: int
+    evaluated_version: Union[int, None] = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    applied: int = 0
+    dropped: int = 0
+    refused: int = 0
+    updates_per_minute: float = 0.0
+    active_sites: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    queue_depths: dict[str, int] = Field(default_factory=dict)
+    staleness: Histogram
+    ingest_seconds: Histogram
+    sites: tuple[SiteStatus, ...] = ()
+
+
+Header = Annotated[
+    Union[SnapshotHeader, UpdateHeader, Hello, Announcement, TensorFile, Status], Field(discriminator="kind")
+]
 _HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(Header)
 
 

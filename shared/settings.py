@@ -7,6 +7,7 @@ message that names the variable and says what would be accepted.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, Optional, TypeVar
 
@@ -25,7 +26,10 @@ class SettingsError(SystemExit):
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True)
+    # An empty value turns an optional setting off (FEDQ_MAX_STALENESS= means no limit).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True, env_parse_none_str=""
+    )
 
     broker_url: str = Field(
         "amqp://fedq:fedq@127.0.0.1:5672/fedq",
@@ -113,6 +117,13 @@ class CoordinatorSettings(CommonSettings):
         1.0, ge=0, description="Longest wait before a checkpoint makes taken updates durable (and acknowledged)."
     )
     upload_timeout: float = Field(600.0, gt=0, description="Discard an incomplete chunked update idle this many seconds.")
+    status_seconds: float = Field(
+        2.0, gt=0, description="How often the coordinator publishes its status (for fedq status) and logs its progress."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint (0.0.0.0: every interface).")
+    metrics_port: Optional[int] = Field(
+        9464, ge=0, le=65535, description="Port of the Prometheus endpoint /metrics (0: any free port; empty: off)."
+    )
 
     @model_validator(mode="after")
     def _optimizer_needs_a_buffer(self) -> "CoordinatorSettings":
@@ -139,7 +150,8 @@ S = TypeVar("S", bound=BaseSettings)
 def load_settings(cls: type[S], **overrides) -> S:
     """Build settings from flags (``overrides``), environment and .env, or stop with a clear message."""
     try:
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        # None means "not given here"; an empty flag value turns the setting off, as in the environment.
+        return cls(**{k: (None if v == "" else v) for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         lines = [f"fedq cannot start: {exc.error_count()} setting(s) are invalid"]
         for err in exc.errors():
@@ -149,3 +161,48 @@ def load_settings(cls: type[S], **overrides) -> S:
             lines.append(f"  {where}{value}: {err['msg']}")
         lines.append("Fix the value in the environment, .env or the command line, then start again.")
         raise SettingsError("\n".join(lines)) from None
+
+
+def settings_table() -> str:
+    """docs/settings.md: every setting of every process, with its flag, variable and default."""
+    lines = [
+        "# Settings",
+        "",
+        "Every fedq process reads its settings from three places. Highest precedence first:",
+        "",
+        "1. command-line flags (`fedq coordinator --strategy fedasync`);",
+        f"2. environment variables with the prefix `{ENV_PREFIX}` (`{ENV_PREFIX}STRATEGY=fedasync`);",
+        "3. a `.env` file in the working directory, in the same `NAME=value` form as the environment;",
+        "",
+        "and then the defaults below. Lists and maps are JSON (`--any-site-users '[]'`). An empty value turns "
+        f"an optional setting off (`{ENV_PREFIX}MAX_STALENESS=`). Every value is checked at start-up; a bad one stops "
+        "the process with a message naming the variable and what it accepts. `fedq status` takes the settings "
+        "every process has, except `task` and `log_level`.",
+        "",
+        "This page is generated from `shared/settings.py` by `python -m shared.settings > docs/settings.md`; "
+        "a test keeps the two in step.",
+        "",
+        "| flag | environment | default | process | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    common = set(CommonSettings.model_fields)
+    for cls, process in ((CommonSettings, "all"), (CoordinatorSettings, "coordinator"), (WorkerSettings, "worker")):
+        for name, field in cls.model_fields.items():
+            if cls is not CommonSettings and name in common:
+                continue
+            default = "required" if field.is_required() else _shown(field.default)
+            lines.append(f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` | {default} | {process} | "
+                         f"{field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(default) -> str:
+    if default is None:
+        return "(off)"
+    if isinstance(default, (list, dict)):
+        return f"`{json.dumps(default)}`"
+    return f"`{default}`"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

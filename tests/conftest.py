@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from shared.local_broker import Broker, find_broker
+
+# Coordinators in tests, in-process or not, may overlap; each takes a free port for its metrics.
+os.environ.setdefault("FEDQ_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")

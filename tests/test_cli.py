@@ -14,12 +14,12 @@ def run(*args, env=None, timeout=60):
     return subprocess.run([*FEDQ, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"], ["report"], ["provision"]])
+@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"], ["report"], ["provision"], ["status"]])
 def test_help_works_for_every_command(command):
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage: fedq" in result.stdout
-    if command in (["coordinator"], ["worker"]):
+    if command in (["coordinator"], ["worker"], ["status"]):
         assert "examples:" in result.stdout and "FEDQ_BROKER_URL" in result.stdout
 
 

@@ -66,6 +66,7 @@ def test_a_site_user_can_do_what_a_site_does(sites):
     ("declare another site's queue", lambda ch: ch.queue_declare(amqp.site_queue("site-2"), durable=True,
                                                                  arguments=amqp.SITE_QUEUE_ARGUMENTS)),
     ("purge the updates queue", lambda ch: ch.queue_purge(amqp.UPDATES)),
+    ("read the coordinator's status", lambda ch: ch.basic_get(amqp.STATUS)),
 ])
 def test_a_site_user_is_refused(sites, what, attempt):
     site2 = amqp.connect(sites["site-2"].broker_url, 30, "test-site-2")

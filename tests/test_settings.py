@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from shared.settings import CoordinatorSettings, SettingsError, WorkerSettings, load_settings
+from shared.settings import CoordinatorSettings, SettingsError, WorkerSettings, load_settings, settings_table
 
 
 def test_flags_beat_environment_beat_defaults(monkeypatch):
@@ -25,6 +27,23 @@ def test_errors_name_the_variable_the_flag_and_the_fix(monkeypatch):
     assert "FEDQ_ALPHA (--alpha) = '1.5': Input should be less than or equal to 1" in message
     assert "FEDQ_BROKER_URL (--broker-url) = 'http://nope'" in message and "amqp://" in message
     assert "Fix the value" in message
+
+
+def test_environment_beats_dotenv_and_empty_turns_an_optional_setting_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("FEDQ_SITE=site-7\nFEDQ_CODEC=fp16\nFEDQ_MAX_TASKS=4\n")
+    monkeypatch.setenv("FEDQ_CODEC", "int8")
+    monkeypatch.setenv("FEDQ_MAX_TASKS", "")
+    settings = load_settings(WorkerSettings, site="site-8")
+    assert (settings.site, settings.codec, settings.max_tasks) == ("site-8", "int8", None)
+    assert load_settings(CoordinatorSettings, metrics_port="").metrics_port is None, "an empty flag too"
+
+
+def test_the_settings_page_lists_every_setting_as_the_code_defines_it():
+    page = (Path(__file__).parents[1] / "docs" / "settings.md").read_text()
+    assert page == settings_table(), "docs/settings.md is out of date: python -m shared.settings > docs/settings.md"
+    for cls in (CoordinatorSettings, WorkerSettings):
+        assert all(f"`FEDQ_{name.upper()}`" in page for name in cls.model_fields)
 
 
 def test_worker_needs_a_valid_site_name(monkeypatch):

@@ -48,6 +48,23 @@ PROGRESS_EVERY = 5.0
 _STREAM_PREFETCH = 16
 
 
+class _Throttle:
+    """Due at most once every PROGRESS_EVERY seconds: long work reports progress, short work stays quiet."""
+
+    def __init__(self):
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last < PROGRESS_EVERY:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def _warm_up_torch() -> None:
     """Pay PyTorch's one-off start-up cost (about a second of CPU for autograd and the optimizers)
     before joining, not inside the first round where every site would pay it at once."""
@@ -166,6 +183,7 @@ class SiteWorker:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None}
+        throttle = _Throttle()
 
         def on_chunk(ch, method, properties, body):
             ch.basic_ack(method.delivery_tag)
@@ -177,6 +195,11 @@ class SiteWorker:
                     state["reassembly"] = Reassembly(info)
                 if state["reassembly"].add(info, body):
                     state["payload"] = state["reassembly"].payload()
+                elif throttle.due():
+                    received = state["reassembly"].received
+                    log.info("site %s: receiving snapshot version %d: %d of %d chunks (%s of %s)", self.settings.site,
+                             announcement.version, received, info.count,
+                             _megabytes(min(received * info.chunk_bytes, info.size)), _megabytes(info.size))
             except ProtocolError as exc:
                 state["error"] = exc
 
@@ -252,14 +275,12 @@ class SiteWorker:
 
     def _progress_reporter(self, version: int, started: float) -> Callable[[float], None]:
         """A progress callback for the task that logs long training every few seconds, not short tasks."""
-        last = [started]
+        throttle = _Throttle()
 
         def report(fraction: float) -> None:
-            now_ = time.monotonic()
-            if now_ - last[0] >= PROGRESS_EVERY:
-                last[0] = now_
+            if throttle.due():
                 log.info("site %s: training on version %d, %.0f%% done after %.0f s",
-                         self.settings.site, version, 100 * fraction, now_ - started)
+                         self.settings.site, version, 100 * fraction, time.monotonic() - started)
 
         return report
 
@@ -313,4 +334,13 @@ class SiteWorker:
         return result, lost
 
     def _publish(self, channel, buffers, payload_id: str) -> ChunkInfo:
-        return amqp.publish_payload(channel, amqp.UPDATES, amqp.UPDATE_KEY, buffers, payload_id, user_id=self.user)
+        throttle = _Throttle()
+
+        def progress(info: ChunkInfo) -> None:
+            if throttle.due():
+                log.info("site %s: uploading %s: %d of %d chunks confirmed (%s of %s)", self.settings.site, payload_id,
+                         info.index + 1, info.count, _megabytes(info.offset + info.length),
+                         _megabytes(info.size))
+
+        return amqp.publish_payload(channel, amqp.UPDATES, amqp.UPDATE_KEY, buffers, payload_id, user_id=self.user,
+                                    progress=progress)
