@@ -149,3 +149,23 @@ def test_half_precision_snapshots_keep_a_full_precision_master(broker_url, tmp_p
         master = torch.cat([t.reshape(-1) for t in coordinator.params.values()])
         assert master.dtype == torch.float32
         assert not torch.equal(master, master.half().float()), "the coordinator's copy is not rounded to fp16"
+
+
+def test_snapshot_larger_than_the_brokers_message_limit_arrives_verified(broker_url, tmp_path):
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", task="tests.big_task:WideDigits") as coordinator:
+        announcement = coordinator.announcement
+        connection = amqp.connect(broker_url, 30, "test-big-snapshot")
+        channel = connection.channel()
+        channel.confirm_delivery()
+        # The broker itself refuses the snapshot as one message: chunking is what carries it.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.basic_publish(amqp.REJECTED, "", bytes(announcement.size))
+        assert refused.value.reply_code == 406 and "larger than configured max size" in refused.value.reply_text
+        assert announcement.chunks >= 5
+
+        worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path / "site"),
+                            load_task("tests.big_task:WideDigits"))
+        assert worker._fetch_snapshot(connection, announcement), "fetched, reassembled and digest-checked"
+        assert worker.base_version == 0
+        assert all(torch.equal(worker.base[name], tensor) for name, tensor in coordinator.params.items())
+        connection.close()
