@@ -45,6 +45,7 @@ from shared.protocol import (
     now,
     PROTOCOL_VERSION,
 )
+from shared.memory import peak_resident_bytes
 from shared.settings import CoordinatorSettings, SettingsError
 from shared.validation import check_matches_model, float_state
 from shared.task import Task
@@ -137,8 +138,10 @@ class Coordinator:
                 metrics.shutdown()
                 metrics.server_close()
         privacy = self.strategy.privacy
+        log.info("coordinator done; peak resident memory %.2f GB", peak_resident_bytes() / 1e9)
         summary = self.runlog.summary(
             strategy=s.strategy, stop_reason=self.stop_reason, final_version=self.version, protocol=PROTOCOL_VERSION,
+            peak_resident_bytes=peak_resident_bytes(),
             privacy={"epsilon": privacy.epsilon(), "delta": privacy.delta, "releases": privacy.releases} if privacy else None,
         )
         self.runlog.close()
@@ -348,7 +351,7 @@ class Coordinator:
                 self.runlog.seen(header.site)
                 self._announce()
             elif isinstance(header, UpdateHeader):
-                new_version = self._take_update(header, parts, len(payload))
+                new_version = self._take_update(header, parts, len(payload), upload.first_chunk)
             else:
                 raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
         except ProtocolError as exc:
@@ -365,7 +368,7 @@ class Coordinator:
         else:
             self._settle()
 
-    def _take_update(self, header: UpdateHeader, parts, size: int) -> bool:
+    def _take_update(self, header: UpdateHeader, parts, size: int, first_chunk: float) -> bool:
         """Apply or drop a decoded update; returns whether it made a new version."""
         self.sites_seen.add(header.site)
         self.runlog.received_update(header.site, size)
@@ -394,6 +397,7 @@ class Coordinator:
             "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
             staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples, bytes=size,
             train_seconds=header.train_seconds, metrics=header.metrics,
+            ingest_seconds=round(time.monotonic() - first_chunk, 4),
         )
         if outcome.new_version:
             self.version += 1
@@ -454,6 +458,7 @@ class Coordinator:
 
 
     def _publish_snapshot(self) -> None:
+        started = time.monotonic()
         specs, parts = encode_tensors(self.params, get_codec(self.settings.snapshot_codec))
         header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, created_at=now(), tensors=specs)
         published_at = now()
@@ -462,6 +467,10 @@ class Coordinator:
             self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, encode_payload(header, parts), payload_id
         )
         self.runlog.bytes_out += last.size
+        seconds = time.monotonic() - started
+        self.runlog.event("snapshot", version=self.version, bytes=last.size, chunks=last.count, seconds=round(seconds, 4))
+        if seconds >= 1.0:
+            log.info("published version %d: %.1f MB in %.1f s", self.version, last.size / 1e6, seconds)
         self.announcement = Announcement(
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=payload_id, chunks=last.count,
             size=last.size, sha256=last.sha256, published_at=published_at, retrain=self.strategy.retrain,

@@ -114,13 +114,17 @@ def iter_chunks(
     next(pieces)
     for index in range(count):
         want = min(chunk_bytes, size - index * chunk_bytes)
-        body = bytearray()
-        while len(body) < want:
-            body += pieces.send(want - len(body))
-        digest.update(body)
+        parts, got = [], 0
+        while got < want:
+            piece = pieces.send(want - got)
+            digest.update(piece)
+            parts.append(piece)
+            got += len(piece)
+        # One copy into the body pika sends (it takes bytes only); a chunk inside one tensor is a slice.
+        body = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         last = index == count - 1
         info = ChunkInfo(payload_id, index, count, size, chunk_bytes, digest.hexdigest() if last else None)
-        yield info, bytes(body)
+        yield info, body
 
 
 def _slices(buffers: list[memoryview]) -> Any:

@@ -25,6 +25,9 @@ Tensors = dict[str, torch.Tensor]
 INT8_BLOCK = 256
 _GAP_DTYPES = ("uint8", "uint16", "uint32")
 FLAT_NAME = "*"
+# Whole-tensor passes over large models go a block at a time (4M values, 16 MB of float32), so
+# their temporaries stay small next to a model of gigabytes.
+SCAN_BLOCK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -198,24 +201,36 @@ class Int8(ElementwiseCodec):
 
 
 def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted indices of exactly the k largest magnitudes (ties broken by torch).
+    """Sorted indices of the k largest magnitudes (ties broken by torch).
 
-    A sampled threshold first narrows the search to a few more than k candidates, so the cost is a
-    couple of passes over the data rather than a selection over all of it; if the sample misjudged,
-    the exact selection over everything runs instead.
+    On large tensors a sampled threshold first narrows the search to a few more than k candidates,
+    found a block at a time, so no temporary as large as the tensor is made (a 2 GB tensor costs
+    tens of MB here, not 2 GB). If the sample misjudged, the exact selection over everything runs
+    instead. A delta with fewer than k nonzero values (a sparse embedding's) sends just those.
     """
     n = values.numel()
-    magnitude = values.abs()
     if k >= n:
         return torch.arange(n)
     if n > 1_000_000 and k < n // 4:
-        sample = magnitude[torch.randint(n, (100_000,))]
+        sample = values.reshape(-1)[torch.randint(n, (100_000,))].abs()
         threshold = torch.quantile(sample, max(0.0, 1 - 1.5 * k / n)).item()
-        candidates = torch.nonzero(magnitude >= threshold).squeeze(1)
-        if candidates.numel() >= k:
-            chosen = candidates[torch.topk(magnitude[candidates], k, sorted=False).indices]
-            return torch.sort(chosen).values
-    return torch.sort(torch.topk(magnitude, k, sorted=False).indices).values
+        candidates = _indices_at_least(values, threshold)
+        if candidates.numel() >= k or threshold == 0.0:
+            if candidates.numel() > k:
+                candidates = candidates[torch.topk(values.reshape(-1)[candidates].abs(), k, sorted=False).indices]
+            return torch.sort(candidates).values
+    return torch.sort(torch.topk(values.abs().reshape(-1), k, sorted=False).indices).values
+
+
+def _indices_at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions where |value| >= threshold (> 0 if the threshold is 0), scanned a block at a time."""
+    flat = values.reshape(-1)
+    found = []
+    for start in range(0, flat.numel(), SCAN_BLOCK):
+        block = flat[start : start + SCAN_BLOCK].abs()
+        hits = block > 0 if threshold == 0.0 else block >= threshold
+        found.append(torch.nonzero(hits).squeeze(1).add_(start))
+    return torch.cat(found)
 
 
 def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,14 @@ def test_large_tensor_uses_the_sampled_threshold_and_stays_exact():
     assert torch.equal(torch.sort(torch.topk(values.abs(), k).indices).values, chosen)
 
 
+def test_large_sparse_delta_sends_only_its_nonzero_values():
+    values = torch.zeros(40_000_000)  # more than two scan blocks
+    touched = torch.sort(torch.randperm(values.numel())[:500]).values
+    values[touched] = torch.randn(500)
+    assert torch.equal(top_k_indices(values, 400_000), touched), "fewer nonzeros than k: exactly those"
+    assert torch.equal(top_k_indices(values, 100), torch.sort(torch.topk(values.abs(), 100).indices).values)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 2**33), min_size=0, max_size=200, unique=True))
 def test_gap_encoding_round_trips_any_sorted_indices(raw):

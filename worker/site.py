@@ -34,6 +34,7 @@ from shared.protocol import (
     now,
     payload_size,
 )
+from shared.memory import peak_resident_bytes
 from shared.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
 from shared.validation import check_matches_model, float_state
@@ -107,6 +108,8 @@ class SiteWorker:
         self.task.prepare_site(s.site)
         _warm_up_torch()
         amqp.serve_with_reconnect(self._session, f"site {s.site}", lambda: False)
+        log.info("site %s: done; %d updates sent; peak resident memory %.2f GB", s.site, self.sent,
+                 peak_resident_bytes() / 1e9)
         return self.sent
 
     def _session(self, backoff: amqp.Backoff) -> bool:
@@ -180,6 +183,9 @@ class SiteWorker:
         worker then waits for the next announcement.
         """
         started = time.monotonic()
+        # The old base is of no more use once a newer version is announced; letting it go first
+        # keeps a large model's worker at two copies (model and base), never three.
+        self.base = self.base_version = self.base_run = None
         channel = connection.channel()
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None}
@@ -252,7 +258,10 @@ class SiteWorker:
         result, lost = self._train_in_background(connection, context)
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
-        delta = {name: tensor - self.base[name] for name, tensor in self.params.items()}
+        encoding = time.monotonic()
+        # The difference is taken in place: the model's tensors are reset from the base before the
+        # next training anyway, and a copy would be a third model's worth of memory.
+        delta = {name: tensor.sub_(self.base[name]) for name, tensor in self.params.items()}
         dense = sum(t.numel() * 4 for t in delta.values())
         if self.feedback is not None:
             specs, parts = self.feedback.encode(delta, self.codec)
@@ -267,9 +276,9 @@ class SiteWorker:
         # The residual moves on only once the update it belongs with is safe on disk.
         if self.feedback is not None:
             self.feedback.commit()
-        log.info("site %s: trained on version %d (%d samples) in %.2f s; update %s: %d bytes (%s; dense fp32 %d)",
-                 site, version, result.num_samples, train_seconds, header.update_id, payload_size(buffers),
-                 self.codec.name, dense)
+        log.info("site %s: trained on version %d (%d samples) in %.2f s; update %s: %d bytes (%s; dense fp32 %d), "
+                 "encoded and stored in %.2f s", site, version, result.num_samples, train_seconds, header.update_id,
+                 payload_size(buffers), self.codec.name, dense, time.monotonic() - encoding)
         if lost is not None:
             raise lost
 
@@ -291,10 +300,12 @@ class SiteWorker:
             if entry is None:
                 continue
             update_id, payload = entry
+            started = time.monotonic()
             self._publish(channel, [payload], update_id)
             self.outbox.remove(path)
             self.sent += 1
-            log.info("site %s: update %s confirmed by the broker", self.settings.site, update_id)
+            log.info("site %s: update %s confirmed by the broker (%.1f MB in %.2f s)", self.settings.site, update_id,
+                     len(payload) / 1e6, time.monotonic() - started)
 
     def _train_in_background(
         self, connection: pika.BlockingConnection, context: SiteContext

@@ -1,0 +1,206 @@
+"""large model: 500M parameters (2 GB in fp32) out to a site and a compressed update back.
+
+The model is the shape large models take in federated recommendation and language work: a hashed
+embedding table of 500M parameters (scikit-learn's digits as hashed pixel and pixel-pair features,
+trained for real with sparse gradients) and a small dense head. The coordinator publishes version 0,
+one site fetches and verifies it, trains, and returns a top-k + int8 update, which the coordinator
+applies with a plain server step (FedAsync: no optimizer moments, no error-feedback residual).
+
+Legs come from the two processes' own logs and run log; peak resident memory from each process's
+``ru_maxrss``, reported against the target of 2x the model's size plus 512 MB.
+
+    python benchmarks/large_model.py                      # 500M parameters
+    python benchmarks/large_model.py --parameters 20000000 # a quick check
+
+Writes benchmarks/results/large_model.json and prints the legs and the memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.local_broker import find_broker
+from shared.local_federation import start_coordinator, start_worker
+from shared.task import SiteContext, Task, TrainResult
+
+RESULTS = Path(__file__).parent / "results"
+DIM = 64
+PARAMETERS_VARIABLE = "FEDQ_BENCH_PARAMETERS"  # both processes build the same model from it
+EPOCHS, BATCH_SIZE, LR = 3, 32, 0.2
+
+
+@lru_cache(maxsize=1)
+def hashed_digits(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (train, test) and labels (train, test): each digit as its 64 (pixel, value)
+    features and 112 (pixel pair, values) crosses, hashed into ``rows`` embedding rows."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    values = data.data.astype(np.int64)  # 0..16
+    grid = values.reshape(-1, 8, 8)
+    features = [np.arange(64) * 17 + values]
+    right = grid[:, :, :-1] * 17 + grid[:, :, 1:]
+    down = grid[:, :-1, :] * 17 + grid[:, 1:, :]
+    features.append(1088 + np.arange(56) * 289 + right.reshape(len(values), -1))
+    features.append(1088 + 56 * 289 + np.arange(56) * 289 + down.reshape(len(values), -1))
+    tokens = (np.concatenate(features, axis=1) * 2654435761 + 12345) % rows
+    x_train, x_test, y_train, y_test = train_test_split(tokens, data.target, test_size=0.2, stratify=data.target,
+                                                        random_state=0)
+    return x_train, x_test, y_train, y_test
+
+
+class HashedEmbeddingModel(nn.Module):
+    """Summed embeddings of a digit's hashed features, then a linear head."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(rows, DIM, mode="sum", sparse=True)
+        self.head = nn.Linear(DIM, 10)
+        with torch.no_grad():
+            self.embedding.weight.normal_(0.0, 0.01)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens))
+
+
+class HashedDigits(Task):
+    """digits through a hashed embedding table of (about) ``FEDQ_BENCH_PARAMETERS`` parameters."""
+
+    def __init__(self):
+        parameters = int(os.environ.get(PARAMETERS_VARIABLE, 500_000_000))
+        self.rows = max(1, (parameters - (DIM * 10 + 10)) // DIM)
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return HashedEmbeddingModel(self.rows)
+
+    def train(self, model: nn.Module, site: SiteContext) -> TrainResult:
+        x_train, _, y_train, _ = hashed_digits(self.rows)
+        tokens, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+        # Sparse gradients and plain SGD: training touches only the rows the data uses, with no
+        # dense gradient or optimizer state the size of the table.
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        generator = torch.Generator().manual_seed(site.version)
+        steps = EPOCHS * -(-len(labels) // BATCH_SIZE)
+        for step in range(steps):
+            batch = torch.randint(len(labels), (BATCH_SIZE,), generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(tokens[batch]), labels[batch]).backward()
+            optimizer.step()
+            site.progress((step + 1) / steps)
+        return TrainResult(num_samples=len(labels))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        _, x_test, _, y_test = hashed_digits(self.rows)
+        logits = model(torch.from_numpy(x_test))
+        labels = torch.from_numpy(y_test)
+        return {"accuracy": float((logits.argmax(1) == labels).float().mean()),
+                "loss": float(nn.functional.cross_entropy(logits, labels))}
+
+
+def _found(pattern: str, text: str, what: str) -> re.Match:
+    match = re.search(pattern, text)
+    if match is None:
+        raise RuntimeError(f"the run did not log {what}; see the logs printed above")
+    return match
+
+
+def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
+    task = "benchmarks.large_model:HashedDigits"
+    os.environ[PARAMETERS_VARIABLE] = str(parameters)
+    model_bytes = (HashedDigits().rows * DIM + DIM * 10 + 10) * 4
+    broker = find_broker()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedq-large-") as folder:
+            run_dir = Path(folder) / "run"
+            site_log = run_dir / "sites" / "site-0.log"
+            started = time.monotonic()
+            coordinator = start_coordinator(broker.url(), run_dir, task=task, strategy="fedasync", max_versions=1,
+                                            wait_for_sites=1, metrics_port="", checkpoint_seconds=5)
+            worker = start_worker(broker.url(), "site-0", site_log, task=task, codec=codec, topk_fraction=fraction,
+                                  error_feedback=False, max_tasks=1, torch_threads=2)
+            try:
+                for process, who in ((worker, "worker"), (coordinator, "coordinator")):
+                    remaining = timeout - (time.monotonic() - started)
+                    if process.wait(timeout=max(1.0, remaining)) != 0:
+                        raise RuntimeError(f"the {who} exited with {process.returncode}")
+            finally:
+                for process in (coordinator, worker):
+                    if process.poll() is None:
+                        process.kill()
+                coordinator_log = (run_dir / "coordinator.log").read_text()
+                worker_log = site_log.read_text() if site_log.exists() else ""
+                if coordinator.returncode or worker.returncode:
+                    print(coordinator_log[-3000:], worker_log[-3000:], sep="\n", file=sys.stderr)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            run_events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    finally:
+        broker.close()
+    snapshot = next(e for e in run_events if e["event"] == "snapshot" and e["version"] == 0)
+    update = next(e for e in run_events if e["event"] == "update")
+    fetched = _found(r"snapshot version 0 \((\d+) bytes\) in ([\d.]+) s", worker_log, "the snapshot fetch")
+    trained = _found(r"trained on version 0 \(\d+ samples\) in ([\d.]+) s; update \w+: (\d+) bytes .*"
+                     r"encoded and stored in ([\d.]+) s", worker_log, "the training")
+    uploaded = _found(r"confirmed by the broker \([\d.]+ MB in ([\d.]+) s\)", worker_log, "the upload")
+    worker_peak = float(_found(r"peak resident memory ([\d.]+) GB", worker_log, "its peak memory").group(1)) * 1e9
+    budget = 2 * model_bytes + 512 * 2**20
+    return {
+        "parameters": model_bytes // 4, "model_bytes": model_bytes, "codec": codec, "topk_fraction": fraction,
+        "snapshot_bytes": snapshot["bytes"], "update_bytes": int(trained.group(2)),
+        "legs_seconds": {
+            "coordinator publishes the snapshot": snapshot["seconds"],
+            "site fetches, verifies and decodes it": float(fetched.group(2)),
+            "site trains": float(trained.group(1)),
+            "site encodes the update and stores it in its outbox": float(trained.group(3)),
+            "site uploads the update (confirmed)": float(uploaded.group(1)),
+            "coordinator receives, decodes, validates and applies it": update["ingest_seconds"],
+        },
+        "final_accuracy": summary["final_accuracy"],
+        "peak_resident_bytes": {"coordinator": summary["peak_resident_bytes"], "worker": int(worker_peak)},
+        "budget_bytes": budget,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parameters", type=int, default=500_000_000)
+    parser.add_argument("--codec", default="topk-int8")
+    parser.add_argument("--topk-fraction", type=float, default=0.01)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    result = run(args.parameters, args.codec, args.topk_fraction, args.timeout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "large_model.json" if args.parameters == 500_000_000 else f"large_model_{args.parameters}.json"
+    (args.out / name).write_text(json.dumps({"benchmark": "large model", **result}, indent=1))
+    model_gb = result["model_bytes"] / 1e9
+    print(f"large model: {result['parameters']:,} parameters ({model_gb:.2f} GB fp32), snapshot "
+          f"{result['snapshot_bytes'] / 1e9:.2f} GB, update {result['update_bytes'] / 1e6:.1f} MB ({args.codec})")
+    for leg, seconds in result["legs_seconds"].items():
+        print(f"  {leg:58s} {seconds:7.2f} s")
+    within = True
+    for process, peak in result["peak_resident_bytes"].items():
+        ok = peak < result["budget_bytes"]
+        within &= ok
+        print(f"  peak resident memory, {process:11s} {peak / 1e9:5.2f} GB = {peak / result['model_bytes']:.2f}x the model "
+              f"(budget 2x + 512 MB = {result['budget_bytes'] / 1e9:.2f} GB: {'within' if ok else 'OVER'})")
+    print(f"  accuracy after the one update: {result['final_accuracy']:.4f}")
+    return 0 if within else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
