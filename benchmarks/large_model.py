@@ -130,7 +130,7 @@ def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
             site_log = run_dir / "sites" / "site-0.log"
             started = time.monotonic()
             coordinator = start_coordinator(broker.url(), run_dir, task=task, strategy="fedasync", max_versions=1,
-                                            wait_for_sites=1, metrics_port="", checkpoint_seconds=5)
+                                            wait_for_sites=1, metrics_port="")
             worker = start_worker(broker.url(), "site-0", site_log, task=task, codec=codec, topk_fraction=fraction,
                                   error_feedback=False, max_tasks=1, torch_threads=2)
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from coordinator.robust import clip_to_norm
+from shared.deltas import Delta
 
 Tensors = dict[str, torch.Tensor]
 
@@ -23,7 +24,7 @@ class GaussianPrivacy:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else torch.seed())
 
-    def clip(self, update: Tensors) -> None:
+    def clip(self, update: Delta) -> None:
         """Bound one update's influence: scale it in place to norm at most C."""
         clip_to_norm(update, self.clip_norm)
 

@@ -11,19 +11,19 @@ import math
 
 import torch
 
-Tensors = dict[str, torch.Tensor]
+from shared.deltas import Delta, value_tensors
 
 
-def update_norm(delta: Tensors) -> float:
+def update_norm(delta: Delta) -> float:
     """The L2 norm of the whole update, all tensors taken as one vector."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in value_tensors(delta)))
 
 
-def clip_to_norm(delta: Tensors, bound: float) -> float:
+def clip_to_norm(delta: Delta, bound: float) -> float:
     """Scale ``delta`` in place so its norm is at most ``bound``; returns the norm it had."""
     norm = update_norm(delta)
     if norm > bound:
-        for tensor in delta.values():
+        for tensor in value_tensors(delta):
             tensor.mul_(bound / norm)
     return norm
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import torch
 
 from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from coordinator.ledger import Entry, Ledger
@@ -124,11 +125,18 @@ class Coordinator:
         # Signals reach only the main thread; a coordinator embedded elsewhere is stopped with stop().
         on_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         metrics = self._serve_metrics()
         resumed = s.resume and self._resume()
         log.info("coordinator %s: strategy %s, task %s, %d tensors, %d parameters",
-                 "resumed" if resumed else "up", s.strategy, s.task, len(self.params),
-                 sum(p.numel() for p in self.params.values()))
+                 "resumed" if resumed else "up", s.strategy, s.task, len(self.params), self.layout.total)
+        dense_chunks = -(-self.layout.total * 4 // MAX_CHUNK_BYTES)
+        if dense_chunks > self._window:
+            log.warning("a dense fp32 update of this model is %d chunks, more than the window of %d that prefetch %d "
+                        "allows: such updates will be refused. Have sites compress (FEDQ_CODEC=fp16 halves it, "
+                        "topk-int8 cuts it ~100x) or raise FEDQ_PREFETCH above %d (memory: up to 4 MiB per chunk)",
+                        dense_chunks, self._window, s.prefetch, dense_chunks + dense_chunks // 7 + 1)
         try:
             amqp.serve_with_reconnect(self._session, "coordinator", lambda: self.stop_reason is not None)
         finally:
@@ -202,6 +210,11 @@ class Coordinator:
             while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
                 connection.process_data_events(time_limit=0.5)
 
+    @property
+    def _window(self) -> int:
+        """Deliveries the coordinator may hold unacknowledged before it must settle them."""
+        return self.settings.prefetch - max(1, self.settings.prefetch // 8)
+
     def _serve_metrics(self):
         s = self.settings
         if s.metrics_port is None:
@@ -253,7 +266,10 @@ class Coordinator:
         if not self.pending_acks and not force:
             return
         due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds
-        if force or due or len(self.pending_acks) >= max(1, self.settings.prefetch // 2):
+        # The broker sends nothing more once the prefetch window is full of unacknowledged
+        # deliveries, so a nearly full window is settled at once, whatever the clock says.
+        held = len(self.pending_acks) + sum(len(upload.tags) for upload in self.uploads.values())
+        if force or due or held >= self._window:
             self._checkpoint()
             for tag in self.pending_acks:
                 self._consumer.basic_ack(tag)
@@ -325,6 +341,13 @@ class Coordinator:
             return
         upload = self.uploads.get(info.payload_id)
         if upload is None:
+            if info.count > self._window:
+                # Its chunks could never all be held unacknowledged at once: refused, not left to stall.
+                self._refuse([method.delivery_tag], properties.headers, body, (
+                    f"payload of {info.count} chunks ({info.size} bytes) exceeds the coordinator's window of "
+                    f"{self._window} chunks; raise FEDQ_PREFETCH on the coordinator or compress updates"
+                ), properties.user_id)
+                return
             upload = self.uploads[info.payload_id] = _Upload(Reassembly(info), user_id=properties.user_id)
         upload.tags.append(method.delivery_tag)
         upload.last_chunk = time.monotonic()
@@ -380,7 +403,7 @@ class Coordinator:
         staleness = self.version - header.base_version
         if staleness < 0:
             raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
-        delta = decode_tensors(header.tensors, parts, self.layout)
+        delta = decode_tensors(header.tensors, parts, self.layout, sparse=True)
         check_matches_model(self.params, delta)
         self._bound_norm(delta)
         if self.strategy.privacy is not None:

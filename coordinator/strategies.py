@@ -22,6 +22,7 @@ from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import coordinate_median, trimmed_mean
 from coordinator.server_optimizers import ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant
+from shared.deltas import Delta, add_scaled, dense_copy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -34,7 +35,7 @@ class Update:
     site: str
     base_version: int
     num_samples: int
-    delta: Tensors
+    delta: Delta
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -93,10 +94,9 @@ class FedAsync(Strategy):
         weight = self.alpha * self.staleness_weight(staleness)
         delta = update.delta
         if self.privacy is not None:
-            delta = {name: t.clone() for name, t in delta.items()}
+            delta = dense_copy(delta)  # noise goes on every coordinate
             self.privacy.release(delta, sensitivity=1.0)
-        for name, tensor in delta.items():
-            params[name].add_(tensor, alpha=weight)
+        add_scaled(params, delta, weight)
         return Outcome(True, weight)
 
 
@@ -153,14 +153,11 @@ class FedBuff(Strategy):
         # site's share, and so the noise it needs, grow without bound.
         share = 1 if self.privacy is not None else update.num_samples
         if self.aggregation == "mean":
-            for name, delta in update.delta.items():
-                acc = self.sum.get(name)
-                if acc is None:
-                    self.sum[name] = delta * (share * weight)
-                else:
-                    acc.add_(delta, alpha=share * weight)
+            if not self.sum:
+                self.sum = {name: torch.zeros_like(tensor) for name, tensor in params.items()}
+            add_scaled(self.sum, update.delta, share * weight)
         else:
-            self.held.append({name: delta * weight for name, delta in update.delta.items()})
+            self.held.append(dense_copy(update.delta, weight))
         self.samples += share
         self.sites.append(update.site)
         if len(self.sites) < self.buffer_size:

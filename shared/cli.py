@@ -33,7 +33,7 @@ EXAMPLES = {
   fedq status --json | jq .sites   # for scripts""",
 }
 # Settings that mean nothing to fedq status, which only reads what the coordinator published.
-_STATUS_IGNORES = {"task", "log_level"}
+_STATUS_IGNORES = {"task", "log_level", "torch_threads"}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings], skip: set[str] = frozenset()) -> None:

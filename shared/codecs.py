@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from shared.deltas import Delta, SparseDelta, dense_copy
 from shared.protocol import PartSpec, ProtocolError, TensorSpec
 
 Tensors = dict[str, torch.Tensor]
@@ -48,15 +49,6 @@ class Layout:
     def fingerprint(self) -> int:
         """A CRC of names and shapes: a sparse update made for another model is refused, not misapplied."""
         return zlib.crc32(";".join(f"{name}:{shape}" for name, shape in self.shapes).encode())
-
-    def split(self, flat: torch.Tensor) -> Tensors:
-        """Views of one flat vector as the layout's named tensors."""
-        out, offset = {}, 0
-        for name, shape in self.shapes:
-            n = math.prod(shape)
-            out[name] = flat[offset : offset + n].view(shape)
-            offset += n
-        return out
 
 
 class Codec(ABC):
@@ -308,6 +300,10 @@ class TopK(Codec):
         return (spec,), arrays
 
     def decode(self, specs, parts, layout):
+        return dense_copy(self.decode_sparse(specs, parts, layout))
+
+    def decode_sparse(self, specs, parts, layout: Layout) -> SparseDelta:
+        """The update as positions and values, without a dense tensor the size of the model."""
         if len(specs) != 1 or specs[0].name != FLAT_NAME:
             raise ProtocolError(f"a {self.name} payload has one entry named {FLAT_NAME!r}, got {[s.name for s in specs]}")
         spec, arrays = specs[0], parts[0]
@@ -322,9 +318,7 @@ class TopK(Codec):
         else:
             _expect_parts(spec, arrays, ((gaps.dtype.name, gaps.size), ("float32", gaps.size)))
             values = _as_tensor(arrays[1])
-        flat = torch.zeros(layout.total)
-        flat[torch.from_numpy(decode_gaps(gaps, layout.total))] = values
-        return layout.split(flat)
+        return SparseDelta(layout.shapes, torch.from_numpy(decode_gaps(gaps, layout.total)), values)
 
 
 CODEC_NAMES = ("fp32", "fp16", "bf16", "int8", "topk", "topk-int8")
@@ -347,8 +341,11 @@ def encode_tensors(tensors: Tensors, codec: Codec) -> tuple[tuple[TensorSpec, ..
     return codec.encode({name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()})
 
 
-def decode_tensors(specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout) -> Tensors:
-    """Decode a payload's tensors against the model's layout; one codec per payload."""
+def decode_tensors(
+    specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout, sparse: bool = False
+) -> Delta:
+    """Decode a payload's tensors against the model's layout; one codec per payload. With ``sparse``,
+    a top-k payload stays a SparseDelta (the coordinator folds it in without densifying)."""
     names = {spec.codec for spec in specs}
     if len(names) > 1:
         raise ProtocolError(f"a payload mixes codecs {sorted(names)}")
@@ -359,4 +356,7 @@ def decode_tensors(specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]],
     name = names.pop()
     if name not in CODEC_NAMES:
         raise ProtocolError(f"unknown codec {name!r}")
-    return get_codec(name).decode(specs, parts, layout)
+    codec = get_codec(name)
+    if sparse and isinstance(codec, TopK):
+        return codec.decode_sparse(specs, parts, layout)
+    return codec.decode(specs, parts, layout)

@@ -41,6 +41,9 @@ class CommonSettings(BaseSettings):
     tls_cert_file: Optional[Path] = Field(None, description="Client certificate to present (amqps://), if the broker asks.")
     tls_key_file: Optional[Path] = Field(None, description="Key of the client certificate.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="Threads PyTorch may use for training, merging and evaluation (default: PyTorch's)."
+    )
 
     def tls_files(self) -> dict[str, Optional[Path]]:
         """The TLS keyword arguments of shared.amqp.connect."""
@@ -109,12 +112,16 @@ class CoordinatorSettings(CommonSettings):
     max_seconds: Optional[float] = Field(None, gt=0, description="End the run after this many seconds.")
     max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
     wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")
-    prefetch: int = Field(64, ge=1, description="Update messages the coordinator takes from the broker at once.")
+    prefetch: int = Field(
+        64, ge=2, description="Update chunks (4 MiB each) the coordinator takes from the broker at once; an update of "
+        "more chunks than 7/8 of this is refused, and this much memory may wait in the coordinator's socket buffer."
+    )
     max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")
     run_dir: Path = Field(Path("runs/latest"), description="Where the run log, summary and checkpoint are written.")
     resume: bool = Field(True, description="Resume from run_dir's checkpoint if there is one.")
     checkpoint_seconds: float = Field(
-        1.0, ge=0, description="Longest wait before a checkpoint makes taken updates durable (and acknowledged)."
+        10.0, ge=0, description="Longest wait before a checkpoint makes taken updates durable (and acknowledged); "
+        "a new version or a nearly full prefetch window checkpoints sooner."
     )
     upload_timeout: float = Field(600.0, gt=0, description="Discard an incomplete chunked update idle this many seconds.")
     status_seconds: float = Field(
@@ -140,7 +147,6 @@ class WorkerSettings(CommonSettings):
     topk_fraction: float = Field(0.01, gt=0, le=1, description="Top-k codecs: fraction of each tensor's values sent.")
     error_feedback: bool = Field(True, description="Carry what a lossy codec leaves out into the next update.")
     state_dir: Path = Field(Path(".fedq-state"), description="Where the worker keeps its state (error-feedback residual).")
-    torch_threads: Optional[int] = Field(None, ge=1, description="Threads for local training (default: PyTorch's).")
     max_tasks: Optional[int] = Field(None, ge=1, description="Stop after this many updates (default: run until told).")
 
 
@@ -177,7 +183,7 @@ def settings_table() -> str:
         "and then the defaults below. Lists and maps are JSON (`--any-site-users '[]'`). An empty value turns "
         f"an optional setting off (`{ENV_PREFIX}MAX_STALENESS=`). Every value is checked at start-up; a bad one stops "
         "the process with a message naming the variable and what it accepts. `fedq status` takes the settings "
-        "every process has, except `task` and `log_level`.",
+        "every process has, except `task`, `log_level` and `torch_threads`.",
         "",
         "This page is generated from `shared/settings.py` by `python -m shared.settings > docs/settings.md`; "
         "a test keeps the two in step.",

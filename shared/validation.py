@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 
 from shared.codecs import SCAN_BLOCK
+from shared.deltas import Delta, SparseDelta
 from shared.protocol import ProtocolError
 
 Tensors = dict[str, torch.Tensor]
 
 
-def check_matches_model(model_tensors: Tensors, received: Tensors) -> None:
-    """``received`` names exactly the model's tensors, with the same shapes, and only finite values."""
+def check_matches_model(model_tensors: Tensors, received: Delta) -> None:
+    """``received`` names exactly the model's tensors, with the same shapes, and only finite values.
+
+    A SparseDelta was decoded against the model's layout (its fingerprint checked), so only its
+    values remain to be checked.
+    """
+    if isinstance(received, SparseDelta):
+        if not all_finite(received.values):
+            raise ProtocolError("the update holds NaN or infinite values")
+        return
     missing = model_tensors.keys() - received.keys()
     extra = received.keys() - model_tensors.keys()
     if missing or extra:

@@ -169,3 +169,17 @@ def test_snapshot_larger_than_the_brokers_message_limit_arrives_verified(broker_
         assert worker.base_version == 0
         assert all(torch.equal(worker.base[name], tensor) for name, tensor in coordinator.params.items())
         connection.close()
+
+
+def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
+        update_id, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01))
+        amqp.publish_payload(client.channel, amqp.UPDATES, amqp.UPDATE_KEY, [memoryview(payload)], update_id,
+                             user_id=client.user, chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
+        refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
+                            15, "the refusal")
+        assert "raise FEDQ_PREFETCH" in refusals[0]["reason"]
+        event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, 0.01)))
+        assert coordinator.version == 1, "the coordinator goes on with updates that fit"
+    client.close()

@@ -49,10 +49,11 @@ def test_chunking_round_trip(size, expected_chunks):
     assert last.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_chunks_cut_across_buffer_boundaries():
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunks_cut_across_buffer_boundaries(shuffle):
     pieces = [b"abc", b"", b"defghij", b"k" * 10]
-    chunks, payload = reassemble([memoryview(p) for p in pieces], chunk_bytes=4)
-    assert [len(b) for _, b in chunks] == [4, 4, 4, 4, 4]
+    chunks, payload = reassemble([memoryview(p) for p in pieces], chunk_bytes=4, shuffle=shuffle)
+    assert sorted(len(b) for _, b in chunks) == [4, 4, 4, 4, 4]
     assert bytes(payload) == b"".join(pieces)
 
 
