@@ -148,13 +148,18 @@ class Reassembly:
     is touched once on arrival, not three times.
     """
 
-    def __init__(self, first: ChunkInfo):
+    def __init__(self, first: ChunkInfo, buffer: memoryview | None = None):
+        """``buffer``, if given and large enough, is written into instead of a new allocation: a
+        reader that keeps one buffer across payloads never pays the page faults of fresh memory."""
         self.payload_id = first.payload_id
         self.size = first.size
         self.count = first.count
         self.chunk_bytes = first.chunk_bytes
         self.sha256: str | None = None
-        self._buffer = memoryview(np.empty(first.size, dtype=np.uint8)).cast("B")
+        if buffer is not None and len(buffer) >= first.size:
+            self._buffer = buffer[: first.size]
+        else:
+            self._buffer = memoryview(np.empty(first.size, dtype=np.uint8)).cast("B")
         self._seen: set[int] = set()
         self._digest = hashlib.sha256()
         self._hashed = 0  # chunks 0 .. _hashed - 1 are in the digest

@@ -26,9 +26,9 @@ Tensors = dict[str, torch.Tensor]
 INT8_BLOCK = 256
 _GAP_DTYPES = ("uint8", "uint16", "uint32")
 FLAT_NAME = "*"
-# Whole-tensor passes over large models go a block at a time (4M values, 16 MB of float32), so
+# Whole-tensor passes over large models go a block at a time (1M values, 4 MB of float32), so
 # their temporaries stay small next to a model of gigabytes.
-SCAN_BLOCK = 1 << 22
+SCAN_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,8 @@ def _indices_at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
     for start in range(0, flat.numel(), SCAN_BLOCK):
         block = flat[start : start + SCAN_BLOCK].abs()
         hits = block > 0 if threshold == 0.0 else block >= threshold
-        found.append(torch.nonzero(hits).squeeze(1).add_(start))
+        # nonzero's result keeps storage for the whole block; the sum is a right-sized copy.
+        found.append(torch.nonzero(hits).squeeze(1) + start)
     return torch.cat(found)
 
 
