@@ -38,9 +38,10 @@ def write_durable(path: Path, magic: bytes, buffers: list[memoryview]) -> None:
 
 def read_durable(path: Path, magic: bytes) -> memoryview:
     """The body of a file ``write_durable`` wrote; ProtocolError if it is damaged or not of this kind."""
-    size = path.stat().st_size
-    data = bytearray(size)
     with open(path, "rb") as source:
+        # The size of the file opened, not of the path: a writer may replace the path meanwhile.
+        size = os.fstat(source.fileno()).st_size
+        data = bytearray(size)
         source.readinto(data)
     view = memoryview(data)
     if size < len(magic) + _DIGEST or bytes(view[: len(magic)]) != magic:
