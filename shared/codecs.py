@@ -215,14 +215,26 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _indices_at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Positions where |value| >= threshold (> 0 if the threshold is 0), scanned a block at a time."""
+    """Positions where |value| >= threshold (> 0 if the threshold is 0), scanned a block at a time.
+
+    Every block reuses the same scratch tensors: fresh temporaries freed between the small results
+    that survive would fragment the heap, and a 500M-value scan would leave hundreds of MB resident.
+    """
     flat = values.reshape(-1)
+    magnitude = torch.empty(min(SCAN_BLOCK, flat.numel()))
+    hits = torch.empty(magnitude.shape, dtype=torch.bool)
+    positions = torch.empty(0, dtype=torch.int64)
     found = []
     for start in range(0, flat.numel(), SCAN_BLOCK):
-        block = flat[start : start + SCAN_BLOCK].abs()
-        hits = block > 0 if threshold == 0.0 else block >= threshold
-        # nonzero's result keeps storage for the whole block; the sum is a right-sized copy.
-        found.append(torch.nonzero(hits).squeeze(1) + start)
+        block = flat[start : start + SCAN_BLOCK]
+        size = block.numel()
+        torch.abs(block, out=magnitude[:size])
+        if threshold == 0.0:
+            torch.gt(magnitude[:size], 0.0, out=hits[:size])
+        else:
+            torch.ge(magnitude[:size], threshold, out=hits[:size])
+        torch.nonzero(hits[:size], out=positions.resize_(0))  # resize_(0) keeps the storage
+        found.append(positions.squeeze(1) + start)  # a right-sized copy; the scratch is reused
     return torch.cat(found)
 
 
