@@ -30,7 +30,7 @@ from coordinator.staleness import staleness_weight
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
 from shared import amqp
-from shared.chunking import ChunkInfo, Reassembly
+from shared.chunking import ChunkInfo, Reassembly, chunk_count, payload_digest
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
@@ -44,6 +44,7 @@ from shared.protocol import (
     encode_payload,
     new_id,
     now,
+    payload_size,
     PROTOCOL_VERSION,
 )
 from shared.memory import peak_resident_bytes
@@ -481,24 +482,31 @@ class Coordinator:
 
 
     def _publish_snapshot(self) -> None:
+        """Announce the current version, then write its chunks to the stream.
+
+        The announcement goes first, with the size and digest computed up front, so that sites read
+        the stream while it is being written instead of after: fan-out takes the longer of writing
+        and reading, not their sum. A site that is told of a newer version gives up the older one.
+        """
         started = time.monotonic()
         specs, parts = encode_tensors(self.params, get_codec(self.settings.snapshot_codec))
         header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, created_at=now(), tensors=specs)
-        published_at = now()
-        payload_id = new_id()
-        last = amqp.publish_payload(
-            self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, encode_payload(header, parts), payload_id
-        )
-        self.runlog.bytes_out += last.size
-        seconds = time.monotonic() - started
-        self.runlog.event("snapshot", version=self.version, bytes=last.size, chunks=last.count, seconds=round(seconds, 4))
-        if seconds >= 1.0:
-            log.info("published version %d: %.1f MB in %.1f s", self.version, last.size / 1e6, seconds)
+        buffers = encode_payload(header, parts)
+        size, digest = payload_size(buffers), payload_digest(buffers)
         self.announcement = Announcement(
-            protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=payload_id, chunks=last.count,
-            size=last.size, sha256=last.sha256, published_at=published_at, retrain=self.strategy.retrain,
+            protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
+            chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, sha256=digest, published_at=now(),
+            retrain=self.strategy.retrain,
         )
         self._announce()
+        amqp.publish_payload(self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, buffers, self.announcement.payload_id,
+                             sha256=digest)
+        self.runlog.bytes_out += size
+        seconds = time.monotonic() - started
+        self.runlog.event("snapshot", version=self.version, bytes=size, chunks=self.announcement.chunks,
+                          seconds=round(seconds, 4))
+        if seconds >= 1.0:
+            log.info("published version %d: %.1f MB in %.1f s", self.version, size / 1e6, seconds)
 
     def _announce(self, final: bool = False) -> None:
         if self.announcement is None:

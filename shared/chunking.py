@@ -102,16 +102,25 @@ def chunk_count(size: int, chunk_bytes: int) -> int:
     return max(1, math.ceil(size / chunk_bytes))
 
 
+def payload_digest(buffers: list[memoryview]) -> str:
+    """The SHA-256 of the payload made of ``buffers`` laid end to end, as its last chunk carries it."""
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
 def iter_chunks(
-    buffers: list[memoryview], payload_id: str, chunk_bytes: int = MAX_CHUNK_BYTES
+    buffers: list[memoryview], payload_id: str, chunk_bytes: int = MAX_CHUNK_BYTES, sha256: str | None = None
 ) -> Iterator[tuple[ChunkInfo, bytes]]:
     """Yield (info, body) for each chunk of the payload made of ``buffers`` laid end to end.
 
-    Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB.
+    Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB. A digest
+    already computed (``sha256``) is used as it is, saving a pass over the payload.
     """
     size = sum(len(b) for b in buffers)
     count = chunk_count(size, chunk_bytes)
-    digest = hashlib.sha256()
+    digest = None if sha256 is not None else hashlib.sha256()
     pieces = _slices(buffers)
     next(pieces)
     for index in range(count):
@@ -119,13 +128,15 @@ def iter_chunks(
         parts, got = [], 0
         while got < want:
             piece = pieces.send(want - got)
-            digest.update(piece)
+            if digest is not None:
+                digest.update(piece)
             parts.append(piece)
             got += len(piece)
         # One copy into the body pika sends (it takes bytes only); a chunk inside one tensor is a slice.
         body = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         last = index == count - 1
-        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, digest.hexdigest() if last else None)
+        final = (sha256 if digest is None else digest.hexdigest()) if last else None
+        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, final)
         yield info, body
 
 

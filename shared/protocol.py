@@ -118,7 +118,10 @@ class Hello(_PayloadHeader):
 
 
 class Announcement(_PayloadHeader):
-    """Tells every site that a snapshot is complete on the stream and where to start reading it.
+    """Tells every site that a snapshot is being written to the stream, and where to start reading it.
+
+    It is published before the snapshot's chunks, so sites read while the coordinator writes; size,
+    chunk count and digest are computed up front, and the digest is checked once all chunks are in.
 
     AMQP 0-9-1 does not tell a publisher the stream offset of what it published, so the snapshot is
     located by time: readers attach at ``published_at`` (whole seconds, rounded down) and skip the

@@ -1,6 +1,7 @@
 """End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
 
 import threading
+import time
 
 import pika
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from shared import amqp
 from shared.local_federation import run_federation, site_names
+from shared.protocol import new_id
 from shared.settings import WorkerSettings, load_settings
 from shared.task import load_task
 from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
@@ -182,4 +184,24 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
         assert "raise FEDQ_PREFETCH" in refusals[0]["reason"]
         event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, 0.01)))
         assert coordinator.version == 1, "the coordinator goes on with updates that fit"
+    client.close()
+
+
+def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+        worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path / "site"),
+                            load_task("shared.digits_task:DigitsStraggler"))
+        connection = amqp.connect(broker_url, 30, "test-superseded")
+        connection.channel().basic_consume(amqp.declare_site_queue(connection.channel(), "site-1"), worker._on_announcement)
+        # A snapshot announced but never written, as when the coordinator lost the broker mid-write.
+        lost = coordinator.announcement.model_copy(update={"payload_id": new_id()})
+        worker.announcement = lost
+        threading.Timer(1.0, lambda: client.send(coordinator, 0, constant_delta(coordinator, 0.01))).start()
+        started = time.monotonic()
+        assert not worker._fetch_snapshot(connection, lost)
+        assert time.monotonic() - started < 30, "it did not wait out the snapshot timeout"
+        assert worker.announcement.version == 1
+        assert worker._fetch_snapshot(connection, worker.announcement) and worker.base_version == 1
+        connection.close()
     client.close()

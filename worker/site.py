@@ -218,10 +218,17 @@ class SiteWorker:
         tag = channel.basic_consume(
             amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": amqp.stream_offset_at(announcement.published_at)}
         )
-        while state["payload"] is None and state["error"] is None and time.monotonic() - started < SNAPSHOT_TIMEOUT:
+        # A newer announcement (the coordinator moved on, or republished after losing the broker
+        # mid-write) ends the wait: that snapshot is the one to read.
+        while (state["payload"] is None and state["error"] is None and not self._superseded(announcement)
+               and time.monotonic() - started < SNAPSHOT_TIMEOUT):
             connection.process_data_events(time_limit=1.0)
         amqp.cancel_stream_consumer(channel, tag)
         channel.close()
+        if state["payload"] is None and state["error"] is None and self._superseded(announcement):
+            log.info("site %s: version %d was superseded before it arrived; reading the newer announcement",
+                     self.settings.site, announcement.version)
+            return False
         try:
             if state["error"] is not None:
                 raise state["error"]
@@ -246,6 +253,10 @@ class SiteWorker:
         log.info("site %s: snapshot version %d (%d bytes) in %.2f s",
                  self.settings.site, header.version, len(state["payload"]), time.monotonic() - started)
         return True
+
+    def _superseded(self, announcement: Announcement) -> bool:
+        """A newer snapshot was announced (the same one announced again, for a hello, is not newer)."""
+        return self.announcement is not None and self.announcement.payload_id != announcement.payload_id
 
     # -- training and the update -----------------------------------------------------------------
 
