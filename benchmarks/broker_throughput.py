@@ -57,11 +57,10 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pika
 import torch
@@ -359,15 +358,16 @@ def wait_until(predicate: Callable[[], bool], deadline: float, *checks: Callable
         time.sleep(POLL_SECONDS)
 
 
-@contextmanager
-def fresh_vhost(broker) -> Iterator[str]:
-    """A new vhost with broker_config's definitions loaded; its AMQP URL. Deleted afterwards."""
-    name = f"throughput-{secrets.token_hex(4)}"
-    url = broker.create_vhost(name)
-    try:
-        yield url
-    finally:
-        broker.delete_vhost(name)
+def fresh_vhost(broker):
+    """A new vhost with broker_config's definitions loaded, for one measurement; its AMQP URL."""
+    return broker.temporary_vhost(f"throughput-{secrets.token_hex(4)}")
+
+
+def declare_bare_twin(channel, name: str, like: str, routing_key: str) -> None:
+    """An exchange and queue called ``name``, the queue declared with fedq's arguments for ``like``."""
+    channel.exchange_declare(name, "direct", durable=True)
+    channel.queue_declare(name, durable=True, arguments=amqp.QUEUES[like])
+    channel.queue_bind(name, name, routing_key=routing_key)
 
 
 def _result(side: str, started: float, ended: float, size: int, **details: Any) -> dict[str, Any]:
@@ -385,9 +385,7 @@ def ingest_bare(broker, case: IngestCase) -> dict[str, Any]:
         connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             channel = connection.channel()
-            channel.exchange_declare(BARE_UPDATES, "direct", durable=True)
-            channel.queue_declare(BARE_UPDATES, durable=True, arguments=amqp.QUEUES[amqp.UPDATES])
-            channel.queue_bind(BARE_UPDATES, BARE_UPDATES, routing_key=amqp.UPDATE_KEY)
+            declare_bare_twin(channel, BARE_UPDATES, amqp.UPDATES, amqp.UPDATE_KEY)
             channel.basic_qos(prefetch_count=INGEST_PREFETCH)
             consumed = {"messages": 0, "bytes": 0}
 
@@ -463,9 +461,7 @@ def fanout_bare(broker, case: FanoutCase, chunks: list[tuple[pika.BasicPropertie
         connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             channel = connection.channel()
-            channel.exchange_declare(BARE_SNAPSHOTS, "direct", durable=True)
-            channel.queue_declare(BARE_SNAPSHOTS, durable=True, arguments=amqp.QUEUES[amqp.SNAPSHOTS])
-            channel.queue_bind(BARE_SNAPSHOTS, BARE_SNAPSHOTS, routing_key=amqp.SNAPSHOT_KEY)
+            declare_bare_twin(channel, BARE_SNAPSHOTS, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY)
             channel.confirm_delivery()
             for _ in range(case.sites):
                 helpers.start(consume_stream_bare, url, BARE_SNAPSHOTS, len(chunks))

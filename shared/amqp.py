@@ -139,7 +139,7 @@ def publish_payload(
     Each basic_publish returns only once the broker has confirmed the chunk, so when this returns
     the whole payload is safe at the broker; a refusal raises pika's NackError, or UnroutableError
     if ``mandatory`` and no queue took it. ``progress`` is called after each confirmed chunk;
-    ``sha256``, if the payload's digest is already known, saves hashing it again.
+    ``sha256``, the payload's digest if the caller already has it, saves hashing it again.
     """
     info = None
     for info, body in iter_chunks(buffers, payload_id, chunk_bytes, sha256):

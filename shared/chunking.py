@@ -115,12 +115,12 @@ def iter_chunks(
 ) -> Iterator[tuple[ChunkInfo, bytes]]:
     """Yield (info, body) for each chunk of the payload made of ``buffers`` laid end to end.
 
-    Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB. A digest
-    already computed (``sha256``) is used as it is, saving a pass over the payload.
+    Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB. The last
+    chunk carries ``sha256``, computed here unless the caller already has it.
     """
     size = sum(len(b) for b in buffers)
     count = chunk_count(size, chunk_bytes)
-    digest = None if sha256 is not None else hashlib.sha256()
+    sha256 = sha256 or payload_digest(buffers)
     pieces = _slices(buffers)
     next(pieces)
     for index in range(count):
@@ -128,15 +128,11 @@ def iter_chunks(
         parts, got = [], 0
         while got < want:
             piece = pieces.send(want - got)
-            if digest is not None:
-                digest.update(piece)
             parts.append(piece)
             got += len(piece)
         # One copy into the body pika sends (it takes bytes only); a chunk inside one tensor is a slice.
         body = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-        last = index == count - 1
-        final = (sha256 if digest is None else digest.hexdigest()) if last else None
-        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, final)
+        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, sha256 if index == count - 1 else None)
         yield info, body
 
 

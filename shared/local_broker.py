@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pika
 import pika.exceptions
@@ -418,6 +419,15 @@ class Broker:
                 "management API and no rabbitmqctl here; set FEDQ_BROKER_MANAGEMENT_URL=http://user:pass@host:15672"
             )
         return self.url(name)
+
+    @contextmanager
+    def temporary_vhost(self, name: str) -> Iterator[str]:
+        """``create_vhost`` for the length of a block (a test, a benchmark run); its URL."""
+        url = self.create_vhost(name)
+        try:
+            yield url
+        finally:
+            self.delete_vhost(name)
 
     def delete_vhost(self, name: str) -> None:
         """Delete a vhost and everything in it; a missing vhost is not an error."""

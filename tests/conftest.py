@@ -29,9 +29,5 @@ def broker() -> Iterator[Broker]:
 def broker_url(broker: Broker, request: pytest.FixtureRequest) -> Iterator[str]:
     """AMQP URL of a fresh vhost holding the project's exchanges, queues and policies; deleted afterwards."""
     short = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30]
-    name = f"t-{short}-{secrets.token_hex(3)}"
-    url = broker.create_vhost(name)
-    try:
+    with broker.temporary_vhost(f"t-{short}-{secrets.token_hex(3)}") as url:
         yield url
-    finally:
-        broker.delete_vhost(name)
