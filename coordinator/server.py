@@ -13,13 +13,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pika
 import torch
 
-from coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from coordinator.checkpoint import Checkpoint, CheckpointFiles
 from coordinator.ledger import Entry, Ledger
 from coordinator.metrics import serve_metrics
 from coordinator.privacy import GaussianPrivacy
@@ -30,7 +29,7 @@ from coordinator.staleness import staleness_weight
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
 from shared import amqp
-from shared.chunking import ChunkInfo, Reassembly, chunk_count, payload_digest
+from shared.chunking import BufferPool, ChunkInfo, Reassembly, chunk_count, payload_digest
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
@@ -103,15 +102,20 @@ class Coordinator:
             self.strategy = make_strategy(settings)
         except ValueError as exc:
             raise SettingsError(f"fedq cannot start: {exc}. Fix FEDQ_STRATEGY and its settings, then start again.") from None
+        self.strategy.prepare(self.params)
         self.ledger = Ledger()
         self.runlog = RunLog(settings.run_dir)
+        self.checkpoints = CheckpointFiles(settings.run_dir)
         self.uploads: dict[str, _Upload] = {}
+        # Keeps the buffer of one dense update (model plus header room) for the next upload.
+        self.buffers = BufferPool(self.layout.total * 4 + MAX_CHUNK_BYTES)
         self.announcement: Announcement | None = None
         self.last_metrics: dict[str, float] = {}
         self.stop_reason: str | None = None
         self.sites_seen: set[str] = set()
         self.pending_acks: list[int] = []
-        self._last_checkpoint = time.monotonic()
+        # When the oldest delivery in pending_acks was taken: none waits longer than checkpoint_seconds.
+        self._pending_since = 0.0
         self.ingest = Observations(INGEST_BOUNDS)
         # Replaced whole on every tick, so readers on other threads (metrics) never see it half-built.
         self.status: Status | None = None
@@ -253,10 +257,6 @@ class Coordinator:
 
     # -- durability ------------------------------------------------------------------------------
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.settings.run_dir / "checkpoint.fedq"
-
     def _settle(self, force: bool = False) -> None:
         """Checkpoint, then acknowledge every delivery taken since the last one.
 
@@ -266,7 +266,7 @@ class Coordinator:
         """
         if not self.pending_acks and not force:
             return
-        due = time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds
+        due = time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
         # The broker sends nothing more once the prefetch window is full of unacknowledged
         # deliveries, so a nearly full window is settled at once, whatever the clock says.
         held = len(self.pending_acks) + sum(len(upload.tags) for upload in self.uploads.values())
@@ -276,23 +276,28 @@ class Coordinator:
                 self._consumer.basic_ack(tag)
             self.pending_acks.clear()
 
+    def _hold(self, tags: list[int]) -> None:
+        """Keep these deliveries unacknowledged until the next checkpoint holds their effect."""
+        if not self.pending_acks:
+            self._pending_since = time.monotonic()
+        self.pending_acks.extend(tags)
+
     def _checkpoint(self) -> None:
         if self.strategy.max_staleness is not None:
             self.ledger.forget_before(self.version - self.strategy.max_staleness)
         tensors, values = self.strategy.state()
-        write_checkpoint(self.checkpoint_path, Checkpoint(
+        self.checkpoints.write(Checkpoint(
             run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
             strategy_values=values, ledger_rows=self.ledger.to_rows(),
             run={"sites_seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
                    "counters": self.runlog.counters(),
                    "dp_releases": self.strategy.privacy.releases if self.strategy.privacy else 0},
         ))
-        self._last_checkpoint = time.monotonic()
 
     def _resume(self) -> bool:
-        if not self.checkpoint_path.exists():
+        if not self.checkpoints.exists():
             return False
-        checkpoint = read_checkpoint(self.checkpoint_path)
+        checkpoint = self.checkpoints.read()
         check_matches_model(self.params, checkpoint.params)
         for name, tensor in checkpoint.params.items():
             self.params[name].copy_(tensor)
@@ -307,7 +312,7 @@ class Coordinator:
         self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
         self._evaluate()
         log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
-                 self.run_id, self.version, self.checkpoint_path, len(self.ledger.entries))
+                 self.run_id, self.version, self.checkpoints.path, len(self.ledger.entries))
         return True
 
     def _expire_uploads(self) -> None:
@@ -320,7 +325,7 @@ class Coordinator:
                             upload.reassembly.count, now_ - upload.last_chunk)
                 self.runlog.event("upload_expired", payload_id=payload_id, user=upload.user_id,
                                   received=upload.reassembly.received, chunks=upload.reassembly.count)
-                self.pending_acks.extend(upload.tags)
+                self._hold(upload.tags)
 
     def _check_limits(self) -> None:
         s = self.settings
@@ -349,7 +354,8 @@ class Coordinator:
                     f"{self._window} chunks; raise FEDQ_PREFETCH on the coordinator or compress updates"
                 ), properties.user_id)
                 return
-            upload = self.uploads[info.payload_id] = _Upload(Reassembly(info), user_id=properties.user_id)
+            reassembly = Reassembly(info, self.buffers.take(info.size))
+            upload = self.uploads[info.payload_id] = _Upload(reassembly, user_id=properties.user_id)
         upload.tags.append(method.delivery_tag)
         upload.last_chunk = time.monotonic()
         try:
@@ -383,7 +389,9 @@ class Coordinator:
             return
         finally:
             self.ingest.observe(time.monotonic() - upload.first_chunk)
-        self.pending_acks.extend(upload.tags)
+            # Nothing refers to the payload any more: strategies copy what they keep.
+            self.buffers.give(upload.reassembly.storage)
+        self._hold(upload.tags)
         if new_version:
             # Durable before it is published: a restarted coordinator never hands out a version
             # number twice for two different models.
@@ -466,7 +474,7 @@ class Coordinator:
             headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
         )
         self._publisher.basic_publish(amqp.REJECTED, "", body, properties)
-        self.pending_acks.extend(tags)
+        self._hold(tags)
 
     # -- outgoing versions -----------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 Lifecycle, as the coordinator drives it for every update that passed validation:
 
+0. ``prepare(params)`` once, before the first update: allocate what ``submit`` will need, so the
+   first update does not pay for fresh memory;
 1. ``admit(update, staleness)`` returns a reason to drop the update, or None to take it;
 2. ``submit(params, update, staleness)`` folds it in and says whether the global model changed,
    in which case the coordinator bumps the version, evaluates and publishes a snapshot.
@@ -60,6 +62,9 @@ class Strategy(ABC):
         #: With central differential privacy, every release of a new model gets calibrated noise.
         self.privacy = privacy
 
+    def prepare(self, params: Tensors) -> None:
+        """Allocate the buffers ``submit`` needs for a model of these tensors."""
+
     def admit(self, update: Update, staleness: int) -> str | None:
         """A reason to drop this update, or None to take it."""
         if self.max_staleness is not None and staleness > self.max_staleness:
@@ -68,7 +73,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def submit(self, params: Tensors, update: Update, staleness: int) -> Outcome:
-        """Fold an admitted update into ``params`` (in place, or into a buffer)."""
+        """Fold an admitted update into ``params`` (in place, or into a buffer).
+
+        ``update.delta`` may be a view of the received payload, whose memory receives the next
+        payload once this returns: copy what must outlive the call.
+        """
 
     def state(self) -> tuple[dict[str, Tensors], dict]:
         """What a checkpoint must keep besides the model: named tensor groups and plain values."""
@@ -108,7 +117,9 @@ class FedBuff(Strategy):
 
     ``mean``: sum(n_i * s(tau_i) * delta_i) / sum(n_i). Sample counts weight the sites as FedAvg
     does, and staleness shrinks an old update's share without inflating the fresh ones. With
-    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum.
+    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum,
+    allocated once and zeroed after every version: a freshly allocated 2 GB sum would page-fault on
+    the buffer's first update.
 
     ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
     (which a hostile site could inflate), so one bad site among K cannot pull the model away. A
@@ -133,7 +144,12 @@ class FedBuff(Strategy):
                 f"trimmed-mean over {buffer_size} updates with trim_fraction {trim_fraction} trims {self.trim} from each "
                 f"side; choose trim_fraction and buffer_size so that 1 <= floor(trim_fraction * buffer_size) < buffer_size / 2"
             )
+        self.sum: Tensors = {}
         self.reset_buffer()
+
+    def prepare(self, params):
+        if self.aggregation == "mean" and not self.sum:
+            self.sum = {name: torch.zeros_like(tensor) for name, tensor in params.items()}
 
     def admit(self, update, staleness):
         if (self.aggregation != "mean" or self.privacy is not None) and update.site in self.sites:
@@ -142,7 +158,8 @@ class FedBuff(Strategy):
         return super().admit(update, staleness)
 
     def reset_buffer(self) -> None:
-        self.sum: Tensors = {}
+        for acc in self.sum.values():
+            acc.zero_()
         self.held: list[Tensors] = []
         self.samples = 0
         self.sites: list[str] = []
@@ -153,8 +170,7 @@ class FedBuff(Strategy):
         # site's share, and so the noise it needs, grow without bound.
         share = 1 if self.privacy is not None else update.num_samples
         if self.aggregation == "mean":
-            if not self.sum:
-                self.sum = {name: torch.zeros_like(tensor) for name, tensor in params.items()}
+            self.prepare(params)
             add_scaled(self.sum, update.delta, share * weight)
         else:
             self.held.append(dense_copy(update.delta, weight))
@@ -176,12 +192,19 @@ class FedBuff(Strategy):
         return {name: statistic(torch.stack([h[name] for h in self.held])) for name in self.held[0]}
 
     def state(self):
-        buffers = {"buffer": self.sum} if self.aggregation == "mean" else {f"held{i}": h for i, h in enumerate(self.held)}
+        if self.aggregation == "mean":
+            buffers = {"buffer": self.sum} if self.sites else {}  # an empty buffer is all zeros: not worth writing
+        else:
+            buffers = {f"held{i}": h for i, h in enumerate(self.held)}
         return {**buffers, **self.optimizer.state_dict()}, {"samples": self.samples, "sites": list(self.sites)}
 
     def restore(self, tensors, values):
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
-        self.sum = dict(tensors.get("buffer", {}))
+        if "buffer" in tensors:
+            self.sum = dict(tensors["buffer"])
+        else:
+            for acc in self.sum.values():
+                acc.zero_()
         self.held = [dict(tensors[f"held{i}"]) for i in range(len(self.sites))] if self.aggregation != "mean" else []
         self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer" and not k.startswith("held")})
 

@@ -163,10 +163,10 @@ class Reassembly:
         self.count = first.count
         self.chunk_bytes = first.chunk_bytes
         self.sha256: str | None = None
-        if buffer is not None and len(buffer) >= first.size:
-            self._buffer = buffer[: first.size]
-        else:
-            self._buffer = memoryview(np.empty(first.size, dtype=np.uint8)).cast("B")
+        if buffer is None or len(buffer) < first.size:
+            buffer = memoryview(np.empty(first.size, dtype=np.uint8)).cast("B")
+        self.storage = buffer  # the whole buffer, to hand back to a BufferPool once the payload is used
+        self._buffer = buffer[: first.size]
         self._seen: set[int] = set()
         self._digest = hashlib.sha256()
         self._hashed = 0  # chunks 0 .. _hashed - 1 are in the digest
@@ -213,6 +213,38 @@ class Reassembly:
         if actual != self.sha256:
             raise ProtocolError(f"payload {self.payload_id} digest {actual} does not match the sent {self.sha256}")
         return self._buffer
+
+
+class BufferPool:
+    """Buffers of payloads already used, kept to receive the next payloads of about the same size.
+
+    Fresh memory costs a page fault per 4 KiB on first write: receiving a 100 MB update into a new
+    buffer took several times longer than into one already touched. A reader that knows a payload
+    is no longer referenced gives its buffer back; at most ``max_bytes`` are kept.
+    """
+
+    def __init__(self, max_bytes: int, min_size: int = MAX_CHUNK_BYTES):
+        self.max_bytes = max_bytes
+        self.min_size = min_size  # smaller payloads are cheap to allocate and not worth keeping
+        self._spare: list[memoryview] = []
+
+    @property
+    def spare_bytes(self) -> int:
+        return sum(len(buffer) for buffer in self._spare)
+
+    def take(self, size: int) -> memoryview | None:
+        """A kept buffer of at least ``size`` bytes and at most twice that, or None."""
+        fitting = [b for b in self._spare if size <= len(b) <= 2 * size]
+        if size < self.min_size or not fitting:
+            return None
+        buffer = min(fitting, key=len)
+        self._spare.remove(buffer)
+        return buffer
+
+    def give(self, buffer: memoryview) -> None:
+        """Keep ``buffer`` for a later payload; its contents may be overwritten from now on."""
+        if self.min_size <= len(buffer) and self.spare_bytes + len(buffer) <= self.max_bytes:
+            self._spare.append(buffer)
 
 
 def read_single(headers: dict[str, Any] | None, body: bytes, max_size: int = MAX_CHUNK_BYTES) -> memoryview:

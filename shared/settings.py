@@ -113,7 +113,7 @@ class CoordinatorSettings(CommonSettings):
     max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
     wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")
     prefetch: int = Field(
-        64, ge=2, description="Update chunks (4 MiB each) the coordinator takes from the broker at once; an update of "
+        128, ge=2, description="Update chunks (4 MiB each) the coordinator takes from the broker at once; an update of "
         "more chunks than 7/8 of this is refused, and this much memory may wait in the coordinator's socket buffer."
     )
     max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")

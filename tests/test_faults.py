@@ -92,7 +92,7 @@ def start_fedasync_coordinator(url, run_dir):
 
 def checkpoint_version(run_dir):
     try:
-        return read_checkpoint(run_dir / "checkpoint.fedq").version
+        return read_checkpoint(run_dir / "checkpoint.fedq", model=False).version
     except (FileNotFoundError, OSError):
         return -1
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.chunking import ChunkInfo, Reassembly, iter_chunks, read_single
+from shared.chunking import BufferPool, ChunkInfo, Reassembly, iter_chunks, read_single
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
@@ -171,3 +171,29 @@ def test_object_dtypes_are_refused_before_numpy_sees_them():
     fields["tensors"][0]["parts"][0]["dtype"] = "object"
     with pytest.raises(ProtocolError, match="part dtype 'object'"):
         decode_header(_raw_payload(fields))
+
+
+def test_a_buffer_given_back_receives_the_next_payload_of_about_its_size():
+    pool = BufferPool(max_bytes=3000, min_size=100)
+    first = np.random.default_rng(1).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    chunks = list(iter_chunks([memoryview(first)], "p1", 400))
+    reassembly = Reassembly(chunks[0][0], pool.take(1000))
+    for info, body in chunks:
+        reassembly.add(info, body)
+    assert bytes(reassembly.payload()) == first
+    pool.give(reassembly.storage)
+    assert pool.take(3000) is None, "a buffer far too small is not handed out"
+    assert pool.take(400) is None, "nor one more than twice the size"
+    second = bytes(reversed(first))[:990]
+    chunks = list(iter_chunks([memoryview(second)], "p2", 400))
+    reused = pool.take(990)
+    assert reused is reassembly.storage and pool.spare_bytes == 0
+    reassembly = Reassembly(chunks[0][0], reused)
+    for info, body in chunks:
+        reassembly.add(info, body)
+    assert bytes(reassembly.payload()) == second and len(reassembly.payload()) == 990
+    pool.give(reused)
+    pool.give(memoryview(bytearray(2500)))
+    assert pool.spare_bytes == 1000, "the pool keeps no more than max_bytes"
+    pool.give(memoryview(bytearray(50)))
+    assert pool.spare_bytes == 1000, "nor buffers below min_size"

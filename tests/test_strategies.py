@@ -100,3 +100,23 @@ def test_fedyogi_first_step_by_hand():
     v0 = 0.01**2
     v = v0 - 0.01 * 4.0 * (-1.0)  # sign(v0 - 4) = -1
     assert p["w"].item() == pytest.approx(0.1 * m / (v**0.5 + 0.01), rel=1e-5)
+
+
+def test_fedbuff_keeps_one_running_sum_across_versions_and_checkpoints_it_only_when_it_holds_updates():
+    p = params(0.0, 0.0)
+    strategy = FedBuff(buffer_size=2)
+    strategy.prepare(p)
+    storage = strategy.sum["w"].data_ptr()
+    assert "buffer" not in strategy.state()[0], "an empty buffer is all zeros, not worth a checkpoint's bytes"
+    strategy.submit(p, update(1, [1.0, 2.0]), staleness=0)
+    assert torch.equal(strategy.state()[0]["buffer"]["w"], torch.tensor([1.0, 2.0]))
+    strategy.submit(p, update(2, [3.0, 4.0]), staleness=0)
+    assert torch.equal(p["w"], torch.tensor([2.0, 3.0]))
+    # The next buffer starts from zeros in the same memory: no fresh allocation to page-fault.
+    assert strategy.sum["w"].data_ptr() == storage and torch.equal(strategy.sum["w"], torch.zeros(2))
+    strategy.submit(p, update(3, [2.0, 2.0]), staleness=0)
+    restored = FedBuff(buffer_size=2)
+    restored.prepare(params(0.0, 0.0))
+    restored.restore(*strategy.state())
+    restored.submit(p, update(4, [0.0, 2.0]), staleness=0)
+    assert torch.equal(p["w"], torch.tensor([3.0, 5.0]))
