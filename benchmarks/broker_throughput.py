@@ -25,7 +25,7 @@ fedq / bare, against a target of 0.70.
     announcement queues and wait; then the coordinator starts and publishes version 0 (fp32) to the
     fedq.snapshots stream and announces it. Each reader takes the announcement with the worker's own
     handler and reads the snapshot with the worker's own SiteWorker._fetch_snapshot (attach at the
-    announced time, reassemble, verify SHA-256, decode against the layout, check).
+    announced time, reassemble, verify the digest, decode against the layout, check).
     Clock: the start of the coordinator's snapshot publish to the last reader holding decoded tensors.
     bare: the same chunks (bytes and headers) published from here with confirms to a fresh stream
     declared like fedq.snapshots, while 8 reader processes consume it from "first" with prefetch 16

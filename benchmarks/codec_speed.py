@@ -4,7 +4,7 @@ The update is framed as a real payload, copied once into one contiguous buffer (
 makes: the receiver holds the payload in one preallocated buffer), and decoded from those bytes to
 float32 tensors, as the coordinator does. Throughput counts dense fp32 input bytes (100 MB) per
 second; medians of runs. For dense fp32 it also times the two sides of the wire path: the sender
-(encode, cut into 4 MiB chunk bodies, SHA-256) and the receiver (reassemble, verify, decode).
+(encode, cut into 4 MiB chunk bodies, digest) and the receiver (reassemble, verify, decode).
 
     python benchmarks/codec_speed.py
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"codec speed ({args.parameters:,} parameters, one thread): slowest is {slowest['codec']} at "
           f"{slowest['mb_per_s']:.0f} MB/s (target {TARGET_MB_S:.0f})")
     print(f"dense fp32 serialization (encode + one copy + decode): {dense['mb_per_s']:.0f} MB/s (target "
-          f"{DENSE_TARGET_MB_S:.0f}); with chunking and SHA-256, sender {wire['sender_mb_per_s']:.0f} MB/s, "
+          f"{DENSE_TARGET_MB_S:.0f}); with chunking and the digest, sender {wire['sender_mb_per_s']:.0f} MB/s, "
           f"receiver {wire['receiver_mb_per_s']:.0f} MB/s")
     return 0 if slowest["mb_per_s"] >= TARGET_MB_S and dense["mb_per_s"] >= DENSE_TARGET_MB_S else 1
 

@@ -503,12 +503,12 @@ class Coordinator:
         size, digest = payload_size(buffers), payload_digest(buffers)
         self.announcement = Announcement(
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
-            chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, sha256=digest, published_at=now(),
+            chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, digest=digest, published_at=now(),
             retrain=self.strategy.retrain,
         )
         self._announce()
         amqp.publish_payload(self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, buffers, self.announcement.payload_id,
-                             sha256=digest)
+                             digest=digest)
         self.runlog.bytes_out += size
         seconds = time.monotonic() - started
         self.runlog.event("snapshot", version=self.version, bytes=size, chunks=self.announcement.chunks,

@@ -132,17 +132,17 @@ def publish_payload(
     mandatory: bool = True,
     chunk_bytes: int = MAX_CHUNK_BYTES,
     progress: Callable[[ChunkInfo], None] | None = None,
-    sha256: str | None = None,
+    digest: str | None = None,
 ) -> ChunkInfo:
     """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
 
     Each basic_publish returns only once the broker has confirmed the chunk, so when this returns
     the whole payload is safe at the broker; a refusal raises pika's NackError, or UnroutableError
     if ``mandatory`` and no queue took it. ``progress`` is called after each confirmed chunk;
-    ``sha256``, the payload's digest if the caller already has it, saves hashing it again.
+    ``digest``, the payload's digest if the caller already has it, saves hashing it again.
     """
     info = None
-    for info, body in iter_chunks(buffers, payload_id, chunk_bytes, sha256):
+    for info, body in iter_chunks(buffers, payload_id, chunk_bytes, digest):
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             headers=info.to_headers(),

@@ -1,20 +1,19 @@
 """Cutting payloads into messages of at most 4 MiB and putting them back together, verified.
 
 Each chunk travels as one AMQP message whose headers say which payload it belongs to, where it sits
-and how large the whole is. The last chunk also carries the SHA-256 of the whole payload, so the
+and how large the whole is. The last chunk also carries the digest (BLAKE3) of the whole payload, so the
 publisher hashes while it sends, in one pass, and the reader checks the digest once it has all.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
-from shared.protocol import MAX_CHUNK_BYTES, ProtocolError
+from shared.protocol import MAX_CHUNK_BYTES, ProtocolError, new_digest
 
 # A reader refuses chunk sizes above what any broker accepts, whatever the sender claims.
 _LARGEST_CHUNK = 16 * 1024 * 1024
@@ -29,7 +28,7 @@ class ChunkInfo:
     count: int
     size: int
     chunk_bytes: int
-    sha256: str | None = None
+    digest: str | None = None
 
     @property
     def offset(self) -> int:
@@ -52,8 +51,8 @@ class ChunkInfo:
             "fedq-size": self.size,
             "fedq-chunk-bytes": self.chunk_bytes,
         }
-        if self.sha256 is not None:
-            headers["fedq-sha256"] = self.sha256
+        if self.digest is not None:
+            headers["fedq-digest"] = self.digest
         return headers
 
     @classmethod
@@ -80,7 +79,7 @@ class ChunkInfo:
             count=field("fedq-chunks", int),
             size=field("fedq-size", int),
             chunk_bytes=field("fedq-chunk-bytes", int),
-            sha256=field("fedq-sha256", str, required=False),
+            digest=field("fedq-digest", str, required=False),
         )
         if not 0 < len(info.payload_id) <= 64:
             raise ProtocolError("header fedq-payload must be 1 to 64 characters")
@@ -92,8 +91,8 @@ class ChunkInfo:
             raise ProtocolError(f"{info.count} chunks cannot hold {info.size} bytes in {info.chunk_bytes}-byte chunks")
         if not 0 <= info.index < info.count:
             raise ProtocolError(f"chunk index {info.index} is outside 0..{info.count - 1}")
-        if info.is_last and info.sha256 is None:
-            raise ProtocolError("the last chunk carries no fedq-sha256 digest")
+        if info.is_last and info.digest is None:
+            raise ProtocolError("the last chunk carries no fedq-digest header")
         return info
 
 
@@ -103,24 +102,24 @@ def chunk_count(size: int, chunk_bytes: int) -> int:
 
 
 def payload_digest(buffers: list[memoryview]) -> str:
-    """The SHA-256 of the payload made of ``buffers`` laid end to end, as its last chunk carries it."""
-    digest = hashlib.sha256()
+    """The digest of the payload made of ``buffers`` laid end to end, as its last chunk carries it."""
+    digest = new_digest()
     for buffer in buffers:
         digest.update(buffer)
     return digest.hexdigest()
 
 
 def iter_chunks(
-    buffers: list[memoryview], payload_id: str, chunk_bytes: int = MAX_CHUNK_BYTES, sha256: str | None = None
+    buffers: list[memoryview], payload_id: str, chunk_bytes: int = MAX_CHUNK_BYTES, digest: str | None = None
 ) -> Iterator[tuple[ChunkInfo, bytes]]:
     """Yield (info, body) for each chunk of the payload made of ``buffers`` laid end to end.
 
     Only one chunk's bytes exist at a time, so a 2 GB model costs 4 MiB here, not 2 GB. The last
-    chunk carries ``sha256``, computed here unless the caller already has it.
+    chunk carries ``digest``, computed here unless the caller already has it.
     """
     size = sum(len(b) for b in buffers)
     count = chunk_count(size, chunk_bytes)
-    sha256 = sha256 or payload_digest(buffers)
+    digest = digest or payload_digest(buffers)
     pieces = _slices(buffers)
     next(pieces)
     for index in range(count):
@@ -132,7 +131,7 @@ def iter_chunks(
             got += len(piece)
         # One copy into the body pika sends (it takes bytes only); a chunk inside one tensor is a slice.
         body = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, sha256 if index == count - 1 else None)
+        info = ChunkInfo(payload_id, index, count, size, chunk_bytes, digest if index == count - 1 else None)
         yield info, body
 
 
@@ -162,13 +161,13 @@ class Reassembly:
         self.size = first.size
         self.count = first.count
         self.chunk_bytes = first.chunk_bytes
-        self.sha256: str | None = None
+        self.digest: str | None = None
         if buffer is None or len(buffer) < first.size:
             buffer = memoryview(np.empty(first.size, dtype=np.uint8)).cast("B")
         self.storage = buffer  # the whole buffer, to hand back to a BufferPool once the payload is used
         self._buffer = buffer[: first.size]
         self._seen: set[int] = set()
-        self._digest = hashlib.sha256()
+        self._digest = new_digest()
         self._hashed = 0  # chunks 0 .. _hashed - 1 are in the digest
 
     @property
@@ -197,8 +196,8 @@ class Reassembly:
                 start = self._hashed * self.chunk_bytes
                 self._digest.update(self._buffer[start : start + self.chunk_bytes])
                 self._hashed += 1
-        if info.sha256 is not None:
-            self.sha256 = info.sha256
+        if info.digest is not None:
+            self.digest = info.digest
         return self.complete
 
     def prefix(self, limit: int) -> bytes:
@@ -210,8 +209,8 @@ class Reassembly:
         if not self.complete:
             raise ProtocolError(f"payload {self.payload_id} has {self.received} of {self.count} chunks")
         actual = self._digest.hexdigest()
-        if actual != self.sha256:
-            raise ProtocolError(f"payload {self.payload_id} digest {actual} does not match the sent {self.sha256}")
+        if actual != self.digest:
+            raise ProtocolError(f"payload {self.payload_id} digest {actual} does not match the sent {self.digest}")
         return self._buffer
 
 

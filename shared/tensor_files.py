@@ -14,7 +14,7 @@ from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.durable_files import read_durable, write_durable
 from shared.protocol import PROTOCOL_VERSION, ProtocolError, TensorFile, decode_payload, encode_payload
 
-MAGIC = b"FEDQTNS1"
+MAGIC = b"FEDQTNS2"  # 2: BLAKE3 digests
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:

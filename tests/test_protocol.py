@@ -1,6 +1,5 @@
 """Payload framing and chunking: round trips and refusals, without a broker."""
 
-import hashlib
 import random
 
 import msgpack
@@ -19,6 +18,7 @@ from shared.protocol import (
     decode_header,
     decode_payload,
     encode_payload,
+    new_digest,
     new_id,
 )
 
@@ -46,7 +46,7 @@ def test_chunking_round_trip(size, expected_chunks):
     assert all(len(body) <= MAX_CHUNK_BYTES for _, body in chunks)
     assert bytes(payload) == data
     last = next(info for info, _ in chunks if info.is_last)
-    assert last.sha256 == hashlib.sha256(data).hexdigest()
+    assert last.digest == new_digest().update(data).hexdigest()
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

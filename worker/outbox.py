@@ -17,7 +17,7 @@ from shared.durable_files import read_durable, write_durable
 from shared.protocol import ProtocolError
 
 log = logging.getLogger("fedq.worker")
-MAGIC = b"FEDQOUT1"
+MAGIC = b"FEDQOUT2"  # 2: BLAKE3 digests
 
 
 class Outbox:
