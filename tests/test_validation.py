@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared import amqp
-from shared.protocol import new_id
+from shared.protocol import PROTOCOL_VERSION, new_id
 from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
@@ -90,7 +90,7 @@ def malformed_messages(client, coordinator, valid_payload, valid_id, rng):
         "NaN or Inf": lambda: ("payload", delta_with(rng.choice([float("nan"), float("inf"), -float("inf")])), None),
         "oversized": lambda: ("raw", b"x" * 64, {"fedq-payload": new_id(), "fedq-chunk": 0, "fedq-chunks": 2**20,
                                                   "fedq-size": 2**42, "fedq-chunk-bytes": 2**22}),
-        "wrong protocol version": lambda: ("payload", update(protocol=rng.choice([0, 2, 99])), None),
+        "wrong protocol version": lambda: ("payload", update(protocol=rng.choice([0, PROTOCOL_VERSION + 1, 99])), None),
         "unknown codec": lambda: ("payload", update(codec="pickle"), None),
         "another site": lambda: ("payload", update(site="site-9"), None),
         "replays": lambda: ("replay", valid_payload, None),
