@@ -35,7 +35,7 @@ from shared.protocol import (
     now,
     payload_size,
 )
-from shared.memory import peak_resident_bytes, release_free_memory
+from shared.memory import peak_resident_bytes
 from shared.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
 from shared.validation import check_matches_model, float_state
@@ -275,7 +275,6 @@ class SiteWorker:
         result, lost = self._train_in_background(connection, context)
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
-        release_free_memory()
         encoding = time.monotonic()
         # The difference is taken in place: the model's tensors are reset from the base before the
         # next training anyway, and a copy would be a third model's worth of memory.
