@@ -28,6 +28,7 @@ from coordinator.server_optimizers import make_server_optimizer
 from coordinator.staleness import staleness_weight
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
+from coordinator.upload_spool import UploadSpool
 from shared import amqp
 from shared.chunking import BufferPool, ChunkInfo, Reassembly, chunk_count, payload_digest
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
@@ -86,6 +87,8 @@ class _Upload:
     user_id: str | None = None
     first_chunk: float = field(default_factory=time.monotonic)
     last_chunk: float = field(default_factory=time.monotonic)
+    #: Whether its chunks so far are in the upload spool (and acknowledged).
+    spooled: bool = False
 
 
 class Coordinator:
@@ -107,6 +110,9 @@ class Coordinator:
         self.runlog = RunLog(settings.run_dir)
         self.checkpoints = CheckpointFiles(settings.run_dir)
         self.uploads: dict[str, _Upload] = {}
+        self.spool = UploadSpool(settings.run_dir / "uploads")
+        # Spooled uploads handled since the last checkpoint: their files go once it is written.
+        self._spool_done: list[str] = []
         # Keeps the buffer of one dense update (model plus header room) for the next upload.
         self.buffers = BufferPool(self.layout.total * 4 + MAX_CHUNK_BYTES)
         self.announcement: Announcement | None = None
@@ -134,6 +140,10 @@ class Coordinator:
             torch.set_num_threads(s.torch_threads)
         metrics = self._serve_metrics()
         resumed = s.resume and self._resume()
+        if resumed:
+            self._take_spooled_uploads()
+        else:
+            self.spool.clear()
         log.info("coordinator %s: strategy %s, task %s, %d tensors, %d parameters",
                  "resumed" if resumed else "up", s.strategy, s.task, len(self.params), self.layout.total)
         dense_chunks = -(-self.layout.total * 4 // MAX_CHUNK_BYTES)
@@ -167,8 +177,9 @@ class Coordinator:
         try:
             backoff.reset()
             # Deliveries of the last connection come again; what they carried is either in the
-            # checkpoint (and the ledger skips it) or redelivered in full.
-            self.uploads.clear()
+            # checkpoint (and the ledger skips it), in the upload spool, or redelivered in full.
+            self.uploads = {pid: _Upload(u.reassembly, user_id=u.user_id, spooled=True)
+                            for pid, u in self.uploads.items() if u.spooled}
             self.pending_acks.clear()
             self._publisher = connection.channel()
             amqp.declare_shared_topology(self._publisher)
@@ -262,19 +273,50 @@ class Coordinator:
 
         Nothing is acknowledged before its effect is on disk: a crash before the checkpoint leaves
         those deliveries unacknowledged, so the broker hands them over again and they are counted
-        once, against the checkpoint's ledger.
+        once, against the checkpoint's ledger. Unfinished uploads that fill the window by
+        themselves are spooled to disk instead.
         """
-        if not self.pending_acks and not force:
-            return
-        due = time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
+        due = bool(self.pending_acks) and time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
         # The broker sends nothing more once the prefetch window is full of unacknowledged
         # deliveries, so a nearly full window is settled at once, whatever the clock says.
         held = len(self.pending_acks) + sum(len(upload.tags) for upload in self.uploads.values())
-        if force or due or held >= self._window:
+        if force or due or (self.pending_acks and held >= self._window):
             self._checkpoint()
+            for payload_id in self._spool_done:
+                self.spool.remove(payload_id)
+            self._spool_done.clear()
             for tag in self.pending_acks:
                 self._consumer.basic_ack(tag)
             self.pending_acks.clear()
+        partial = [upload for upload in self.uploads.values() if upload.tags]
+        if sum(len(upload.tags) for upload in partial) >= self._window:
+            self._spool(partial)
+
+    def _spool(self, partial: list[_Upload]) -> None:
+        """The window is full of unfinished uploads, so nothing more would arrive to finish any:
+        write them to the spool and acknowledge their chunks, so the rest of them can come."""
+        log.info("%d uploads arriving at once fill the window of %d chunks; keeping their %d chunks on disk",
+                 len(partial), self._window, sum(len(upload.tags) for upload in partial))
+        for upload in partial:
+            self.spool.write(upload.reassembly, upload.user_id)
+            upload.spooled = True
+        for upload in partial:
+            for tag in upload.tags:
+                self._consumer.basic_ack(tag)
+            upload.tags.clear()
+
+    def _take_spooled_uploads(self) -> None:
+        for reassembly, user_id in self.spool.read_all():
+            self.uploads[reassembly.payload_id] = _Upload(reassembly, user_id=user_id, spooled=True)
+        if self.uploads:
+            log.info("resumed %d unfinished uploads from %s", len(self.uploads), self.spool.folder)
+
+    def _forget_upload(self, payload_id: str) -> _Upload:
+        """Take an upload out of the ones arriving; its spool file goes with the next checkpoint."""
+        upload = self.uploads.pop(payload_id)
+        if upload.spooled:
+            self._spool_done.append(payload_id)
+        return upload
 
     def _hold(self, tags: list[int]) -> None:
         """Keep these deliveries unacknowledged until the next checkpoint holds their effect."""
@@ -319,7 +361,7 @@ class Coordinator:
         now_ = time.monotonic()
         for payload_id, upload in list(self.uploads.items()):
             if now_ - upload.last_chunk > self.settings.upload_timeout:
-                del self.uploads[payload_id]
+                self._forget_upload(payload_id)
                 log.warning("discarded update upload %s from %s: %d of %d chunks, idle for %.0f s",
                             payload_id, upload.user_id or "unknown user", upload.reassembly.received,
                             upload.reassembly.count, now_ - upload.last_chunk)
@@ -361,11 +403,11 @@ class Coordinator:
         try:
             complete = upload.reassembly.add(info, body)
         except ProtocolError as exc:
-            del self.uploads[info.payload_id]
+            self._forget_upload(info.payload_id)
             self._refuse(upload.tags, properties.headers, body, str(exc), properties.user_id)
             return
         if complete:
-            del self.uploads[info.payload_id]
+            self._forget_upload(info.payload_id)
             self._handle(upload, properties.headers)
 
     def _handle(self, upload: _Upload, headers: dict | None) -> None:

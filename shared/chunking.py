@@ -192,13 +192,38 @@ class Reassembly:
         if info.index not in self._seen:
             self._buffer[info.offset : info.offset + len(body)] = body
             self._seen.add(info.index)
-            while self._hashed in self._seen:
-                start = self._hashed * self.chunk_bytes
-                self._digest.update(self._buffer[start : start + self.chunk_bytes])
-                self._hashed += 1
+            self._hash_in_order()
         if info.digest is not None:
             self.digest = info.digest
         return self.complete
+
+    def _hash_in_order(self) -> None:
+        while self._hashed in self._seen:
+            start = self._hashed * self.chunk_bytes
+            self._digest.update(self._buffer[start : start + self.chunk_bytes])
+            self._hashed += 1
+
+    def state(self) -> dict[str, Any]:
+        """Everything but the bytes (``storage[:size]``) that ``resume`` needs to go on later."""
+        return {"payload_id": self.payload_id, "size": self.size, "count": self.count, "chunk_bytes": self.chunk_bytes,
+                "digest": self.digest, "seen": sorted(self._seen)}
+
+    @classmethod
+    def resume(cls, state: dict[str, Any], data: memoryview) -> "Reassembly":
+        """A reassembly that goes on from ``state`` and the ``data`` it had; ProtocolError if they disagree."""
+        try:
+            first = ChunkInfo(str(state["payload_id"]), 0, int(state["count"]), int(state["size"]), int(state["chunk_bytes"]))
+            seen = {int(index) for index in state["seen"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"an unfinished upload's state is damaged ({exc})") from None
+        if len(data) != first.size or not seen <= set(range(first.count)):
+            raise ProtocolError(f"an unfinished upload of {first.size} bytes has {len(data)} bytes or chunks outside 0..{first.count - 1}")
+        reassembly = cls(first)
+        reassembly._buffer[:] = data
+        reassembly._seen = seen
+        reassembly.digest = state.get("digest")
+        reassembly._hash_in_order()
+        return reassembly
 
     def prefix(self, limit: int) -> bytes:
         """The first ``limit`` bytes of a complete payload, to keep as evidence when it is refused."""

@@ -1,5 +1,6 @@
 """End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
 
+import itertools
 import threading
 import time
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from shared import amqp
+from shared.chunking import iter_chunks
 from shared.local_federation import run_federation, site_names
 from shared.protocol import new_id
 from shared.settings import WorkerSettings, load_settings
@@ -184,6 +186,54 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
         assert "raise FEDQ_PREFETCH" in refusals[0]["reason"]
         event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, 0.01)))
         assert coordinator.version == 1, "the coordinator goes on with updates that fit"
+    client.close()
+
+
+def publish_chunk(client: SiteClient, info, body: bytes) -> None:
+    client.channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, body, pika.BasicProperties(
+        delivery_mode=pika.DeliveryMode.Persistent, headers=info.to_headers(), user_id=client.user), mandatory=True)
+
+
+def publish_interleaved(client: SiteClient, payloads: list[tuple[str, bytes]], chunk_bytes: int) -> None:
+    """Publish the payloads' chunks in turn, one of each, as sites uploading at the same time do."""
+    streams = [iter_chunks([memoryview(payload)], payload_id, chunk_bytes) for payload_id, payload in payloads]
+    for row in itertools.zip_longest(*streams):
+        for info, body in filter(None, row):
+            publish_chunk(client, info, body)
+
+
+def test_uploads_that_fill_the_window_together_are_spooled_and_all_applied(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
+        payloads = [client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01), site=f"site-{i}")
+                    for i in range(3)]
+        # Five chunks each, fifteen in all, interleaved: the window of 7 fills before any is whole.
+        publish_interleaved(client, payloads, chunk_bytes=8192)
+        for update_id, _ in payloads:
+            event_for(tmp_path, update_id)
+        assert coordinator.version == 3
+        assert not list((tmp_path / "uploads").glob("*")), "spooled uploads are removed once applied and checkpointed"
+    client.close()
+
+
+def test_spooled_uploads_survive_a_coordinator_restart(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
+        payloads = [client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01), site=f"site-{i}")
+                    for i in range(3)]
+        chunked = [list(iter_chunks([memoryview(payload)], update_id, 8192)) for update_id, payload in payloads]
+        for row in zip(*(chunks[:3] for chunks in chunked)):  # three of each five: nine, the window is 7
+            for info, body in row:
+                publish_chunk(client, info, body)
+        wait_for(lambda: len(list((tmp_path / "uploads").glob("*.upload"))) == 3, 15, "three spooled uploads")
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
+        assert len(coordinator.uploads) == 3, "the restarted coordinator took the spooled uploads back"
+        for chunks in chunked:
+            for info, body in chunks[3:]:
+                publish_chunk(client, info, body)
+        for update_id, _ in payloads:
+            event_for(tmp_path, update_id)
+        assert coordinator.version == 3
     client.close()
 
 
