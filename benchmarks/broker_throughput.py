@@ -280,20 +280,26 @@ def read_snapshot_as_worker(url: str, site: str, parameters: int, state_dir: Pat
     connection.close()
 
 
+def consume_counting(channel, queue: str, prefetch: int, arguments: dict | None = None) -> tuple[str, dict[str, int]]:
+    """A bare consumer: it acks each message and counts messages and bytes, nothing else.
+    Returns the consumer tag and the live counts."""
+    channel.basic_qos(prefetch_count=prefetch)
+    counts = {"messages": 0, "bytes": 0}
+
+    def on_message(ch, method, properties, body):
+        ch.basic_ack(method.delivery_tag)
+        counts["messages"] += 1
+        counts["bytes"] += len(body)
+
+    return channel.basic_consume(queue, on_message, arguments=arguments), counts
+
+
 def consume_stream_bare(url: str, stream: str, chunks: int, reports) -> None:
     """Helper process: consume a whole stream from its first message, acking each and nothing else.
     Reports ("ready",) once attached, then ("done", last message consumed, bytes)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
-    received = {"messages": 0, "bytes": 0}
-
-    def on_message(ch, method, properties, body):
-        ch.basic_ack(method.delivery_tag)
-        received["messages"] += 1
-        received["bytes"] += len(body)
-
-    tag = channel.basic_consume(stream, on_message, arguments={"x-stream-offset": "first"})
+    tag, received = consume_counting(channel, stream, _STREAM_PREFETCH, {"x-stream-offset": "first"})
     reports.put(("ready",))
     deadline = time.monotonic() + MEASUREMENT_TIMEOUT
     while received["messages"] < chunks:
@@ -386,15 +392,7 @@ def ingest_bare(broker, case: IngestCase) -> dict[str, Any]:
         try:
             channel = connection.channel()
             declare_bare_twin(channel, BARE_UPDATES, amqp.UPDATES, amqp.UPDATE_KEY)
-            channel.basic_qos(prefetch_count=INGEST_PREFETCH)
-            consumed = {"messages": 0, "bytes": 0}
-
-            def on_message(ch, method, properties, body):
-                ch.basic_ack(method.delivery_tag)
-                consumed["messages"] += 1
-                consumed["bytes"] += len(body)
-
-            channel.basic_consume(BARE_UPDATES, on_message)
+            _, consumed = consume_counting(channel, BARE_UPDATES, INGEST_PREFETCH)
             helpers.start(publish_updates, url, BARE_UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, new_id(), 0, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)

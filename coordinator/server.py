@@ -279,8 +279,8 @@ class Coordinator:
         due = bool(self.pending_acks) and time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
         # The broker sends nothing more once the prefetch window is full of unacknowledged
         # deliveries, so a nearly full window is settled at once, whatever the clock says.
-        held = len(self.pending_acks) + sum(len(upload.tags) for upload in self.uploads.values())
-        if force or due or (self.pending_acks and held >= self._window):
+        unfinished = sum(len(upload.tags) for upload in self.uploads.values())
+        if force or due or (self.pending_acks and len(self.pending_acks) + unfinished >= self._window):
             self._checkpoint()
             for payload_id in self._spool_done:
                 self.spool.remove(payload_id)
@@ -288,15 +288,15 @@ class Coordinator:
             for tag in self.pending_acks:
                 self._consumer.basic_ack(tag)
             self.pending_acks.clear()
-        partial = [upload for upload in self.uploads.values() if upload.tags]
-        if sum(len(upload.tags) for upload in partial) >= self._window:
-            self._spool(partial)
+        if unfinished >= self._window:
+            self._spool(unfinished)
 
-    def _spool(self, partial: list[_Upload]) -> None:
+    def _spool(self, chunks: int) -> None:
         """The window is full of unfinished uploads, so nothing more would arrive to finish any:
-        write them to the spool and acknowledge their chunks, so the rest of them can come."""
+        write them to the spool and acknowledge their ``chunks``, so the rest of them can come."""
+        partial = [upload for upload in self.uploads.values() if upload.tags]
         log.info("%d uploads arriving at once fill the window of %d chunks; keeping their %d chunks on disk",
-                 len(partial), self._window, sum(len(upload.tags) for upload in partial))
+                 len(partial), self._window, chunks)
         for upload in partial:
             self.spool.write(upload.reassembly, upload.user_id)
             upload.spooled = True

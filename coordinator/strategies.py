@@ -200,11 +200,8 @@ class FedBuff(Strategy):
 
     def restore(self, tensors, values):
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
-        if "buffer" in tensors:
+        if "buffer" in tensors:  # without one, the sum prepare() made is still all zeros
             self.sum = dict(tensors["buffer"])
-        else:
-            for acc in self.sum.values():
-                acc.zero_()
         self.held = [dict(tensors[f"held{i}"]) for i in range(len(self.sites))] if self.aggregation != "mean" else []
         self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer" and not k.startswith("held")})
 

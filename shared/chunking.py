@@ -1,8 +1,9 @@
 """Cutting payloads into messages of at most 4 MiB and putting them back together, verified.
 
 Each chunk travels as one AMQP message whose headers say which payload it belongs to, where it sits
-and how large the whole is. The last chunk also carries the digest (BLAKE3) of the whole payload, so the
-publisher hashes while it sends, in one pass, and the reader checks the digest once it has all.
+and how large the whole is. The last chunk also carries the digest (BLAKE3) of the whole payload,
+which the publisher computes before the first chunk (the coordinator announces it too), and which
+the reader computes as chunks arrive in order and checks once it has all.
 """
 
 from __future__ import annotations
@@ -217,9 +218,9 @@ class Reassembly:
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"an unfinished upload's state is damaged ({exc})") from None
         if len(data) != first.size or not seen <= set(range(first.count)):
-            raise ProtocolError(f"an unfinished upload of {first.size} bytes has {len(data)} bytes or chunks outside 0..{first.count - 1}")
-        reassembly = cls(first)
-        reassembly._buffer[:] = data
+            raise ProtocolError(f"an unfinished upload of {first.size} bytes has {len(data)} bytes "
+                                f"or chunks outside 0..{first.count - 1}")
+        reassembly = cls(first, data)  # the bytes read back are the buffer: no copy
         reassembly._seen = seen
         reassembly.digest = state.get("digest")
         reassembly._hash_in_order()
