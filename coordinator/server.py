@@ -49,7 +49,7 @@ from shared.protocol import (
 )
 from shared.memory import peak_resident_bytes
 from shared.settings import CoordinatorSettings, SettingsError
-from shared.validation import check_matches_model, float_state
+from shared.validation import check_matches_model, float_state, non_finite_tensor
 from shared.task import Task
 
 log = logging.getLogger("fedq.coordinator")
@@ -76,6 +76,10 @@ def make_strategy(settings: CoordinatorSettings) -> Strategy:
         return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
     return FedBuff(settings.buffer_size, optimizer, settings.aggregation, settings.trim_fraction,
                    staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
+
+
+class ModelDiverged(RuntimeError):
+    """The merged model holds NaN or infinity; the run stops without making it durable."""
 
 
 @dataclass
@@ -216,6 +220,7 @@ class Coordinator:
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
                               settings=self.settings.model_dump(mode="json"))
             self.runlog.evaluation(self.version, self.last_metrics)
+        self._check_finite()
         self._settle(force=True)
         self._publish_snapshot()
 
@@ -475,6 +480,7 @@ class Coordinator:
         )
         if outcome.new_version:
             self.version += 1
+            self._check_finite()
             if self.version % self.settings.eval_every == 0:
                 self._evaluate()
         return outcome.new_version
@@ -519,6 +525,24 @@ class Coordinator:
         self._hold(tags)
 
     # -- outgoing versions -----------------------------------------------------------------------
+
+    def _check_finite(self) -> None:
+        """Stop before a model holding NaN or infinity is checkpointed or published.
+
+        Every update was finite, but their sum can overflow or a server optimizer diverge. Sites do
+        not check snapshots again (the digest proves they are these bytes), so this is where one
+        check per version stands in for one per site; and a loud stop beats sites that each refuse
+        the version and wait for one that never comes.
+        """
+        bad = non_finite_tensor(self.params)
+        if bad is not None:
+            self.runlog.event("diverged", version=self.version, tensor=bad)
+            raise ModelDiverged(
+                f"version {self.version} of the model holds NaN or infinite values (tensor {bad!r}) after merging "
+                f"updates; it was neither checkpointed nor published, and the updates merged since the last checkpoint "
+                f"stay on the queue. Bound update norms (FEDQ_UPDATE_NORM_BOUND) or lower the server step "
+                f"(FEDQ_SERVER_LR for FedBuff, FEDQ_ALPHA for FedAsync), then start the coordinator again: it resumes from the last checkpoint"
+            )
 
     def _evaluate(self) -> None:
         self._score()

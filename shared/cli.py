@@ -73,12 +73,16 @@ def _configure_logging(level: str) -> None:
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.server import Coordinator
+    from coordinator.server import Coordinator, ModelDiverged
     from shared.task import load_task
 
     settings = _settings_from(args, CoordinatorSettings)
     _configure_logging(settings.log_level)
-    summary = Coordinator(settings, load_task(settings.task)).run()
+    try:
+        summary = Coordinator(settings, load_task(settings.task)).run()
+    except ModelDiverged as exc:
+        print(f"fedq: {exc}", file=sys.stderr)
+        return 1
     print(_describe(summary))
     return 0
 

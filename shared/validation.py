@@ -11,14 +11,15 @@ from shared.protocol import ProtocolError
 Tensors = dict[str, torch.Tensor]
 
 
-def check_matches_model(model_tensors: Tensors, received: Delta) -> None:
-    """``received`` names exactly the model's tensors, with the same shapes, and only finite values.
+def check_matches_model(model_tensors: Tensors, received: Delta, finite: bool = True) -> None:
+    """``received`` names exactly the model's tensors, with the same shapes, and (unless ``finite``
+    is False) only finite values.
 
     A SparseDelta was decoded against the model's layout (its fingerprint checked), so only its
     values remain to be checked.
     """
     if isinstance(received, SparseDelta):
-        if not all_finite(received.values):
+        if finite and not all_finite(received.values):
             raise ProtocolError("the update holds NaN or infinite values")
         return
     missing = model_tensors.keys() - received.keys()
@@ -32,8 +33,13 @@ def check_matches_model(model_tensors: Tensors, received: Delta) -> None:
             raise ProtocolError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the model's is {tuple(model_tensors[name].shape)}"
             )
-        if not all_finite(tensor):
-            raise ProtocolError(f"tensor {name!r} holds NaN or infinite values")
+    if finite and (bad := non_finite_tensor(received)) is not None:
+        raise ProtocolError(f"tensor {bad!r} holds NaN or infinite values")
+
+
+def non_finite_tensor(tensors: Tensors) -> str | None:
+    """The name of the first tensor holding a NaN or infinity, or None if all are finite."""
+    return next((name for name, tensor in tensors.items() if not all_finite(tensor)), None)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -8,6 +8,8 @@ import pika
 import pytest
 import torch
 
+from coordinator.checkpoint import read_checkpoint
+from coordinator.server import ModelDiverged
 from shared import amqp
 from shared.chunking import iter_chunks
 from shared.local_federation import run_federation, site_names
@@ -254,4 +256,21 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
         assert worker.announcement.version == 1
         assert worker._fetch_snapshot(connection, worker.announcement) and worker.base_version == 1
         connection.close()
+    client.close()
+
+
+def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_or_published(broker_url, tmp_path):
+    client = SiteClient(broker_url)
+    with pytest.raises(ModelDiverged, match=r"version 2 of the model holds NaN or infinite values"):
+        with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+            # Each update is finite; FedAsync mixes in 0.6 of each, and the second sum overflows float32.
+            client.send(coordinator, 0, constant_delta(coordinator, 3e38))
+            wait_for(lambda: coordinator.version == 1, 15, "version 1")
+            client.send(coordinator, 1, constant_delta(coordinator, 3e38))
+            wait_for(lambda: events(tmp_path, "diverged"), 15, "the divergence to be noticed")
+            assert coordinator.announcement.version == 1, "the diverged version was announced"
+    assert read_checkpoint(tmp_path / "checkpoint.fedq", model=False).version == 1
+    # The update that overflowed was never acknowledged: it waits on the queue for a restart.
+    depths = wait_for(lambda: (d := amqp.queue_depths(client.channel))[amqp.UPDATES] and d, 15, "the update requeued")
+    assert depths == {amqp.UPDATES: 1, amqp.REJECTED: 0}
     client.close()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from shared import amqp
-from shared.protocol import PROTOCOL_VERSION, new_id
+from shared.protocol import PROTOCOL_VERSION, ProtocolError, new_id
+from shared.validation import check_matches_model, non_finite_tensor
 from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
@@ -160,3 +161,15 @@ def test_a_site_sending_100x_updates_is_outvoted_by_a_trimmed_mean(broker_url, t
     )
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     assert summary["applied_per_site"].get("site-0", 0) > 0, "the hostile site's updates were taken, and outvoted"
+
+
+def test_a_non_finite_tensor_is_named_and_only_the_finite_check_can_be_left_out():
+    model = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
+    received = {"a": torch.ones(3), "b": torch.tensor([[1.0, float("inf")], [0.0, 0.0]])}
+    assert non_finite_tensor(model) is None
+    assert non_finite_tensor(received) == "b"
+    with pytest.raises(ProtocolError, match="tensor 'b' holds NaN or infinite values"):
+        check_matches_model(model, received)
+    check_matches_model(model, received, finite=False)  # a snapshot: the coordinator checked it
+    with pytest.raises(ProtocolError, match="has shape"):
+        check_matches_model(model, {"a": torch.ones(3), "b": torch.ones(4)}, finite=False)
