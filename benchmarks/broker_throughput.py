@@ -25,13 +25,14 @@ fedq / bare, against a target of 0.70.
     announcement queues and wait; then the coordinator starts and publishes version 0 (fp32) to the
     fedq.snapshots stream and announces it. Each reader takes the announcement with the worker's own
     handler and reads the snapshot with the worker's own SiteWorker._fetch_snapshot (attach at the
-    announced time, reassemble, verify the digest, decode against the layout, check).
+    announced time, reassemble, verify the digest, decode against the layout, check names and shapes).
     Clock: the start of the coordinator's snapshot publish to the last reader holding decoded tensors.
     bare: the same chunks (bytes and headers) published from here with confirms to a fresh stream
     declared like fedq.snapshots, while 8 reader processes consume it from "first" with prefetch 16
     (the worker's) and ack each message. Clock: the first publish to the last reader's last message.
-    The bare readers read while the publisher writes; fedq's read only once the whole snapshot is
-    stored and announced, so the fedq interval is publish + read (both phases are in the JSON).
+    Both sides read while the publisher writes: the coordinator announces a version before it writes
+    its chunks. The fedq interval also holds the coordinator's encoding and digest of the model
+    (publish and slowest read are both in the JSON).
     Bytes: 8 x the snapshot payload on both sides.
 
     python benchmarks/broker_throughput.py [--repeats 3]
