@@ -24,7 +24,7 @@ from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import coordinate_median, trimmed_mean
 from coordinator.server_optimizers import ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant
-from shared.deltas import Delta, add_scaled, dense_copy
+from shared.deltas import Delta, FlatTensors, add_scaled, dense_copy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -149,7 +149,7 @@ class FedBuff(Strategy):
 
     def prepare(self, params):
         if self.aggregation == "mean" and not self.sum:
-            self.sum = {name: torch.zeros_like(tensor) for name, tensor in params.items()}
+            self.sum = FlatTensors.zeros_like(params)
 
     def admit(self, update, staleness):
         if (self.aggregation != "mean" or self.privacy is not None) and update.site in self.sites:
@@ -158,8 +158,8 @@ class FedBuff(Strategy):
         return super().admit(update, staleness)
 
     def reset_buffer(self) -> None:
-        for acc in self.sum.values():
-            acc.zero_()
+        if self.sum:
+            self.sum.flat.zero_()
         self.held: list[Tensors] = []
         self.samples = 0
         self.sites: list[str] = []
@@ -200,8 +200,8 @@ class FedBuff(Strategy):
 
     def restore(self, tensors, values):
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
-        if "buffer" in tensors:  # without one, the sum prepare() made is still all zeros
-            self.sum = dict(tensors["buffer"])
+        for name, tensor in tensors.get("buffer", {}).items():  # without one, the sum is still all zeros
+            self.sum[name].copy_(tensor)
         self.held = [dict(tensors[f"held{i}"]) for i in range(len(self.sites))] if self.aggregation != "mean" else []
         self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer" and not k.startswith("held")})
 
