@@ -172,10 +172,12 @@ def quantize_int8(values: torch.Tensor, block: int = INT8_BLOCK) -> tuple[np.nda
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) -> torch.Tensor:
-    n = q.size
-    blocks = scales.size
-    values = torch.nn.functional.pad(_as_tensor(q).to(torch.float32), (0, blocks * block - n)).view(blocks, block)
-    return (values * _as_tensor(scales)[:, None]).reshape(-1)[:n]
+    values = _as_tensor(q).to(torch.float32)  # the one new tensor; scaled in place, block by block
+    full = q.size // block * block
+    values[:full].view(-1, block).mul_(_as_tensor(scales)[: full // block, None])
+    if full < q.size:
+        values[full:].mul_(float(scales[-1]))
+    return values
 
 
 class Int8(ElementwiseCodec):
@@ -266,10 +268,10 @@ def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_gaps(gaps: np.ndarray, total: int) -> np.ndarray:
     """Positions from gaps; ProtocolError unless strictly increasing and inside ``total``."""
-    steps = gaps.astype(np.int64)
-    if steps.size and int(steps.min()) < 1:
+    if gaps.size and int(gaps.min()) < 1:
         raise ProtocolError("sparse indices are not strictly increasing")
-    positions = np.cumsum(steps) - 1
+    positions = np.cumsum(gaps, dtype=np.int64)
+    positions -= 1
     if positions.size and int(positions[-1]) >= total:
         raise ProtocolError(f"sparse index {int(positions[-1])} is outside a model of {total} values")
     return positions
