@@ -158,17 +158,20 @@ class Helpers:
     """The processes one measurement starts, the queue they report on, and the signal that starts them.
 
     A helper reports tuples: ("ready", ...) once set up, ("done", ...) with its times, or
-    ("error", traceback) before it exits with the exception.
+    ("error", traceback) before it exits with the exception. A helper that is done stays idle until
+    the measurement is over: a Python process with PyTorch and a model takes a few hundred
+    milliseconds of CPU to exit, which would be taken from whatever is still being measured.
     """
 
     def __init__(self):
         self.reports = SPAWN.Queue()
         self.go = SPAWN.Event()
+        self.over = SPAWN.Event()
         self.processes: list[multiprocessing.process.BaseProcess] = []
 
     def start(self, target: Callable[..., None], *args: Any) -> None:
         """Start ``target(*args, reports)`` in a fresh interpreter."""
-        process = SPAWN.Process(target=_run_helper, args=(target, args, self.reports), daemon=True)
+        process = SPAWN.Process(target=_run_helper, args=(target, args, self.reports, self.over), daemon=True)
         process.start()
         self.processes.append(process)
 
@@ -201,6 +204,7 @@ class Helpers:
         return self
 
     def __exit__(self, exc_type, *exc_info) -> None:
+        self.over.set()
         # After a failure nobody waits for the helpers' reports: stop them soon.
         for process in self.processes:
             process.join(timeout=5 if exc_type else 30)
@@ -210,13 +214,15 @@ class Helpers:
         self.reports.close()
 
 
-def _run_helper(target: Callable[..., None], args: tuple, reports) -> None:
-    """A helper process's entry point: run ``target``; on failure, report the traceback and exit with the error."""
+def _run_helper(target: Callable[..., None], args: tuple, reports, over) -> None:
+    """A helper process's entry point: run ``target``, then wait for the measurement to be over; on
+    failure, report the traceback and exit with the error."""
     try:
         target(*args, reports)
     except BaseException:
         reports.put(("error", traceback.format_exc()))
         raise
+    over.wait(MEASUREMENT_TIMEOUT)
 
 
 def _update_payloads(parameters: int, codec: str, count: int, run_id: str, base_version: int) -> list[tuple[str, list[memoryview]]]:
