@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.strategies import FedAsync, FedBuff, Update
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
-from shared.deltas import SparseDelta, add_scaled, dense_copy
+from shared.deltas import PARALLEL_MIN, FlatTensors, SparseDelta, add_scaled, dense_copy
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id
 
 SHAPES = {"embedding": (50, 4), "empty": (0,), "head.weight": (3, 4), "head.bias": (3,)}
@@ -65,3 +65,24 @@ def test_a_non_contiguous_target_is_refused_rather_than_silently_copied():
     target["head.weight"] = torch.zeros(4, 3).t()
     with pytest.raises(RuntimeError, match="view"):
         add_scaled(target, sparse, 1.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_large_sparse_delta_adds_into_flat_tensors_on_threads_as_it_does_tensor_by_tensor(threads):
+    torch.manual_seed(3)
+    shapes = {"a": (700, 300), "b": (5,), "c": (400, 400)}
+    values = {name: torch.randn(shape) for name, shape in shapes.items()}
+    specs, parts = encode_tensors(values, get_codec("topk", 0.5))
+    delta = decode_tensors(specs, [parts], Layout.of(values), sparse=True)
+    assert len(delta.values) >= PARALLEL_MIN, "small enough to stay on one thread"
+    flat, plain = FlatTensors.zeros_like(values), {name: torch.zeros(shape) for name, shape in shapes.items()}
+    assert all(view.data_ptr() == flat.flat[start:].data_ptr() for view, start in zip(flat.values(), (0, 210_000, 210_005)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        add_scaled(flat, delta, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    add_scaled(plain, delta, 0.5)
+    assert all(torch.equal(flat[name], plain[name]) for name in shapes)
+    assert torch.count_nonzero(flat.flat) == len(delta.values)
