@@ -12,7 +12,7 @@ fedq / bare, against a target of 0.70.
     The payloads are encoded before the clock starts. M is 100 updates of 1M parameters or 5 of 25M
     (400 and 500 MB dense). The compressed cases send 1000 and 50 updates (about 22 and 27 MB): ten
     times as many, so that the interval is long enough to time and one-off costs do not dominate.
-    fedq: the coordinator runs on a thread of this process, with one PyTorch thread (FedBuff with a buffer larger than M, so
+    fedq: the coordinator runs on a thread of this process with its default settings (FedBuff with a buffer larger than M, so
     no version is published and the interval is ingest only: receive, reassemble, verify, decode,
     validate, decompress, accumulate, with the checkpoints fedq takes before it acknowledges).
     Clock: the publisher's first publish to the moment the coordinator has applied all M.
@@ -353,10 +353,8 @@ class CoordinatorThread:
 def make_coordinator(url: str, run_dir: Path, parameters: int, **settings: Any) -> Coordinator:
     config = load_settings(
         CoordinatorSettings, broker_url=url, run_dir=run_dir, task="benchmarks/broker_throughput.py:LinearStack",
+        # torch_threads is left to PyTorch (one per core), as a deployed coordinator runs.
         strategy="fedbuff", metrics_port="",  # "" turns the endpoint off; None would mean "the default port"
-        # One PyTorch thread, as for a coordinator sharing its cores with the broker: the merge is
-        # memory-bound, and a second thread only fights the broker and the publisher for this machine's two cores.
-        torch_threads=1,
         **settings,
     )
     return Coordinator(config, LinearStack(parameters))
