@@ -12,12 +12,13 @@ fedq / bare, against a target of 0.70.
     The payloads are encoded before the clock starts. M is 100 updates of 1M parameters or 5 of 25M
     (400 and 500 MB dense). The compressed cases send 1000 and 50 updates (about 22 and 27 MB): ten
     times as many, so that the interval is long enough to time and one-off costs do not dominate.
-    fedq: the coordinator runs on a thread of this process with its default settings (FedBuff with a buffer larger than M, so
-    no version is published and the interval is ingest only: receive, reassemble, verify, decode,
-    validate, decompress, accumulate, with the checkpoints fedq takes before it acknowledges).
+    fedq: the coordinator runs on a thread of this process with its default settings (FedBuff with
+    a buffer larger than M, so no version is published and the interval is ingest only: receive,
+    reassemble, verify, decode, validate, decompress, accumulate, with the checkpoints fedq takes
+    before it acknowledges).
     Clock: the publisher's first publish to the moment the coordinator has applied all M.
     bare: the same publisher process and payloads into a fresh quorum queue declared like
-    fedq.updates; a pika consumer here (prefetch 64, the coordinator's) acks each message.
+    fedq.updates; a pika consumer here (the coordinator's default prefetch, 128) acks each message.
     Clock: the first publish to the last message consumed.
 
 (b) Snapshot fan-out of a 25M-parameter (100 MB) model to 8 sites.

@@ -541,7 +541,8 @@ class Coordinator:
                 f"version {self.version} of the model holds NaN or infinite values (tensor {bad!r}) after merging "
                 f"updates; it was neither checkpointed nor published, and the updates merged since the last checkpoint "
                 f"stay on the queue. Bound update norms (FEDQ_UPDATE_NORM_BOUND) or lower the server step "
-                f"(FEDQ_SERVER_LR for FedBuff, FEDQ_ALPHA for FedAsync), then start the coordinator again: it resumes from the last checkpoint"
+                f"(FEDQ_SERVER_LR for FedBuff, FEDQ_ALPHA for FedAsync), then start the coordinator again: "
+                f"it resumes from the last checkpoint"
             )
 
     def _evaluate(self) -> None:

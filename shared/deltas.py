@@ -88,7 +88,7 @@ PARALLEL_MIN = 1 << 16  # values; below this, handing work to a thread costs mor
 def _add_into_flat(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
     # A scattered add waits on memory, one cache line per value, and index_add_ uses one thread.
     # The indices are sorted and distinct, so threads given consecutive runs of them never touch
-    # the same element, and each finishes in about 1/threads of the time.
+    # the same element; with a core free each, they finish in about 1/threads of the time.
     threads = torch.get_num_threads() if len(indices) >= PARALLEL_MIN else 1
     cuts = [len(indices) * i // threads for i in range(threads + 1)]
     runs = [(indices[a:b], values[a:b]) for a, b in zip(cuts, cuts[1:])]
