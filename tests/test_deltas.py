@@ -75,7 +75,9 @@ def test_a_large_sparse_delta_adds_into_flat_tensors_on_threads_as_it_does_tenso
     specs, parts = encode_tensors(values, get_codec("topk", 0.5))
     delta = decode_tensors(specs, [parts], Layout.of(values), sparse=True)
     assert len(delta.values) >= PARALLEL_MIN, "small enough to stay on one thread"
-    flat, plain = FlatTensors.zeros_like(values), {name: torch.zeros(shape) for name, shape in shapes.items()}
+    flat = FlatTensors.zeros_like(values)
+    assert flat.shapes == delta.shapes, "the delta would be added tensor by tensor, not into the flat tensor"
+    plain = {name: torch.zeros(shape) for name, shape in shapes.items()}
     assert all(view.data_ptr() == flat.flat[start:].data_ptr() for view, start in zip(flat.values(), (0, 210_000, 210_005)))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
 
 import itertools
+import logging
 import threading
 import time
 
@@ -204,7 +205,8 @@ def publish_interleaved(client: SiteClient, payloads: list[tuple[str, bytes]], c
             publish_chunk(client, info, body)
 
 
-def test_uploads_that_fill_the_window_together_are_spooled_and_all_applied(broker_url, tmp_path):
+def test_uploads_that_fill_the_window_together_are_spooled_and_all_applied(broker_url, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedq.coordinator")
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         payloads = [client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01), site=f"site-{i}")
@@ -214,6 +216,7 @@ def test_uploads_that_fill_the_window_together_are_spooled_and_all_applied(broke
         for update_id, _ in payloads:
             event_for(tmp_path, update_id)
         assert coordinator.version == 3
+        assert any("fill the window" in r.getMessage() for r in caplog.records), "nothing was spooled"
         assert not list((tmp_path / "uploads").glob("*")), "spooled uploads are removed once applied and checkpointed"
     client.close()
 
