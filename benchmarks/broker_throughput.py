@@ -421,7 +421,9 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
         # A buffer one larger than M: every update is accumulated and none makes a new version.
         coordinator = make_coordinator(url, Path(run_dir), case.parameters, buffer_size=case.updates + 1)
         with CoordinatorThread(coordinator) as serving:
-            wait_until(lambda: coordinator.announcement is not None, deadline, serving.check)
+            # Version 0 is announced before its chunks are written: the clock starts once they are all
+            # in the stream, or it would time the tail of the start-up snapshot as ingest.
+            wait_until(lambda: coordinator.runlog.bytes_out > 0, deadline, serving.check)
             helpers.start(publish_updates, url, amqp.UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)

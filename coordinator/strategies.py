@@ -24,7 +24,7 @@ from coordinator.privacy import GaussianPrivacy
 from coordinator.robust import coordinate_median, trimmed_mean
 from coordinator.server_optimizers import ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant
-from shared.deltas import Delta, FlatTensors, add_scaled, dense_copy
+from shared.deltas import Delta, FlatTensors, RunningSum, add_scaled, dense_copy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -119,7 +119,8 @@ class FedBuff(Strategy):
     does, and staleness shrinks an old update's share without inflating the fresh ones. With
     K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum,
     allocated once and zeroed after every version: a freshly allocated 2 GB sum would page-fault on
-    the buffer's first update.
+    the buffer's first update. A sparse update goes into the sum on a thread of its own while the
+    coordinator receives the next one (``shared.deltas.RunningSum``).
 
     ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
     (which a hostile site could inflate), so one bad site among K cannot pull the model away. A
@@ -144,12 +145,17 @@ class FedBuff(Strategy):
                 f"trimmed-mean over {buffer_size} updates with trim_fraction {trim_fraction} trims {self.trim} from each "
                 f"side; choose trim_fraction and buffer_size so that 1 <= floor(trim_fraction * buffer_size) < buffer_size / 2"
             )
-        self.sum: Tensors = {}
+        self.running: RunningSum | None = None
         self.reset_buffer()
 
+    @property
+    def sum(self) -> FlatTensors:
+        """The running sum of the buffer's weighted deltas, complete (``mean`` only, after ``prepare``)."""
+        return self.running.tensors
+
     def prepare(self, params):
-        if self.aggregation == "mean" and not self.sum:
-            self.sum = FlatTensors.zeros_like(params)
+        if self.aggregation == "mean" and self.running is None:
+            self.running = RunningSum(params)
 
     def admit(self, update, staleness):
         if (self.aggregation != "mean" or self.privacy is not None) and update.site in self.sites:
@@ -158,7 +164,7 @@ class FedBuff(Strategy):
         return super().admit(update, staleness)
 
     def reset_buffer(self) -> None:
-        if self.sum:
+        if self.running is not None:
             self.sum.flat.zero_()
         self.held: list[Tensors] = []
         self.samples = 0
@@ -171,7 +177,7 @@ class FedBuff(Strategy):
         share = 1 if self.privacy is not None else update.num_samples
         if self.aggregation == "mean":
             self.prepare(params)
-            add_scaled(self.sum, update.delta, share * weight)
+            self.running.add(update.delta, share * weight)
         else:
             self.held.append(dense_copy(update.delta, weight))
         self.samples += share
