@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
+from pika.channel import ContentFrameAssembler
 
 from shared.chunking import ChunkInfo, iter_chunks, read_single
 from shared.protocol import MAX_CHUNK_BYTES, ProtocolError, Status, decode_header, encode_payload, new_id
@@ -28,6 +29,27 @@ log = logging.getLogger(__name__)
 # receiving 4 MiB chunks several times cheaper. A pika 1.x internal (pinned below 2); tests cover it.
 RECV_BYTES = 128 * 1024
 _AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES
+
+
+class _FragmentAssembler(ContentFrameAssembler):
+    """Hands a message over with its body as the list of its frames' bytes, not joined into one."""
+
+    def _finish(self):
+        content = (self._method_frame, self._header_frame, self._body_fragments)
+        self._reset()  # starts a new list: the one handed over stays the caller's
+        return content
+
+
+def deliver_fragments(channel: BlockingChannel) -> None:
+    """Have ``channel`` deliver each body as a list of bytes (its 128 KiB frames) from now on.
+
+    pika joins a body's frames into one bytes object before delivering it. A reader that copies
+    bodies into a buffer of its own (``Reassembly.add`` takes the list) saves that copy: a site
+    reading a 100 MB snapshot used about a sixth less CPU. A pika 1.x internal (pinned below 2);
+    tests/test_pika_internals.py checks it.
+    """
+    channel._impl._content_assembler = _FragmentAssembler()
+
 
 SNAPSHOTS = "fedq.snapshots"  # exchange and stream queue
 SNAPSHOT_KEY = "snapshot"

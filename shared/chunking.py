@@ -179,8 +179,9 @@ class Reassembly:
     def received(self) -> int:
         return len(self._seen)
 
-    def add(self, info: ChunkInfo, body: bytes) -> bool:
-        """Place one chunk; returns True once every chunk is in. A repeated chunk is ignored."""
+    def add(self, info: ChunkInfo, body: bytes | list[bytes]) -> bool:
+        """Place one chunk, whole or as the fragments it arrived in (``shared.amqp.deliver_fragments``);
+        returns True once every chunk is in. A repeated chunk is ignored."""
         if (info.payload_id, info.size, info.count, info.chunk_bytes) != (
             self.payload_id,
             self.size,
@@ -188,10 +189,15 @@ class Reassembly:
             self.chunk_bytes,
         ):
             raise ProtocolError(f"chunk {info.index} disagrees with earlier chunks of payload {self.payload_id}")
-        if len(body) != info.length:
-            raise ProtocolError(f"chunk {info.index} has {len(body)} bytes, expected {info.length}")
+        fragments = body if isinstance(body, list) else [body]
+        length = sum(len(fragment) for fragment in fragments)
+        if length != info.length:
+            raise ProtocolError(f"chunk {info.index} has {length} bytes, expected {info.length}")
         if info.index not in self._seen:
-            self._buffer[info.offset : info.offset + len(body)] = body
+            position = info.offset
+            for fragment in fragments:
+                self._buffer[position : position + len(fragment)] = fragment
+                position += len(fragment)
             self._seen.add(info.index)
             self._hash_in_order()
         if info.digest is not None:

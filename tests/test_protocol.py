@@ -100,6 +100,18 @@ def test_wrong_body_length_is_refused():
         reassembly.add(chunks[0][0], chunks[0][1][:-1])
 
 
+def test_chunks_arriving_as_fragments_reassemble_like_whole_ones():
+    data = np.random.default_rng(7).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    chunks = list(iter_chunks([memoryview(data)], "p1", 300))
+    reassembly = Reassembly(chunks[0][0])
+    for info, body in reversed(chunks):  # as shared.amqp.deliver_fragments hands them over: frames of a body
+        reassembly.add(info, [body[i : i + 128] for i in range(0, len(body), 128)])
+    assert bytes(reassembly.payload()) == data
+    short = Reassembly(chunks[0][0])
+    with pytest.raises(ProtocolError, match="has 299 bytes, expected 300"):
+        short.add(chunks[0][0], [chunks[0][1][:128], chunks[0][1][128:-1]])
+
+
 def update_header(tensors=()):
     return UpdateHeader(
         protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=new_id(), site="site-1", base_version=3,

@@ -44,13 +44,3 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
 
     with pytest.raises(pika.exceptions.ChannelClosedByBroker):
         amqp.serve_with_reconnect(forbidden, "test", lambda: False)
-
-
-def test_pika_reads_whole_frames_at_a_time():
-    # shared.amqp raises pika's 4 KiB socket read; if a pika upgrade renamed the knob, this says so.
-    from pika.adapters.utils.io_services_utils import _AsyncTransportBase
-
-    assert _AsyncTransportBase._MAX_RECV_BYTES == amqp.RECV_BYTES >= 128 * 1024
-    import inspect
-
-    assert "self._MAX_RECV_BYTES" in inspect.getsource(_AsyncTransportBase._consume)

@@ -193,6 +193,7 @@ class SiteWorker:
         # keeps a large model's worker at two copies (model and base), never three.
         self.base = self.base_version = self.base_run = None
         channel = connection.channel()
+        amqp.deliver_fragments(channel)  # copied into snapshot_buffer without pika's join first
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None}
         throttle = _Throttle()
