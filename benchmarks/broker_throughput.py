@@ -15,8 +15,10 @@ fedq / bare, against a target of 0.70.
     fedq: the coordinator runs on a thread of this process with its default settings (FedBuff with
     a buffer larger than M, so no version is published and the interval is ingest only: receive,
     reassemble, verify, decode, validate, decompress, accumulate, with the checkpoints fedq takes
-    before it acknowledges).
-    Clock: the publisher's first publish to the moment the coordinator has applied all M.
+    before it acknowledges). The publisher starts once the coordinator's start-up snapshot
+    (version 0) is all in the stream, so the interval holds no snapshot traffic.
+    Clock: the publisher's first publish to the moment the coordinator has applied all M and the
+    last of them is in FedBuff's running sum (its adds run on a thread of their own).
     bare: the same publisher process and payloads into a fresh quorum queue declared like
     fedq.updates; a pika consumer here (the coordinator's default prefetch, 128) acks each message.
     Clock: the first publish to the last message consumed.
@@ -433,7 +435,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
                 runlog = coordinator.runlog
                 if runlog.rejected or runlog.dropped:
                     raise RuntimeError("the coordinator refused or dropped an update (its warning above says why)")
-                return runlog.applied >= case.updates
+                return runlog.applied >= case.updates and not coordinator.strategy.running.adding
 
             wait_until(all_applied, deadline, serving.check, lambda: helpers.check(deadline))
             ended = time.time()

@@ -130,6 +130,12 @@ class RunningSum:
             pending.result()
 
     @property
+    def adding(self) -> bool:
+        """Whether an add is still in flight (safe to ask from another thread)."""
+        pending = self._pending
+        return pending is not None and not pending.done()
+
+    @property
     def tensors(self) -> FlatTensors:
         """The sum, complete."""
         self.wait()
