@@ -115,10 +115,10 @@ class RunningSum:
         self._pending: Future | None = None
 
     def add(self, delta: Delta, alpha: float) -> None:
-        """sum += alpha * delta. A sparse delta (which owns its memory) may still be being added
-        when this returns; a dense one may view its payload, whose memory is reused, so it is not."""
+        """sum += alpha * delta. A large sparse delta (which owns its memory) may still be being
+        added when this returns; a dense one may view its payload, whose memory is reused, so it is not."""
         self.wait()
-        if isinstance(delta, SparseDelta):
+        if isinstance(delta, SparseDelta) and len(delta.values) >= BEHIND_MIN:
             self._pending = _BEHIND.submit(add_scaled, self._tensors, delta, alpha)
         else:
             add_scaled(self._tensors, delta, alpha)
@@ -143,6 +143,8 @@ class RunningSum:
 
 
 _BEHIND = ThreadPoolExecutor(1, thread_name_prefix="fedq-sum")
+# Values; a smaller sparse add takes less time than handing it to the thread and back.
+BEHIND_MIN = 1 << 16
 
 
 def dense_copy(delta: Delta, alpha: float = 1.0) -> Tensors:

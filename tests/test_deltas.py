@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.strategies import FedAsync, FedBuff, Update
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
-from shared.deltas import FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy
+from shared.deltas import BEHIND_MIN, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id
 
 SHAPES = {"embedding": (50, 4), "empty": (0,), "head.weight": (3, 4), "head.bias": (3,)}
@@ -101,6 +101,7 @@ def test_a_decoded_sparse_delta_keeps_its_values_when_the_payload_buffer_is_reus
 
 def test_a_running_sum_is_complete_whenever_it_is_read():
     values, _, sparse = large_sparse_delta()
+    assert len(sparse.values) >= BEHIND_MIN, "small enough to be added before add returns"
     running = RunningSum(values)
     expected = {name: torch.zeros(t.shape) for name, t in values.items()}
     for alpha in (0.5, -2.0, 3.0):
