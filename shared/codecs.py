@@ -270,8 +270,8 @@ def decode_gaps(gaps: np.ndarray, total: int) -> torch.Tensor:
     """Positions (int64) from gaps; ProtocolError unless strictly increasing and inside ``total``."""
     if gaps.size and int(gaps.min()) < 1:
         raise ProtocolError("sparse indices are not strictly increasing")
-    # torch's widen-then-sum-in-place runs 3-4x faster than numpy's cumsum with a dtype: a top-k
-    # update of a 25M model decodes in 0.2 ms instead of 0.6.
+    # torch's widen-then-sum-in-place beats numpy's cumsum with a dtype: the gaps of a 25M model's
+    # top-k update decode in 0.2-0.3 ms instead of 0.6-0.7.
     positions = _as_tensor(gaps).to(torch.int64).cumsum_(0).sub_(1)
     if positions.numel() and int(positions[-1]) >= total:
         raise ProtocolError(f"sparse index {int(positions[-1])} is outside a model of {total} values")
