@@ -1,7 +1,7 @@
 """Model deltas as the coordinator folds them in: dense (one tensor per model tensor) or sparse.
 
 A top-k update names a few positions of the flattened model. Decoded as a ``SparseDelta``, it is
-validated, clipped and added into the model or a running sum with ``index_add_``: the work follows
+validated, clipped and added into the model or a running sum with ``scatter_add_``: the work follows
 the payload's size, not the model's, and no dense copy of a 2 GB model is made for 1% of it.
 Everything that needs every coordinate (noise for privacy, robust statistics) takes a ``dense_copy``.
 """
@@ -55,7 +55,7 @@ class FlatTensors(dict):
     """Named tensors that are views, in order, of one flat tensor ``flat``.
 
     A sparse delta names positions of the flattened model, so it adds into ``flat`` directly: one
-    index_add_ instead of one per tensor.
+    scatter instead of one per tensor.
     """
 
     def __init__(self, flat: torch.Tensor, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
@@ -91,14 +91,20 @@ def _huge_page_zeros(count: int) -> torch.Tensor:
 def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:
     """target += alpha * delta, in place."""
     if isinstance(delta, SparseDelta) and isinstance(target, FlatTensors) and target.shapes == delta.shapes:
-        target.flat.index_add_(0, delta.indices, delta.values, alpha=alpha)
+        _scatter_add(target.flat, delta.indices, delta.values, alpha)
     elif isinstance(delta, SparseDelta):
         for name, positions, values in delta.by_tensor():
             # view, not reshape: a non-contiguous target would silently take the sum into a copy.
-            target[name].view(-1).index_add_(0, positions, values, alpha=alpha)
+            _scatter_add(target[name].view(-1), positions, values, alpha)
     else:
         for name, tensor in delta.items():
             target[name].add_(tensor, alpha=alpha)
+
+
+def _scatter_add(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
+    # scatter_add_ on scaled values, not index_add_ with alpha: 250k values from fresh positions
+    # into a 25M sum took 1.5 ms against 2.4-2.8 (same float32 product, then the same sum).
+    flat.scatter_add_(0, positions, values if alpha == 1.0 else values * alpha)
 
 
 class RunningSum:
