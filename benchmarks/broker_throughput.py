@@ -38,6 +38,11 @@ fedq / bare, against a target of 0.70.
     (publish and slowest read are both in the JSON).
     Bytes: 8 x the snapshot payload on both sides.
 
+Just before each clock starts, on both sides, this process writes and frees 2 GiB, so that what the
+interval allocates comes from memory the kernel has just freed (see recycle_free_memory: on a
+virtual machine that hands idle memory back to its host, first writes to such memory otherwise
+cost whichever side meets them about ten times as much).
+
     python benchmarks/broker_throughput.py [--repeats 3]
     python benchmarks/broker_throughput.py --quick     # 1M ingest cases and a 20 MB fan-out, once
 
@@ -102,6 +107,9 @@ MEASUREMENT_TIMEOUT = 600.0
 # How often this thread looks at the coordinator's counters: fine enough for multi-second intervals,
 # coarse enough not to take the GIL from the coordinator's thread.
 POLL_SECONDS = 0.01
+# More than any measured interval allocates: 8 sites' 100 MB buffers and decoded tensors, the
+# broker's 500 MB of log for the 25M fp32 ingest (see recycle_free_memory).
+RECYCLE_BYTES = 2 << 30
 SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -384,6 +392,21 @@ def declare_bare_twin(channel, name: str, like: str, routing_key: str) -> None:
     channel.queue_bind(name, name, routing_key=routing_key)
 
 
+def recycle_free_memory() -> None:
+    """Touch and free RECYCLE_BYTES of memory, so that what the measured interval allocates (the
+    broker's page cache, the processes' buffers) comes from pages the kernel has just freed.
+
+    A virtual machine may hand memory the guest has kept free for a while back to its host; the
+    guest's first write to such a page costs a trip to the host. On the machine these figures
+    come from, dd wrote 500 MB into the page cache in 0.70 s on such pages and 0.075 s on pages
+    freed a moment before. Which side of a comparison met them depended on what the previous
+    measurement had freed: in fedq runs the broker spent 4 times the CPU on its quorum-queue log
+    writes (copy_folio_from_iter_atomic, by perf), in bare runs it did not. Every measurement of
+    both sides starts from here.
+    """
+    torch.ones(RECYCLE_BYTES, dtype=torch.uint8)
+
+
 def _result(side: str, started: float, ended: float, size: int, **details: Any) -> dict[str, Any]:
     seconds = ended - started
     return {"side": side, "seconds": round(seconds, 4), "bytes": size, "mb_per_s": size / seconds / 1e6,
@@ -404,6 +427,7 @@ def ingest_bare(broker, case: IngestCase) -> dict[str, Any]:
             helpers.start(publish_updates, url, BARE_UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, new_id(), 0, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
+            recycle_free_memory()
             helpers.go.set()
             while consumed["messages"] < chunks:
                 helpers.check(deadline)
@@ -429,6 +453,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
             helpers.start(publish_updates, url, amqp.UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
+            recycle_free_memory()
             helpers.go.set()
 
             def all_applied() -> bool:
@@ -474,6 +499,7 @@ def fanout_bare(broker, case: FanoutCase, chunks: list[tuple[pika.BasicPropertie
             for _ in range(case.sites):
                 helpers.start(consume_stream_bare, url, BARE_SNAPSHOTS, len(chunks))
             helpers.collect("ready", case.sites, deadline)
+            recycle_free_memory()
             started = time.time()
             for properties, body in chunks:
                 channel.basic_publish(BARE_SNAPSHOTS, amqp.SNAPSHOT_KEY, body, properties, mandatory=True)
@@ -508,6 +534,7 @@ def fanout_fedq(broker, case: FanoutCase) -> dict[str, Any]:
             publish_times.append((started, time.time()))
 
         coordinator._publish_snapshot = timed_publish_snapshot
+        recycle_free_memory()
         with CoordinatorThread(coordinator) as serving:
             done = helpers.collect("done", case.sites, deadline)
             serving.check()
