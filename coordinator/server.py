@@ -189,6 +189,7 @@ class Coordinator:
             amqp.declare_shared_topology(self._publisher)
             self._publisher.confirm_delivery()
             self._consumer = connection.channel()
+            amqp.deliver_fragments(self._consumer)  # copied into the upload's buffer without pika's join first
             self._consumer.basic_qos(prefetch_count=s.prefetch)
             self._consumer.basic_consume(amqp.UPDATES, self._on_message)
             if self.announcement is None:
@@ -386,7 +387,7 @@ class Coordinator:
 
     # -- incoming messages -----------------------------------------------------------------------
 
-    def _on_message(self, channel, method, properties: pika.BasicProperties, body: bytes) -> None:
+    def _on_message(self, channel, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
         try:
             info = ChunkInfo.from_headers(properties.headers, self.settings.max_update_bytes)
         except ProtocolError as exc:
@@ -512,8 +513,10 @@ class Coordinator:
         self.runlog.dropped_per_site[header.site] += 1
         self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
 
-    def _refuse(self, tags: list[int], headers: dict | None, body: bytes, reason: str, user_id: str | None) -> None:
-        """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""
+    def _refuse(self, tags: list[int], headers: dict | None, body: bytes | list[bytes], reason: str,
+                user_id: str | None) -> None:
+        """Dead-letter a message (whole or as its fragments) that cannot be used, with the reason,
+        and settle its deliveries."""
         log.warning("refused a message from %s: %s", user_id or "unknown user", reason)
         self.runlog.refused(user_id)
         self.runlog.event("rejected", user=user_id, reason=reason)
@@ -521,7 +524,7 @@ class Coordinator:
             delivery_mode=pika.DeliveryMode.Persistent,
             headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
         )
-        self._publisher.basic_publish(amqp.REJECTED, "", body, properties)
+        self._publisher.basic_publish(amqp.REJECTED, "", b"".join(body) if isinstance(body, list) else body, properties)
         self._hold(tags)
 
     # -- outgoing versions -----------------------------------------------------------------------
