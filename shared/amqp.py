@@ -232,8 +232,9 @@ def broker_user(url: str) -> str:
     return pika.URLParameters(url).credentials.username
 
 
-# Failures a new connection can cure. Bad credentials and refused permissions are not among them:
-# retrying those only hides the mistake, so they stop the process with pika's own message.
+# Failures a new connection can cure. Bad credentials and refused permissions are not among them
+# (refused_by_broker): retrying those only hides the mistake, so they stop the process with pika's
+# own message. Nor is a TLS set-up error, which is no OSError.
 RECOVERABLE = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.ConnectionWrongStateError,
@@ -241,7 +242,17 @@ RECOVERABLE = (
     pika.exceptions.NackError,
     OSError,
 )
-FATAL = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError, TLSSetupError)
+REFUSALS = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
+
+
+def refused_by_broker(exc: BaseException) -> bool:
+    """Whether the broker itself refused the login or the vhost.
+
+    pika reports any connection lost while logging in as a probable refusal, with the cause's repr
+    as its message. Only a cause that is the broker's own Connection.Close (403 or 530) is one; a
+    link cut at that moment is a lost connection like any other, and is retried.
+    """
+    return isinstance(exc, REFUSALS) and str(exc.args[0] if exc.args else "").startswith("ConnectionClosedByBroker")
 
 
 def _recovering(exc: BaseException) -> bool:
@@ -282,10 +293,8 @@ def serve_with_reconnect(session: Callable[[Backoff], bool], who: str, stopping:
         try:
             if session(backoff):
                 return
-        except FATAL:
-            raise
         except (*RECOVERABLE, pika.exceptions.ChannelClosedByBroker) as exc:
-            if not isinstance(exc, RECOVERABLE) and not _recovering(exc):
+            if refused_by_broker(exc) or (not isinstance(exc, RECOVERABLE) and not _recovering(exc)):
                 raise
             if stopping():
                 return

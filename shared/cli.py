@@ -148,7 +148,7 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         connection = amqp.connect(settings.broker_url, settings.heartbeat, "fedq-status", **settings.tls_files())
     except pika.exceptions.AMQPConnectionError as exc:
-        if isinstance(exc, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)):
+        if amqp.refused_by_broker(exc):
             raise
         print(f"fedq status: cannot reach the broker at {amqp.broker_address(settings.broker_url)} ({exc!r}); "
               "check FEDQ_BROKER_URL and that this machine can reach it", file=sys.stderr)
@@ -290,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pika.exceptions
-
-    from shared.amqp import TLSSetupError
+    from shared.amqp import REFUSALS, TLSSetupError, refused_by_broker
 
     args = build_parser().parse_args(argv)
     try:
@@ -300,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, TLSSetupError) as exc:
         print(f"fedq: {exc}" if isinstance(exc, TLSSetupError) else exc, file=sys.stderr)
         return 2
-    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
-        print(f"fedq: the broker refused this user or vhost ({exc}); check the user, password and vhost in "
-              "FEDQ_BROKER_URL", file=sys.stderr)
+    except REFUSALS as exc:
+        if refused_by_broker(exc):
+            print(f"fedq: the broker refused this user or vhost ({exc}); check the user, password and vhost in "
+                  "FEDQ_BROKER_URL", file=sys.stderr)
+        else:
+            print(f"fedq: the connection to the broker was lost while logging in ({exc}); check that the broker "
+                  "is reachable, then try again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,8 +1,15 @@
 """The pika 1.x internals fedq changes: a pika upgrade that moved them fails here."""
 
 import inspect
+import socket
+import threading
 import time
+import urllib.parse
 
+import pika.exceptions
+import pika.frame
+import pika.spec
+import pytest
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 from shared import amqp
@@ -34,3 +41,28 @@ def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker
     whole, empty = received
     assert isinstance(whole, list) and len(whole) > 1 and b"".join(whole) == body
     assert empty == []
+
+
+def test_a_refused_login_is_told_from_a_login_cut_short(broker_url):
+    # pika calls both a "probable" refusal; amqp.refused_by_broker reads which one it was from the
+    # cause pika wraps, so a site whose link drops while it logs in retries instead of exiting.
+    parts = urllib.parse.urlsplit(broker_url)
+    wrong_password = parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}").geturl()
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError) as refused:
+        amqp.connect(wrong_password, 30, "refused-test")
+    assert amqp.refused_by_broker(refused.value)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener, pytest.raises(pika.exceptions.AMQPConnectionError) as cut:
+        threading.Thread(target=_greet_then_hang_up, args=(listener,), daemon=True).start()
+        amqp.connect(f"amqp://user:password@127.0.0.1:{listener.getsockname()[1]}/%2F", 30, "cut-test")
+    assert isinstance(cut.value, amqp.REFUSALS) and not amqp.refused_by_broker(cut.value)
+
+
+def _greet_then_hang_up(listener: socket.socket) -> None:
+    """Act as a broker until the client has sent its credentials, then drop the connection."""
+    client, _ = listener.accept()
+    with client:
+        client.recv(8)  # the protocol header
+        start = pika.spec.Connection.Start(server_properties={"product": "test"}, mechanisms="PLAIN", locales="en_US")
+        client.sendall(pika.frame.Method(0, start).marshal())
+        client.recv(4096)  # Connection.StartOk, with the credentials
