@@ -9,7 +9,6 @@ Everything that needs every coordinate (noise for privacy, robust statistics) ta
 from __future__ import annotations
 
 import math
-import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Union
@@ -69,23 +68,9 @@ class FlatTensors(dict):
 
     @classmethod
     def zeros_like(cls, tensors: Tensors) -> "FlatTensors":
-        """Zeros shaped like ``tensors``, in memory backed by huge pages where the system offers them."""
+        """Zeros shaped like ``tensors``, in one flat tensor."""
         shapes = tuple((name, tuple(t.shape)) for name, t in tensors.items())
-        return cls(_huge_page_zeros(sum(t.numel() for t in tensors.values())), shapes)
-
-
-HUGE_PAGE = 2 * 1024 * 1024
-
-
-def _huge_page_zeros(count: int) -> torch.Tensor:
-    # A top-k add of 1% touches a new 4 KiB page every ten values or so, each a likely TLB miss;
-    # on 2 MiB pages one update into a 25M sum took about 2.0 ms instead of 2.3. The kernel hands
-    # out an anonymous mapping zeroed; zero_() touches it now, so the first update does not page-fault.
-    if count * 4 < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(count)
-    memory = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
-    memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=torch.float32).zero_()
+        return cls(torch.zeros(sum(t.numel() for t in tensors.values())), shapes)
 
 
 def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:
