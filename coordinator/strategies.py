@@ -119,8 +119,9 @@ class FedBuff(Strategy):
     does, and staleness shrinks an old update's share without inflating the fresh ones. With
     K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum,
     allocated once and zeroed after every version: a freshly allocated 2 GB sum would page-fault on
-    the buffer's first update. A large sparse update goes into the sum on a thread of its own while
-    the coordinator receives the next one (``shared.deltas.RunningSum``).
+    the buffer's first update. Large sparse updates are queued and folded into the sum several at a
+    time, mostly on a thread of their own while the coordinator receives the next ones
+    (``shared.deltas.RunningSum``).
 
     ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
     (which a hostile site could inflate), so one bad site among K cannot pull the model away. A

@@ -1,15 +1,17 @@
 """Model deltas as the coordinator folds them in: dense (one tensor per model tensor) or sparse.
 
 A top-k update names a few positions of the flattened model. Decoded as a ``SparseDelta``, it is
-validated, clipped and added into the model or a running sum with ``scatter_add_``: the work follows
-the payload's size, not the model's, and no dense copy of a 2 GB model is made for 1% of it.
+validated, clipped and added into the model or a running sum with ``scatter_add_``: no dense copy
+of a 2 GB model is made for 1% of it. Sparse deltas that together name a fair share of the
+sum's positions are folded in together, reading the sum once in order (``fold_sparse``).
 Everything that needs every coordinate (noise for privacy, robust statistics) takes a ``dense_copy``.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Union
 
@@ -23,7 +25,7 @@ class SparseDelta:
     """``values`` at sorted, distinct ``indices`` of the model flattened in layout order; zero elsewhere.
 
     It owns its memory (it is never a view of a received payload), so it may outlive the message
-    it came in: a ``RunningSum`` adds it while the next message is received.
+    it came in: a ``RunningSum`` may keep it queued while the next messages are received.
     """
 
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
@@ -92,39 +94,119 @@ def _scatter_add(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tens
     flat.scatter_add_(0, positions, values if alpha == 1.0 else values * alpha)
 
 
+# Values in one block of fold_sparse: 2 MiB, which stays in cache while every delta adds into it.
+FOLD_BLOCK = 1 << 19
+
+
+def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]]) -> None:
+    """flat += alpha * delta for every (delta, alpha), in order, each delta naming positions of ``flat``.
+
+    A delta of 1% of a large model touches a sixth of the sum's cache lines, each one a miss. When
+    the deltas hold together at least 1/32 as many values as ``flat`` (a streamed line costs about
+    a third of a missed one), they are folded block by block: each block of ``flat`` is read
+    through in order first, and then every delta's positions inside it are added from cache.
+    Otherwise each is scattered straight in. Into a 25M sum, 250k values each (medians of 9): 2.7-3.0
+    ms per delta one by one, 1.4 ms per delta for 8 at once, 1.1 for 16. Every position receives
+    its deltas in the given order, so the sum is exactly the one-by-one sum.
+    """
+    for delta, _ in deltas:
+        _check_inside(flat, delta.indices)
+    if sum(len(delta.values) for delta, _ in deltas) < flat.numel() // 32:
+        for delta, alpha in deltas:
+            _scatter_add(flat, delta.indices, delta.values, alpha)
+        return
+    edges = torch.tensor(range(FOLD_BLOCK, flat.numel(), FOLD_BLOCK), dtype=torch.int64)
+    pieces = []
+    for delta, alpha in deltas:
+        cuts = torch.searchsorted(delta.indices, edges)
+        values = delta.values if alpha == 1.0 else delta.values * alpha
+        pieces.append(zip(delta.indices.tensor_split(cuts), values.tensor_split(cuts)))
+    for block, *parts in zip(flat.tensor_split(edges), *pieces):
+        # Brings the block into cache; the value is not needed. numpy's sum runs on this thread:
+        # torch's would wake its other threads 48 times per 25M sum, and in the ingest benchmark
+        # the fold then cost more than it saved (ratio 0.49 against 0.57, medians of 7 runs).
+        block.numpy().sum()
+        for positions, values in parts:
+            flat.scatter_add_(0, positions, values)
+
+
+def _check_inside(flat: torch.Tensor, positions: torch.Tensor) -> None:
+    # Sorted positions, so the ends suffice. A block-wise fold would silently skip positions past
+    # the end instead of failing, so they are refused before anything is added.
+    if positions.numel() and (int(positions[0]) < 0 or int(positions[-1]) >= flat.numel()):
+        raise IndexError(f"a sparse delta names positions {int(positions[0])}..{int(positions[-1])}, "
+                         f"outside a sum of {flat.numel()} values")
+
+
 class RunningSum:
     """A sum of deltas in one flat tensor, allocated once.
 
-    A large sparse delta is added on a thread of its own while the caller goes on: the coordinator
-    receives and decodes the next update during the add, which waits on memory more than it
-    computes. At most one add is in flight; ``tensors`` waits for it, so every reader sees the
-    whole sum.
+    Large sparse deltas wait in a queue and are folded in together (``fold_sparse``), several for
+    the price of a few: once the queue holds a quarter of the sum's bytes, on a thread of its own
+    while the coordinator receives and decodes the next updates; whatever is left, when the sum is
+    read. The queue holds at most half the sum's bytes: an ``add`` that would overfill it first
+    folds what is queued. Every read of ``tensors`` sees the whole sum.
     """
 
     def __init__(self, like: Tensors):
         self._tensors = FlatTensors.zeros_like(like)
-        self._pending: Future | None = None
+        self._batch = self._tensors.flat.numel() * self._tensors.flat.element_size() // 4
+        self._queue: list[tuple[SparseDelta, float]] = []
+        self._queued_bytes = 0
+        self._folding = False  # whether a fold holds the sum (on the thread, or a reader's)
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
 
     def add(self, delta: Delta, alpha: float) -> None:
-        """sum += alpha * delta. A large sparse delta (which owns its memory) may still be being
-        added when this returns; a dense one may view its payload, whose memory is reused, so it is not."""
-        self.wait()
-        if isinstance(delta, SparseDelta) and len(delta.values) >= BEHIND_MIN:
-            self._pending = _BEHIND.submit(add_scaled, self._tensors, delta, alpha)
-        else:
+        """sum += alpha * delta. A large sparse delta (which owns its memory) may still be queued
+        when this returns; a dense one may view its payload, whose memory is reused, so it is not."""
+        if not (isinstance(delta, SparseDelta) and self._tensors.shapes == delta.shapes and len(delta.values) >= BEHIND_MIN):
+            self.wait()
             add_scaled(self._tensors, delta, alpha)
+            return
+        _check_inside(self._tensors.flat, delta.indices)
+        size = delta.indices.nbytes + delta.values.nbytes
+        if self._queued_bytes + size > 2 * self._batch:
+            self.wait()
+        with self._changed:
+            self._queue.append((delta, alpha))
+            self._queued_bytes += size
+            if self._queued_bytes >= self._batch and not self._folding:
+                self._folding = True
+                _BEHIND.submit(self._fold_batches)
+
+    def _fold_batches(self) -> None:
+        while True:
+            with self._changed:
+                if self._queued_bytes < self._batch:  # the rest waits for more, or for a reader
+                    self._folding = False
+                    self._changed.notify_all()
+                    return
+                batch, self._queue, self._queued_bytes = self._queue, [], 0
+            try:
+                fold_sparse(self._tensors.flat, batch)
+            except BaseException as exc:  # kept for the next reader, which raises it
+                with self._changed:
+                    self._error = self._error or exc
 
     def wait(self) -> None:
-        """Return once every delta given to ``add`` is in the sum; raise what an add raised."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    @property
-    def adding(self) -> bool:
-        """Whether an add is still in flight (safe to ask from another thread)."""
-        pending = self._pending
-        return pending is not None and not pending.done()
+        """Fold whatever is queued; return once every delta given to ``add`` is in the sum, or
+        raise what a fold raised."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._folding)
+            batch, self._queue, self._queued_bytes = self._queue, [], 0
+            self._folding = bool(batch)
+        try:
+            if batch:
+                fold_sparse(self._tensors.flat, batch)
+        finally:
+            with self._changed:
+                if batch:
+                    self._folding = False
+                    self._changed.notify_all()
+                error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     @property
     def tensors(self) -> FlatTensors:

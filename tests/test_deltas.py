@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.strategies import FedAsync, FedBuff, Update
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
-from shared.deltas import BEHIND_MIN, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy
+from shared.deltas import BEHIND_MIN, FOLD_BLOCK, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy, fold_sparse
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id
 
 SHAPES = {"embedding": (50, 4), "empty": (0,), "head.weight": (3, 4), "head.bias": (3,)}
@@ -115,12 +115,68 @@ def test_a_running_sum_is_complete_whenever_it_is_read():
     assert all(torch.equal(running.tensors[name], expected[name] + 1.0) for name in values)
 
 
-def test_a_failed_add_is_raised_when_the_sum_is_next_read():
+def random_sparse(total: int, count: int, seed: int, shapes=None) -> SparseDelta:
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(total, generator=generator)[:count].sort().values
+    return SparseDelta(shapes or (("flat", (total,)),), positions, torch.randn(count, generator=generator))
+
+
+# Block by block once the deltas hold 1/32 of the sum's positions (33k here), one by one below.
+@pytest.mark.parametrize("count, values", [(1, 40_000), (2, 40_000), (5, 40_000), (3, 2_000)])
+def test_folding_deltas_together_gives_exactly_the_one_by_one_sum(count, values):
+    total = 2 * FOLD_BLOCK + 1000  # three blocks, the last one short
+    deltas = [(random_sparse(total, values, seed), alpha) for seed, alpha in zip(range(count), (1.0, -0.5, 3.0, 0.25, 1.0))]
+    # Positions on every block edge and both ends, in two deltas, so they meet there.
+    edges = torch.tensor([0, FOLD_BLOCK - 1, FOLD_BLOCK, 2 * FOLD_BLOCK, total - 1])
+    deltas += [(SparseDelta(deltas[0][0].shapes, edges, torch.full((5,), 2.0)), 0.5)] * 2
+    folded, expected = torch.ones(total), torch.ones(total)
+    fold_sparse(folded, deltas)
+    for delta, alpha in deltas:
+        expected.scatter_add_(0, delta.indices, delta.values * alpha)
+    assert torch.equal(folded, expected)
+    assert folded[total - 1] != 1.0 and folded[FOLD_BLOCK] != 1.0
+
+
+def test_a_delta_outside_the_sum_is_refused_before_anything_is_added():
+    total = FOLD_BLOCK + 10
+    inside, outside = random_sparse(total, 100, 0), random_sparse(total + 5, 100, 1)
+    outside = SparseDelta(outside.shapes, torch.cat([outside.indices[:-1], torch.tensor([total])]), outside.values)
+    flat = torch.zeros(total)
+    with pytest.raises(IndexError, match="outside a sum of"):
+        fold_sparse(flat, [(inside, 1.0), (outside, 1.0)])
+    assert torch.count_nonzero(flat) == 0
+
+
+def test_a_running_sum_folds_queued_deltas_exactly_and_queues_at_most_half_its_bytes():
+    total = 8 * FOLD_BLOCK
+    deltas = [random_sparse(total, BEHIND_MIN + 1000, seed) for seed in range(16)]
+    running = RunningSum({"flat": torch.zeros(total)})
+    expected = torch.zeros(total)
+    queued = []
+    for i, delta in enumerate(deltas):
+        running.add(delta, 1.0 + i)
+        queued.append(running._queued_bytes)
+        expected.scatter_add_(0, delta.indices, delta.values * (1.0 + i))
+    assert max(queued) > 4 * (deltas[0].indices.nbytes + deltas[0].values.nbytes), "deltas were not queued together"
+    assert max(queued) <= total * 4 // 2
+    assert torch.equal(running.tensors.flat, expected)
+    assert running._queued_bytes == 0
+
+
+def test_a_sparse_delta_outside_a_running_sum_is_refused_when_added():
     values, _, sparse = large_sparse_delta()
     running = RunningSum(values)
-    other_model = SparseDelta(sparse.shapes, sparse.indices + 10**9, sparse.values)  # positions past the end
-    running.add(other_model, 1.0)
-    with pytest.raises(RuntimeError, match="out of bounds"):
+    with pytest.raises(IndexError, match="outside a sum of"):
+        running.add(SparseDelta(sparse.shapes, sparse.indices + 10**9, sparse.values), 1.0)
+    running.add(sparse, 1.0)
+    assert torch.count_nonzero(running.tensors.flat) == len(sparse.values)
+
+
+def test_a_failed_fold_is_raised_when_the_sum_is_next_read():
+    values, _, sparse = large_sparse_delta()
+    running = RunningSum(values)
+    running.add(SparseDelta(sparse.shapes, sparse.indices, sparse.values.double()), 1.0)  # not the sum's dtype
+    with pytest.raises(RuntimeError, match="dtype"):
         running.tensors
     running.add(sparse, 1.0)  # the failure is reported once; the sum goes on
     assert torch.count_nonzero(running.tensors.flat) == len(sparse.values)
