@@ -122,9 +122,9 @@ def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]]) -> 
         values = delta.values if alpha == 1.0 else delta.values * alpha
         pieces.append(zip(delta.indices.tensor_split(cuts), values.tensor_split(cuts)))
     for block, *parts in zip(flat.tensor_split(edges), *pieces):
-        # Brings the block into cache; the value is not needed. numpy's sum runs on this thread:
-        # torch's would wake its other threads 48 times per 25M sum, and in the ingest benchmark
-        # the fold then cost more than it saved (ratio 0.49 against 0.57, medians of 7 runs).
+        # Brings the block into cache; the value is not needed. numpy's sum runs on this thread
+        # alone; torch's spreads over its pool, whose threads then take the cores the coordinator
+        # and the broker need (one comparison, 7 runs each: ingest ratio 0.49 with it, 0.57 without).
         block.numpy().sum()
         for positions, values in parts:
             flat.scatter_add_(0, positions, values)
