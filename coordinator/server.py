@@ -47,7 +47,7 @@ from shared.protocol import (
     payload_size,
     PROTOCOL_VERSION,
 )
-from shared.memory import peak_resident_bytes
+from shared.memory import keep_freed_memory, peak_resident_bytes
 from shared.settings import CoordinatorSettings, SettingsError
 from shared.validation import check_matches_model, float_state, non_finite_tensor
 from shared.task import Task
@@ -142,6 +142,7 @@ class Coordinator:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if on_main else {}
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
+        keep_freed_memory()
         metrics = self._serve_metrics()
         resumed = s.resume and self._resume()
         if resumed:

@@ -17,6 +17,8 @@ from typing import Union
 
 import torch
 
+from shared.memory import zeros_on_huge_pages
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -70,9 +72,9 @@ class FlatTensors(dict):
 
     @classmethod
     def zeros_like(cls, tensors: Tensors) -> "FlatTensors":
-        """Zeros shaped like ``tensors``, in one flat tensor."""
+        """Zeros shaped like ``tensors``, in one flat tensor on huge pages (sparse deltas scatter into it)."""
         shapes = tuple((name, tuple(t.shape)) for name, t in tensors.items())
-        return cls(torch.zeros(sum(t.numel() for t in tensors.values())), shapes)
+        return cls(zeros_on_huge_pages(sum(t.numel() for t in tensors.values())), shapes)
 
 
 def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:
