@@ -9,7 +9,8 @@ import torch
 
 from shared import amqp
 from shared.protocol import PROTOCOL_VERSION, ProtocolError, new_id
-from shared.validation import check_matches_model, non_finite_tensor
+from shared.codecs import SCAN_BLOCK
+from shared.validation import all_finite, check_matches_model, non_finite_tensor
 from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
@@ -173,3 +174,14 @@ def test_a_non_finite_tensor_is_named_and_only_the_finite_check_can_be_left_out(
     check_matches_model(model, received, finite=False)  # a snapshot: the coordinator checked it
     with pytest.raises(ProtocolError, match="has shape"):
         check_matches_model(model, {"a": torch.ones(3), "b": torch.ones(4)}, finite=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_values_whose_sum_overflows_are_finite_and_one_bad_value_is_found(dtype):
+    big = torch.full((3 * SCAN_BLOCK + 5,), torch.finfo(dtype).max / 2, dtype=dtype)  # the sum overflows
+    assert all_finite(big)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        tensor = big.clone()
+        tensor[2 * SCAN_BLOCK + 3] = bad
+        assert not all_finite(tensor)
+        assert not all_finite(tensor.view(-1, 1)[:, 0])  # also through a view
