@@ -105,8 +105,8 @@ INGEST_PREFETCH = CoordinatorSettings.model_fields["prefetch"].default
 BARE_UPDATES = "bench.bare.updates"  # exchange and quorum queue of the bare ingest loop
 BARE_SNAPSHOTS = "bench.bare.snapshots"  # exchange and stream of the bare fan-out loop
 MEASUREMENT_TIMEOUT = 600.0
-# How often this thread looks at the coordinator's counters: fine enough for multi-second intervals,
-# coarse enough not to take the GIL from the coordinator's thread.
+# How often this thread checks on the coordinator and the helpers while it waits: coarse enough not
+# to take the GIL from the coordinator's thread. The ingest clock stops on an event, not on a look.
 POLL_SECONDS = 0.01
 # More than any measured interval allocates: 8 sites' 100 MB buffers and decoded tensors, the
 # broker's 500 MB of log for the 25M fp32 ingest (see recycle_free_memory).
@@ -451,19 +451,28 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
             # Version 0 is announced before its chunks are written: the clock starts once they are all
             # in the stream, or it would time the tail of the start-up snapshot as ingest.
             wait_until(lambda: coordinator.runlog.bytes_out > 0, deadline, serving.check)
+            # The clock stops the moment the M-th update is counted, not at this thread's next poll:
+            # wrapping the run log's counter on this instance signals it without touching fedq's code.
+            all_applied = threading.Event()
+            count_applied = coordinator.runlog.applied_update
+
+            def applied_update(*args: Any) -> None:
+                count_applied(*args)
+                if coordinator.runlog.applied >= case.updates:
+                    all_applied.set()
+
+            coordinator.runlog.applied_update = applied_update
             helpers.start(publish_updates, url, amqp.UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()
             helpers.go.set()
 
-            def all_applied() -> bool:
-                runlog = coordinator.runlog
-                if runlog.rejected or runlog.dropped:
+            while not all_applied.wait(POLL_SECONDS):
+                serving.check()
+                helpers.check(deadline)
+                if coordinator.runlog.rejected or coordinator.runlog.dropped:
                     raise RuntimeError("the coordinator refused or dropped an update (its warning above says why)")
-                return runlog.applied >= case.updates
-
-            wait_until(all_applied, deadline, serving.check, lambda: helpers.check(deadline))
             # FedBuff may still hold sparse deltas queued for its sum; reading the sum folds them in,
             # as the buffer's next version or the next checkpoint would.
             coordinator.strategy.sum
