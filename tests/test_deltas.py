@@ -1,5 +1,7 @@
 """Sparse deltas fold in exactly as their dense form would, wherever the coordinator uses them."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -121,16 +123,27 @@ def random_sparse(total: int, count: int, seed: int, shapes=None) -> SparseDelta
     return SparseDelta(shapes or (("flat", (total,)),), positions, torch.randn(count, generator=generator))
 
 
+class CountingExecutor(ThreadPoolExecutor):
+    submitted = 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
 # Block by block once the deltas hold 1/32 of the sum's positions (33k here), one by one below.
+@pytest.mark.parametrize("helped", [False, True], ids=["one thread", "helped"])
 @pytest.mark.parametrize("count, values", [(1, 40_000), (2, 40_000), (5, 40_000), (3, 2_000)])
-def test_folding_deltas_together_gives_exactly_the_one_by_one_sum(count, values):
+def test_folding_deltas_together_gives_exactly_the_one_by_one_sum(count, values, helped):
     total = 2 * FOLD_BLOCK + 1000  # three blocks, the last one short
     deltas = [(random_sparse(total, values, seed), alpha) for seed, alpha in zip(range(count), (1.0, -0.5, 3.0, 0.25, 1.0))]
     # Positions on every block edge and both ends, in two deltas, so they meet there.
     edges = torch.tensor([0, FOLD_BLOCK - 1, FOLD_BLOCK, 2 * FOLD_BLOCK, total - 1])
     deltas += [(SparseDelta(deltas[0][0].shapes, edges, torch.full((5,), 2.0)), 0.5)] * 2
     folded, expected = torch.ones(total), torch.ones(total)
-    fold_sparse(folded, deltas)
+    with CountingExecutor(1) as helper:  # with a helper, the last two blocks are folded on its thread
+        fold_sparse(folded, deltas, helper=helper if helped else None)
+    assert helper.submitted == (helped and count * values >= total // 32)
     for delta, alpha in deltas:
         expected.scatter_add_(0, delta.indices, delta.values * alpha)
     assert torch.equal(folded, expected)
