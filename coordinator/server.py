@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,9 +122,13 @@ class Coordinator:
         self.buffers = BufferPool(self.layout.total * 4 + MAX_CHUNK_BYTES)
         self.announcement: Announcement | None = None
         self.last_metrics: dict[str, float] = {}
+        self._scored_version: int | None = None  # the version last_metrics are of
+        self._checked_version: int | None = None  # the last version found finite
         self.stop_reason: str | None = None
         self.sites_seen: set[str] = set()
         self.pending_acks: list[int] = []
+        # Deliveries pika has handed over, handled one at a time by _serve.
+        self._inbox: deque[tuple[Any, pika.BasicProperties, list[bytes]]] = deque()
         # When the oldest delivery in pending_acks was taken: none waits longer than checkpoint_seconds.
         self._pending_since = 0.0
         self.ingest = Observations(INGEST_BOUNDS)
@@ -186,25 +191,26 @@ class Coordinator:
             self.uploads = {pid: _Upload(u.reassembly, user_id=u.user_id, spooled=True)
                             for pid, u in self.uploads.items() if u.spooled}
             self.pending_acks.clear()
+            self._inbox.clear()
             self._publisher = connection.channel()
             amqp.declare_shared_topology(self._publisher)
             self._publisher.confirm_delivery()
             self._consumer = connection.channel()
             amqp.deliver_fragments(self._consumer)  # copied into the upload's buffer without pika's join first
             self._consumer.basic_qos(prefetch_count=s.prefetch)
-            self._consumer.basic_consume(amqp.UPDATES, self._on_message)
+            self._consumer.basic_consume(amqp.UPDATES, self._receive)
             if self.announcement is None:
                 self._start(connection)
             else:
-                self._publish_snapshot()  # the same version again, in case the outage lost it
+                self._release()  # the newest version again, in case the outage lost it
             while self.stop_reason is None:
-                connection.process_data_events(time_limit=0.5)
+                self._serve(connection)
                 self._check_limits()
                 self._expire_uploads()
                 self._settle()
                 self._tick()
             log.info("stopping: %s", self.stop_reason)
-            self._settle(force=True)
+            self._release()
             self._announce(final=True)
             self._tick(force=True)
             return True
@@ -222,16 +228,14 @@ class Coordinator:
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
                               settings=self.settings.model_dump(mode="json"))
             self.runlog.evaluation(self.version, self.last_metrics)
-        self._check_finite()
-        self._settle(force=True)
-        self._publish_snapshot()
+        self._release()
 
     def _wait_for_sites(self, connection: pika.BlockingConnection) -> None:
         """Hold the first version until enough sites said hello, so a run's clock starts with its sites."""
         if self.settings.wait_for_sites and self.version == 0:
             log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
             while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
-                connection.process_data_events(time_limit=0.5)
+                self._serve(connection)
 
     @property
     def _window(self) -> int:
@@ -332,6 +336,7 @@ class Coordinator:
         self.pending_acks.extend(tags)
 
     def _checkpoint(self) -> None:
+        self._check_finite()
         if self.strategy.max_staleness is not None:
             self.ledger.forget_before(self.version - self.strategy.max_staleness)
         tensors, values = self.strategy.state()
@@ -388,7 +393,32 @@ class Coordinator:
 
     # -- incoming messages -----------------------------------------------------------------------
 
-    def _on_message(self, channel, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
+    def _receive(self, channel, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
+        """pika's consumer callback only queues the delivery for ``_serve``.
+
+        pika calls it until no delivery is pending, and every snapshot publish and acknowledgement
+        lets more arrive: updates handled in here kept a busy coordinator inside pika for good,
+        past its stop conditions and status ticks.
+        """
+        self._inbox.append((method, properties, body))
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        """Wait up to half a second for deliveries, handle them one at a time, checking the stop
+        conditions and the status tick between them, then release the newest version.
+
+        Updates that arrived together all go into the model before one snapshot goes out: sites
+        want only the newest version, and a snapshot per update would let a backlog grow whenever
+        updates come faster than versions can be checkpointed and published.
+        """
+        connection.process_data_events(time_limit=0.5)
+        while self._inbox and self.stop_reason is None:
+            self._on_message(*self._inbox.popleft())
+            self._check_limits()
+            self._tick()
+        if self.stop_reason is None and self.announcement is not None and self.announcement.version != self.version:
+            self._release()
+
+    def _on_message(self, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
         try:
             info = ChunkInfo.from_headers(properties.headers, self.settings.max_update_bytes)
         except ProtocolError as exc:
@@ -418,7 +448,6 @@ class Coordinator:
             self._handle(upload, properties.headers)
 
     def _handle(self, upload: _Upload, headers: dict | None) -> None:
-        new_version = False
         try:
             payload = upload.reassembly.payload()
             header, parts = decode_payload(payload)
@@ -430,7 +459,7 @@ class Coordinator:
                 self.runlog.seen(header.site)
                 self._announce()
             elif isinstance(header, UpdateHeader):
-                new_version = self._take_update(header, parts, len(payload), upload.first_chunk)
+                self._take_update(header, parts, len(payload), upload.first_chunk)
             else:
                 raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
         except ProtocolError as exc:
@@ -441,16 +470,10 @@ class Coordinator:
             # Nothing refers to the payload any more: strategies copy what they keep.
             self.buffers.give(upload.reassembly.storage)
         self._hold(upload.tags)
-        if new_version:
-            # Durable before it is published: a restarted coordinator never hands out a version
-            # number twice for two different models.
-            self._settle(force=True)
-            self._publish_snapshot()
-        else:
-            self._settle()
+        self._settle()
 
-    def _take_update(self, header: UpdateHeader, parts, size: int, first_chunk: float) -> bool:
-        """Apply or drop a decoded update; returns whether it made a new version."""
+    def _take_update(self, header: UpdateHeader, parts, size: int, first_chunk: float) -> None:
+        """Apply or drop a decoded update; a new version it makes is released by ``_serve``."""
         self.sites_seen.add(header.site)
         self.runlog.received_update(header.site, size)
         if header.run_id != self.run_id:
@@ -482,10 +505,6 @@ class Coordinator:
         )
         if outcome.new_version:
             self.version += 1
-            self._check_finite()
-            if self.version % self.settings.eval_every == 0:
-                self._evaluate()
-        return outcome.new_version
 
     def _check_sender(self, site: str, user: str | None) -> None:
         """The broker vouches for ``user_id``; the claimed site must be that user's."""
@@ -538,6 +557,8 @@ class Coordinator:
         check per version stands in for one per site; and a loud stop beats sites that each refuse
         the version and wait for one that never comes.
         """
+        if self.version == self._checked_version:
+            return
         bad = non_finite_tensor(self.params)
         if bad is not None:
             self.runlog.event("diverged", version=self.version, tensor=bad)
@@ -548,6 +569,7 @@ class Coordinator:
                 f"(FEDQ_SERVER_LR for FedBuff, FEDQ_ALPHA for FedAsync), then start the coordinator again: "
                 f"it resumes from the last checkpoint"
             )
+        self._checked_version = self.version
 
     def _evaluate(self) -> None:
         self._score()
@@ -558,6 +580,18 @@ class Coordinator:
         if self.strategy.privacy is not None:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
+        self._scored_version = self.version
+
+    def _release(self) -> None:
+        """Make the newest version durable, publish it, and evaluate it if ``eval_every`` says so.
+
+        Durable before it is published: a restarted coordinator never hands out a version number
+        twice for two different models. Evaluated after, so sites do not wait for the evaluation.
+        """
+        self._settle(force=True)
+        self._publish_snapshot()
+        if self._scored_version is None or self.version - self._scored_version >= self.settings.eval_every:
+            self._evaluate()
 
 
     def _publish_snapshot(self) -> None:

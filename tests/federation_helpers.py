@@ -101,6 +101,22 @@ class SiteClient:
         self.connection.close()
 
 
+def publish_updates(broker_url: str, ready, run_ids, count: int) -> None:
+    """Set the event ``ready`` once connected, then publish ``count`` zero updates of the digits
+    model, as fast as the broker confirms them, to the run whose id arrives on the queue
+    ``run_ids``. Run in a process of its own, it outpaces a coordinator that makes a version of each."""
+    client = SiteClient(broker_url)
+    zero = {name: torch.zeros(t.shape) for name, t in load_task("shared.digits_task:DigitsStraggler").build_model().state_dict().items()}
+    specs, parts = encode_tensors(zero, get_codec("fp32"))
+    ready.set()
+    run_id = run_ids.get(timeout=60)
+    for _ in range(count):
+        header = UpdateHeader(protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=run_id, site=client.site,
+                              base_version=0, num_samples=10, train_seconds=0.0, tensors=specs)
+        client.publish(b"".join(encode_payload(header, parts)), header.update_id)
+    client.close()
+
+
 def constant_delta(coordinator: Coordinator, value: float) -> dict[str, torch.Tensor]:
     return {name: torch.full(tuple(t.shape), value) for name, t in coordinator.params.items()}
 

@@ -1,6 +1,7 @@
 """End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
 
 import itertools
+import multiprocessing
 import logging
 import threading
 import time
@@ -17,7 +18,9 @@ from shared.local_federation import run_federation, site_names
 from shared.protocol import new_id
 from shared.settings import WorkerSettings, load_settings
 from shared.task import load_task
-from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
+from tests.federation_helpers import (
+    SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
+)
 from worker.site import SiteWorker
 
 pytestmark = pytest.mark.broker
@@ -277,3 +280,25 @@ def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_o
     depths = wait_for(lambda: (d := amqp.queue_depths(client.channel))[amqp.UPDATES] and d, 15, "the update requeued")
     assert depths == {amqp.UPDATES: 1, amqp.REJECTED: 0}
     client.close()
+
+
+def test_a_coordinator_under_a_steady_flood_of_updates_still_stops_on_time(broker_url, tmp_path):
+    """pika hands a consumer deliveries until none are pending, and publishing a snapshot lets more
+    arrive: a coordinator that handled updates inside pika's callback never got back to its checks."""
+    context = multiprocessing.get_context("spawn")
+    ready, run_ids = context.Event(), context.Queue()
+    # Ready first: the publisher's start-up (PyTorch's import) is not part of the coordinator's 3 s.
+    flood = context.Process(target=publish_updates, args=(broker_url, ready, run_ids, 10**6), daemon=True)
+    flood.start()
+    try:
+        assert ready.wait(60), "the publisher process did not start"
+        with running_coordinator(broker_url, tmp_path, strategy="fedasync", max_seconds=3, max_staleness=10**6) as coordinator:
+            run_ids.put(coordinator.run_id)
+            wait_for(lambda: coordinator.stop_reason is not None, 20, "the coordinator to stop at max_seconds")
+            assert coordinator.stop_reason == "ran for 3 s"
+            applied = events(tmp_path, "update")
+            assert applied and flood.is_alive(), "updates were still arriving when it stopped"
+            assert applied[-1]["t"] < 4.0, "it stopped within a second of its limit"
+    finally:
+        flood.kill()
+        flood.join()
