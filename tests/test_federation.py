@@ -1,8 +1,8 @@
 """End to end on a real RabbitMQ broker: coordinator, worker processes, snapshots and updates."""
 
 import itertools
-import multiprocessing
 import logging
+import multiprocessing
 import threading
 import time
 
@@ -13,14 +13,17 @@ import torch
 from coordinator.checkpoint import read_checkpoint
 from coordinator.server import ModelDiverged
 from shared import amqp
-from shared.chunking import iter_chunks
+from shared.chunking import chunk_count, iter_chunks, payload_digest
+from shared.codecs import encode_tensors, get_codec
 from shared.local_federation import run_federation, site_names
-from shared.protocol import new_id
+from shared.protocol import PROTOCOL_VERSION, Announcement, SnapshotHeader, encode_payload, new_id, now, payload_size
 from shared.settings import WorkerSettings, load_settings
 from shared.task import load_task
 from tests.federation_helpers import (
     SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
 )
+from shared.validation import float_state
+from worker import site as site_module
 from worker.site import SiteWorker
 
 pytestmark = pytest.mark.broker
@@ -263,6 +266,41 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
         assert worker._fetch_snapshot(connection, worker.announcement) and worker.base_version == 1
         connection.close()
     client.close()
+
+
+def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
+    """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
+    attaches again after a silence. Here every pause between chunks is such a silence."""
+    monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.1)
+    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
+    specs, parts = encode_tensors(params, get_codec("fp32"))
+    header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=3, created_at=now(), tensors=specs)
+    buffers = encode_payload(header, parts)
+    size, digest = payload_size(buffers), payload_digest(buffers)
+    announcement = Announcement(protocol=PROTOCOL_VERSION, run_id=header.run_id, version=3, payload_id=new_id(),
+                                chunks=chunk_count(size, 8192), size=size, digest=digest, published_at=now())
+    assert announcement.chunks >= 4
+
+    def publish_slowly():
+        client = SiteClient(broker_url)
+        for info, body in iter_chunks(buffers, announcement.payload_id, 8192, digest):
+            time.sleep(0.4)
+            client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
+                                         pika.BasicProperties(headers=info.to_headers()), mandatory=True)
+        client.close()
+
+    publisher = threading.Thread(target=publish_slowly, daemon=True)
+    publisher.start()
+    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path),
+                        load_task("shared.digits_task:DigitsStraggler"))
+    worker.announcement = announcement
+    connection = amqp.connect(broker_url, 30, "test-stalled-read")
+    assert worker._fetch_snapshot(connection, announcement), "read whole and digest-checked"
+    connection.close()
+    publisher.join(10)
+    assert worker.base_version == 3
+    assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
+    assert worker.stream_attachments >= announcement.chunks, "it attached again in every pause"
 
 
 def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_or_published(broker_url, tmp_path):

@@ -45,6 +45,11 @@ from worker.outbox import Outbox
 log = logging.getLogger("fedq.worker")
 
 SNAPSHOT_TIMEOUT = 300.0
+# A snapshot read that hears nothing from the stream for this long attaches again. RabbitMQ 3.10's
+# streams (osiris 1.3) can miss telling a reader of a chunk committed just as it attached: the
+# reader would sit until the next write, which in synchronous rounds never comes (seen here: 4
+# of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good).
+STREAM_STALL_SECONDS = 1.0
 SNAPSHOT_HEADER_ROOM = 1 << 20  # a snapshot's header and alignment, beyond its fp32 tensor bytes
 HELLO_WAIT = 5.0
 PROGRESS_EVERY = 5.0
@@ -100,6 +105,8 @@ class SiteWorker:
         self.heard = False
         self.sent = 0
         self.snapshots_fetched: list[int] = []
+        #: How many times the last snapshot read attached to the stream (more than once after a stall).
+        self.stream_attachments = 0
         # Snapshots are reassembled into this one buffer, touched once at start-up: fresh memory
         # costs a page fault per page, and for a large model that is most of a fetch's time.
         # It holds the base between fetches, so it is the worker's second copy of the model.
@@ -195,12 +202,17 @@ class SiteWorker:
         channel = connection.channel()
         amqp.deliver_fragments(channel)  # copied into snapshot_buffer without pika's join first
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
-        state: dict = {"reassembly": None, "payload": None, "error": None}
+        state: dict = {"reassembly": None, "payload": None, "error": None, "next": None,
+                       "heard": time.monotonic(), "attached": 0}
         throttle = _Throttle()
 
         def on_chunk(ch, method, properties, body):
             ch.basic_ack(method.delivery_tag)
-            if state["payload"] is not None or (properties.headers or {}).get("fedq-payload") != announcement.payload_id:
+            headers = properties.headers or {}
+            state["heard"] = time.monotonic()
+            if isinstance(headers.get("x-stream-offset"), int):
+                state["next"] = headers["x-stream-offset"] + 1
+            if state["payload"] is not None or headers.get("fedq-payload") != announcement.payload_id:
                 return  # another snapshot stored near this one in the stream
             try:
                 info = ChunkInfo.from_headers(properties.headers, announcement.size)
@@ -216,15 +228,26 @@ class SiteWorker:
             except ProtocolError as exc:
                 state["error"] = exc
 
-        tag = channel.basic_consume(
-            amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": amqp.stream_offset_at(announcement.published_at)}
-        )
+        def attach() -> str:
+            # First at the announcement's time; again after a stall, just past the last message heard.
+            offset = state["next"] if state["next"] is not None else amqp.stream_offset_at(announcement.published_at)
+            state["heard"] = time.monotonic()
+            state["attached"] += 1
+            return channel.basic_consume(amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": offset})
+
+        tag = attach()
         # A newer announcement (the coordinator moved on, or republished after losing the broker
         # mid-write) ends the wait: that snapshot is the one to read.
         while (state["payload"] is None and state["error"] is None and not self._superseded(announcement)
                and time.monotonic() - started < SNAPSHOT_TIMEOUT):
-            connection.process_data_events(time_limit=1.0)
+            connection.process_data_events(time_limit=min(1.0, STREAM_STALL_SECONDS / 2))
+            if state["payload"] is None and time.monotonic() - state["heard"] > STREAM_STALL_SECONDS:
+                log.debug("site %s: nothing from the stream for %.1f s while reading version %d; attaching again",
+                          self.settings.site, STREAM_STALL_SECONDS, announcement.version)
+                amqp.cancel_stream_consumer(channel, tag)
+                tag = attach()
         amqp.cancel_stream_consumer(channel, tag)
+        self.stream_attachments = state["attached"]
         channel.close()
         if state["payload"] is None and state["error"] is None and self._superseded(announcement):
             log.info("site %s: version %d was superseded before it arrived; reading the newer announcement",
