@@ -46,10 +46,11 @@ cost whichever side meets them about ten times as much).
 
     python benchmarks/broker_throughput.py [--repeats 3]
     python benchmarks/broker_throughput.py --quick     # 1M ingest cases and a 20 MB fan-out, once
+    python benchmarks/broker_throughput.py --case "ingest 25M topk-int8" --repeats 5   # one case
 
 Starts a throwaway broker with shared.local_broker.find_broker(). Writes
 benchmarks/results/broker_throughput.json (every run and the medians; --quick writes
-broker_throughput.quick.json instead) and prints a table.
+broker_throughput.quick.json instead, --case broker_throughput.case.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -573,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side of each case (medians are reported)")
     parser.add_argument("--quick", action="store_true", help="the 1M ingest cases and a 20 MB fan-out, once, to check the script")
+    parser.add_argument("--case", action="append", choices=[c.label for c in [*INGEST_CASES, FANOUT_CASE]],
+                        help="measure only this case (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(message)s")
@@ -581,7 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     ingest_cases = [c for c in INGEST_CASES if c.parameters == 1_000_000] if args.quick else INGEST_CASES
     fanout_case = QUICK_FANOUT_CASE if args.quick else FANOUT_CASE
-    out_file = args.out / ("broker_throughput.quick.json" if args.quick else "broker_throughput.json")
+    if args.case:
+        ingest_cases = [c for c in ingest_cases if c.label in args.case]
+        fanout_case = fanout_case if fanout_case.label in args.case else None
+    kind = "quick" if args.quick else "case" if args.case else None
+    out_file = args.out / (f"broker_throughput.{kind}.json" if kind else "broker_throughput.json")
     args.out.mkdir(parents=True, exist_ok=True)
     # Other work on the machine moves these numbers (everything shares its cores): record how busy it was.
     report: dict[str, Any] = {"benchmark": "broker throughput", "target_ratio": TARGET_RATIO, "repeats": repeats,
@@ -604,9 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for case in ingest_cases:
             measure_case(case, [("bare", partial(ingest_bare, broker, case)), ("fedq", partial(ingest_fedq, broker, case))])
-        chunks = snapshot_chunks(fanout_case.parameters)
-        measure_case(fanout_case, [("bare", partial(fanout_bare, broker, fanout_case, chunks)),
-                                   ("fedq", partial(fanout_fedq, broker, fanout_case))])
+        if fanout_case is not None:
+            chunks = snapshot_chunks(fanout_case.parameters)
+            measure_case(fanout_case, [("bare", partial(fanout_bare, broker, fanout_case, chunks)),
+                                       ("fedq", partial(fanout_fedq, broker, fanout_case))])
     finally:
         broker.close()
 

@@ -350,7 +350,7 @@ class Coordinator:
 
     def _resume(self) -> bool:
         if not self.checkpoints.exists():
-            return False
+            return
         checkpoint = self.checkpoints.read()
         check_matches_model(self.params, checkpoint.params)
         for name, tensor in checkpoint.params.items():
@@ -478,7 +478,7 @@ class Coordinator:
         self.runlog.received_update(header.site, size)
         if header.run_id != self.run_id:
             self._drop(header, f"trained in run {header.run_id}, not the current run {self.run_id}", staleness=None)
-            return False
+            return
         if header.update_id in self.ledger:
             raise ProtocolError(f"update {header.update_id} was already counted (redelivered or replayed)")
         staleness = self.version - header.base_version
@@ -493,7 +493,7 @@ class Coordinator:
         reason = self.strategy.admit(update, staleness)
         if reason is not None:
             self._drop(header, reason, staleness)
-            return False
+            return
         outcome = self.strategy.submit(self.params, update, staleness)
         self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
         self.runlog.applied_update(header.site, header.base_version, staleness)

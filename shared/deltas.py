@@ -18,7 +18,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from shared.memory import zeros_on_huge_pages
+from shared.memory import last_level_cache_bytes, zeros_on_huge_pages
 
 Tensors = dict[str, torch.Tensor]
 
@@ -106,17 +106,29 @@ def _scaled(values: torch.Tensor, alpha: float) -> torch.Tensor:
 FOLD_BLOCK = 1 << 19
 
 
-def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]], helper: Executor | None = None) -> None:
+def fits_in_cache(nbytes: int) -> bool:
+    """Whether a sum of ``nbytes`` can stay in the last-level cache beside everything else running
+    (the broker, the sites' publishers): at most half of it."""
+    cache = last_level_cache_bytes()
+    return cache is not None and nbytes <= cache // 2
+
+
+def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]], helper: Executor | None = None,
+                blockwise: bool | None = None) -> None:
     """flat += alpha * delta for every (delta, alpha), in order, each delta naming positions of ``flat``.
 
-    A delta of 1% of a large model touches a sixth of the sum's cache lines, each one a miss. When
-    the deltas hold together at least 1/32 as many values as ``flat``, they are folded block by
-    block: each block of ``flat`` is read through in order first, and then every delta's positions
-    inside it are added from cache. Reading a line in order cost 2.6 ns here and a missed one
-    11-13 ns, so reading the whole sum pays from about 1/70; 1/32 leaves room for the scatters.
-    Otherwise each is scattered straight in. Into a 25M sum, 250k values each (medians of 9): 2.7-3.0
-    ms per delta one by one, 1.4 ms per delta for 8 at once, 1.1 for 16. Every position receives
-    its deltas in the given order, so the sum is exactly the one-by-one sum.
+    A delta of 1% of a large model touches a sixth of the sum's cache lines. Where the sum does not
+    fit in the last-level cache, each of those is a miss; so when the deltas hold together at least
+    1/32 as many values as ``flat``, they are folded block by block: each block of ``flat`` is read
+    through in order first, and then every delta's positions inside it are added from cache.
+    Reading a line in order cost 2.6 ns and a missed one 11-13 ns on a machine with a small cache,
+    so reading the whole sum pays from about 1/70; 1/32 leaves room for the scatters. There, into
+    a 25M sum, 250k values each (medians of 9): 2.7-3.0 ms per delta one by one, 1.4 ms per delta
+    for 8 at once, 1.1 for 16. Where the sum fits in the cache (``fits_in_cache``; a 100 MB sum in
+    a 300 MiB L3), the scattered adds hit it and reading the whole sum is pure cost: 1.7 ms per
+    delta one by one against 3.1 for 8 at once. So each is scattered straight in there, as it is
+    when the deltas are few. ``blockwise`` forces the choice. Every position receives its deltas
+    in the given order, so the sum is exactly the one-by-one sum.
 
     With ``helper``, an executor with a thread to spare, the blocks are shared out: the later half
     is folded there while this thread folds the first (a reader waiting for the sum has nothing
@@ -124,7 +136,9 @@ def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]], hel
     """
     for delta, _ in deltas:
         _check_inside(flat, delta.indices)
-    if sum(len(delta.values) for delta, _ in deltas) < flat.numel() // 32:
+    if blockwise is None:
+        blockwise = not fits_in_cache(flat.numel() * flat.element_size())
+    if not blockwise or sum(len(delta.values) for delta, _ in deltas) < flat.numel() // 32:
         for delta, alpha in deltas:
             _scatter_add(flat, delta.indices, delta.values, alpha)
         return
@@ -166,16 +180,21 @@ def _check_inside(flat: torch.Tensor, positions: torch.Tensor) -> None:
 class RunningSum:
     """A sum of deltas in one flat tensor, allocated once.
 
-    Large sparse deltas wait in a queue and are folded in together (``fold_sparse``), several for
-    the price of a few: once the queue holds a quarter of the sum's bytes, on a thread of its own
-    while the coordinator receives and decodes the next updates; whatever is left, when the sum is
-    read. The queue holds at most half the sum's bytes (or one larger delta): an ``add`` that
-    would overfill it first folds what is queued. Every read of ``tensors`` sees the whole sum.
+    Large sparse deltas wait in a queue and are added on a thread of its own while the coordinator
+    receives and decodes the next updates; whatever is left is added when the sum is read. Where
+    the sum does not fit in the cache, they are folded in together (``fold_sparse``), several for
+    the price of a few, once the queue holds a quarter of the sum's bytes; where it fits, each is
+    added as soon as the thread is free. The queue holds at most half the sum's bytes (or one
+    larger delta): an ``add`` that would overfill it first adds what is queued. Every read of
+    ``tensors`` sees the whole sum. ``blockwise`` forces the choice of ``fold_sparse``.
     """
 
-    def __init__(self, like: Tensors):
+    def __init__(self, like: Tensors, blockwise: bool | None = None):
         self._tensors = FlatTensors.zeros_like(like)
-        self._batch = self._tensors.flat.numel() * self._tensors.flat.element_size() // 4
+        nbytes = self._tensors.flat.numel() * self._tensors.flat.element_size()
+        self._blockwise = not fits_in_cache(nbytes) if blockwise is None else blockwise
+        self._batch = nbytes // 4 if self._blockwise else 1
+        self._cap = nbytes // 2
         self._queue: list[tuple[SparseDelta, float]] = []
         self._queued_bytes = 0
         self._folding = False  # whether a fold holds the sum (on the thread, or a reader's)
@@ -191,7 +210,7 @@ class RunningSum:
             return
         _check_inside(self._tensors.flat, delta.indices)
         size = delta.indices.nbytes + delta.values.nbytes
-        if self._queued_bytes + size > 2 * self._batch:
+        if self._queued_bytes + size > self._cap:
             self.wait()
         with self._changed:
             self._queue.append((delta, alpha))
@@ -209,7 +228,7 @@ class RunningSum:
                     return
                 batch, self._queue, self._queued_bytes = self._queue, [], 0
             try:
-                fold_sparse(self._tensors.flat, batch)
+                fold_sparse(self._tensors.flat, batch, blockwise=self._blockwise)
             except BaseException as exc:  # kept for the next reader, which raises it
                 with self._changed:
                     self._error = self._error or exc
@@ -223,7 +242,7 @@ class RunningSum:
             self._folding = bool(batch)
         try:
             if batch:  # the sum's thread is free (no fold holds the sum): it folds half the blocks
-                fold_sparse(self._tensors.flat, batch, helper=_BEHIND)
+                fold_sparse(self._tensors.flat, batch, helper=_BEHIND, blockwise=self._blockwise)
         finally:
             with self._changed:
                 if batch:

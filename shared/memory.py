@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import platform
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,24 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+
+
+@functools.cache
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest data cache, as Linux reports it, or None where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (entry / "type").read_text().strip() == "Instruction":
+                continue
+            text = (entry / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if unit != 1 else text
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=None)
 
 
 def zeros_on_huge_pages(count: int) -> torch.Tensor:

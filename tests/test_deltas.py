@@ -142,7 +142,7 @@ def test_folding_deltas_together_gives_exactly_the_one_by_one_sum(count, values,
     deltas += [(SparseDelta(deltas[0][0].shapes, edges, torch.full((5,), 2.0)), 0.5)] * 2
     folded, expected = torch.ones(total), torch.ones(total)
     with CountingExecutor(1) as helper:  # with a helper, the last two blocks are folded on its thread
-        fold_sparse(folded, deltas, helper=helper if helped else None)
+        fold_sparse(folded, deltas, helper=helper if helped else None, blockwise=True)
     assert helper.submitted == (helped and count * values >= total // 32)
     for delta, alpha in deltas:
         expected.scatter_add_(0, delta.indices, delta.values * alpha)
@@ -156,21 +156,34 @@ def test_a_delta_outside_the_sum_is_refused_before_anything_is_added():
     outside = SparseDelta(outside.shapes, torch.cat([outside.indices[:-1], torch.tensor([total])]), outside.values)
     flat = torch.zeros(total)
     with pytest.raises(IndexError, match="outside a sum of"):
-        fold_sparse(flat, [(inside, 1.0), (outside, 1.0)])
+        fold_sparse(flat, [(inside, 1.0), (outside, 1.0)], blockwise=True)
     assert torch.count_nonzero(flat) == 0
 
 
-def test_a_running_sum_folds_queued_deltas_exactly_and_queues_at_most_half_its_bytes():
+def test_a_sum_that_fits_in_the_cache_takes_each_delta_straight_in_to_the_same_sum():
+    total = 2 * FOLD_BLOCK + 1000
+    deltas = [(random_sparse(total, 40_000, seed), alpha) for seed, alpha in zip(range(4), (1.0, -0.5, 3.0, 0.25))]
+    blockwise, straight = torch.ones(total), torch.ones(total)
+    with CountingExecutor(1) as helper:
+        fold_sparse(straight, deltas, helper=helper, blockwise=False)
+    assert helper.submitted == 0, "no block was handed to the helper"
+    fold_sparse(blockwise, deltas, blockwise=True)
+    assert torch.equal(straight, blockwise)
+
+
+@pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "straight"])
+def test_a_running_sum_adds_queued_deltas_exactly_and_queues_at_most_half_its_bytes(blockwise):
     total = 8 * FOLD_BLOCK
     deltas = [random_sparse(total, BEHIND_MIN + 1000, seed) for seed in range(16)]
-    running = RunningSum({"flat": torch.zeros(total)})
+    running = RunningSum({"flat": torch.zeros(total)}, blockwise=blockwise)
     expected = torch.zeros(total)
     queued = []
     for i, delta in enumerate(deltas):
         running.add(delta, 1.0 + i)
         queued.append(running._queued_bytes)
         expected.scatter_add_(0, delta.indices, delta.values * (1.0 + i))
-    assert max(queued) > 4 * (deltas[0].indices.nbytes + deltas[0].values.nbytes), "deltas were not queued together"
+    if blockwise:
+        assert max(queued) > 4 * (deltas[0].indices.nbytes + deltas[0].values.nbytes), "deltas were not queued together"
     assert max(queued) <= total * 4 // 2
     assert torch.equal(running.tensors.flat, expected)
     assert running._queued_bytes == 0

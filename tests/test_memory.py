@@ -1,14 +1,18 @@
-"""The coordinator's process keeps the memory it frees and reuses it, without faulting pages in again."""
+"""The coordinator's process keeps the memory it frees and reuses it, without faulting pages in again;
+it knows the size of the cache its running sum may fit in."""
 
 import platform
 import queue
 import resource
+import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
 import torch
 
-from shared.memory import keep_freed_memory, zeros_on_huge_pages
+from shared.memory import keep_freed_memory, last_level_cache_bytes, zeros_on_huge_pages
 
 
 def _thp_mode() -> str:
@@ -79,3 +83,11 @@ def test_zeros_on_huge_pages_get_huge_pages():
     flat = zeros_on_huge_pages(16 << 20)  # 64 MiB
     assert _anon_huge_bytes() - before >= 32 << 20, "the kernel backed less than half of 64 MiB with huge pages"
     del flat
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None or sys.platform != "linux", reason="needs Linux's lscpu to compare with")
+def test_the_last_level_cache_size_is_the_largest_data_cache_lscpu_reports():
+    table = subprocess.run(["lscpu", "-C=ONE-SIZE,TYPE", "-B"], capture_output=True, text=True).stdout
+    rows = [line.split() for line in table.splitlines()[1:]]  # below the header
+    sizes = [int(size) for size, kind in rows if kind != "Instruction"]
+    assert last_level_cache_bytes() == max(sizes)
