@@ -350,7 +350,7 @@ class Coordinator:
 
     def _resume(self) -> bool:
         if not self.checkpoints.exists():
-            return
+            return False
         checkpoint = self.checkpoints.read()
         check_matches_model(self.params, checkpoint.params)
         for name, tensor in checkpoint.params.items():
