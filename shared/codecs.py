@@ -272,10 +272,19 @@ def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out.astype(dtype), owner
 
 
-def decode_gaps(gaps: np.ndarray, total: int) -> torch.Tensor:
-    """Positions (int64) from gaps; ProtocolError unless strictly increasing and inside ``total``."""
+def last_gap_position(gaps: np.ndarray, total: int) -> int:
+    """The last position the gaps name (-1 for none); ProtocolError unless they are strictly
+    increasing and inside ``total``."""
     if gaps.size and int(gaps.min()) < 1:
         raise ProtocolError("sparse indices are not strictly increasing")
+    last = int(gaps.sum(dtype=np.int64)) - 1
+    if last >= total:
+        raise ProtocolError(f"sparse index {last} is outside a model of {total} values")
+    return last
+
+
+def gap_positions(gaps: np.ndarray) -> torch.Tensor:
+    """Positions (int64) from gaps that ``last_gap_position`` accepted."""
     # Widened by numpy, summed in place by torch: faster than numpy's cumsum with a dtype (the gaps
     # of a 25M model's top-k update decode in 0.1 ms instead of 0.6), and unlike torch's widening
     # it stays on this thread (see dequantize_int8). A position is the running sum less one: the
@@ -283,10 +292,58 @@ def decode_gaps(gaps: np.ndarray, total: int) -> torch.Tensor:
     positions = torch.from_numpy(gaps.astype(np.int64))
     if positions.numel():
         positions[0] -= 1
-    positions.cumsum_(0)
-    if positions.numel() and int(positions[-1]) >= total:
-        raise ProtocolError(f"sparse index {int(positions[-1])} is outside a model of {total} values")
-    return positions
+    return positions.cumsum_(0)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True, eq=False)
+class TopKEncoding:
+    """A top-k update as it travelled, checked, in memory of its own (the payload's buffer is
+    reused): the gaps between its positions in the flattened layout, its values as float32 or int8,
+    and the int8 values' block scales.
+
+    A ``SparseDelta`` holds it until something needs positions and values as tensors; a running sum
+    adds it without them (``add_into``).
+    """
+
+    gaps: np.ndarray
+    values: np.ndarray
+    scales: np.ndarray | None
+    #: The last position named, checked to lie inside the model (-1 when there are none).
+    last: int
+
+    def __len__(self) -> int:
+        return self.gaps.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.gaps.nbytes + self.values.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (int64) and values (float32), as new tensors."""
+        values = (torch.from_numpy(self.values.copy()) if self.scales is None
+                  else dequantize_int8(self.values, self.scales))
+        return gap_positions(self.gaps), values
+
+    def all_finite(self) -> bool:
+        """No value is NaN or infinite. An int8 value is finite when its block's scale is, and 127
+        times the scale (the largest int8 magnitude) is too: the scales are all there is to read."""
+        if self.scales is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return bool(np.isfinite(self.values.sum()) or np.isfinite(self.values).all())
+        with np.errstate(invalid="ignore"):
+            return bool(np.isfinite(self.scales).all()) and float(np.abs(self.scales).max(initial=0.0)) * 127 <= _FLOAT32_MAX
+
+    def add_into(self, flat: torch.Tensor, alpha: float) -> None:
+        """flat += alpha * this delta, with one compiled loop over the encoding (``shared.kernels``)."""
+        if self.last >= flat.numel() or flat.dtype != torch.float32 or not flat.is_contiguous():
+            raise ValueError(f"a top-k delta reaching position {self.last} cannot be added into a "
+                             f"{flat.dtype} tensor of {flat.numel()} values")
+        from shared import kernels  # numba: only processes that sum updates pay for its import
+
+        kernels.add_at_gaps(flat.numpy(), self.gaps, self.values, self.scales, INT8_BLOCK, alpha)
 
 
 class TopK(Codec):
@@ -330,7 +387,8 @@ class TopK(Codec):
         return dense_copy(self.decode_sparse(specs, parts, layout))
 
     def decode_sparse(self, specs, parts, layout: Layout) -> SparseDelta:
-        """The update as positions and values, without a dense tensor the size of the model."""
+        """The update, checked, as a SparseDelta holding its encoding: no dense tensor the size of
+        the model, and no positions and values either until something asks for them."""
         if len(specs) != 1 or specs[0].name != FLAT_NAME:
             raise ProtocolError(f"a {self.name} payload has one entry named {FLAT_NAME!r}, got {[s.name for s in specs]}")
         spec, arrays = specs[0], parts[0]
@@ -341,11 +399,12 @@ class TopK(Codec):
         gaps = arrays[0]
         if self.values == "int8":
             _expect_parts(spec, arrays, ((gaps.dtype.name, gaps.size), ("int8", gaps.size), ("float32", -(-gaps.size // INT8_BLOCK))))
-            values = dequantize_int8(arrays[1], arrays[2])
         else:
             _expect_parts(spec, arrays, ((gaps.dtype.name, gaps.size), ("float32", gaps.size)))
-            values = torch.from_numpy(arrays[1].copy())  # its own memory, not the payload's: see SparseDelta
-        return SparseDelta(layout.shapes, decode_gaps(gaps, layout.total), values)
+        last = last_gap_position(gaps, layout.total)
+        # Copies: the payload's buffer receives the next upload while this delta may wait in a queue.
+        encoding = TopKEncoding(gaps.copy(), arrays[1].copy(), arrays[2].copy() if self.values == "int8" else None, last)
+        return SparseDelta(layout.shapes, encoding=encoding)
 
 
 CODEC_NAMES = ("fp32", "fp16", "bf16", "int8", "topk", "topk-int8")

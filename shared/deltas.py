@@ -1,10 +1,12 @@
 """Model deltas as the coordinator folds them in: dense (one tensor per model tensor) or sparse.
 
-A top-k update names a few positions of the flattened model. Decoded as a ``SparseDelta``, it is
-validated, clipped and added into the model or a running sum with ``scatter_add_``: no dense copy
-of a 2 GB model is made for 1% of it. Sparse deltas that together name a fair share of the
-sum's positions are folded in together, reading the sum once in order (``fold_sparse``).
-Everything that needs every coordinate (noise for privacy, robust statistics) takes a ``dense_copy``.
+A top-k update names a few positions of the flattened model. It arrives as a ``SparseDelta``
+holding its wire encoding: validated as it is, added into a running sum straight from it by a
+compiled loop, and decoded into positions and values only for what needs them (clipping, a model
+held tensor by tensor, a sum too large for the cache). No dense copy of a 2 GB model is made for
+1% of it. Into a sum larger than the cache, sparse deltas that together name a fair share of its
+positions are folded in together, reading the sum once in order (``fold_sparse``). Everything that
+needs every coordinate (noise for privacy, robust statistics) takes a ``dense_copy``.
 """
 
 from __future__ import annotations
@@ -12,28 +14,76 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 
 from shared.memory import last_level_cache_bytes, zeros_on_huge_pages
 
+if TYPE_CHECKING:
+    from shared.codecs import TopKEncoding
+
 Tensors = dict[str, torch.Tensor]
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]
 
 
-@dataclass(frozen=True)
 class SparseDelta:
     """``values`` at sorted, distinct ``indices`` of the model flattened in layout order; zero elsewhere.
 
-    It owns its memory (it is never a view of a received payload), so it may outlive the message
-    it came in: a ``RunningSum`` may keep it queued while the next messages are received.
+    Built either from those tensors or from the checked wire ``encoding`` it arrived in, which is
+    decoded the first time ``indices`` or ``values`` are read; from then on the tensors are the
+    delta (clipping scales them in place) and ``encoding`` is None. It owns its memory (it is never
+    a view of a received payload), so it may outlive the message it came in: a ``RunningSum`` may
+    keep it queued while the next messages are received.
     """
 
-    shapes: tuple[tuple[str, tuple[int, ...]], ...]
-    indices: torch.Tensor  # int64
-    values: torch.Tensor  # float32
+    def __init__(self, shapes: Shapes, indices: torch.Tensor | None = None, values: torch.Tensor | None = None, *,
+                 encoding: "TopKEncoding | None" = None):
+        if (encoding is None) == (indices is None or values is None):
+            raise ValueError("a SparseDelta is built from indices and values, or from an encoding")
+        self.shapes = shapes
+        self._indices, self._values, self._encoding = indices, values, encoding
+
+    @property
+    def encoding(self) -> "TopKEncoding | None":
+        """The wire encoding, until something decodes the delta."""
+        return self._encoding
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """Positions, int64."""
+        self._decode()
+        return self._indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Values, float32."""
+        self._decode()
+        return self._values
+
+    def _decode(self) -> None:
+        if self._encoding is not None:
+            self._indices, self._values = self._encoding.decode()
+            self._encoding = None
+
+    def __len__(self) -> int:
+        return len(self._encoding) if self._encoding is not None else self._values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the encoding's, or the tensors'."""
+        if self._encoding is not None:
+            return self._encoding.nbytes
+        return self._indices.nbytes + self._values.nbytes
+
+    def span(self) -> tuple[int, int]:
+        """The first and last positions named ((0, -1) when none)."""
+        if self._encoding is not None:
+            return (0, self._encoding.last)
+        if not self._indices.numel():
+            return (0, -1)
+        return int(self._indices[0]), int(self._indices[-1])
 
     def by_tensor(self):
         """(name, positions inside that tensor, values) for every tensor the delta touches."""
@@ -81,7 +131,7 @@ class FlatTensors(dict):
 def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:
     """target += alpha * delta, in place."""
     if isinstance(delta, SparseDelta) and isinstance(target, FlatTensors) and target.shapes == delta.shapes:
-        _scatter_add(target.flat, delta.indices, delta.values, alpha)
+        _add_sparse(target.flat, delta, alpha)
     elif isinstance(delta, SparseDelta):
         for name, positions, values in delta.by_tensor():
             # view, not reshape: a non-contiguous target would silently take the sum into a copy.
@@ -89,6 +139,14 @@ def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:
     else:
         for name, tensor in delta.items():
             target[name].add_(tensor, alpha=alpha)
+
+
+def _add_sparse(flat: torch.Tensor, delta: SparseDelta, alpha: float) -> None:
+    """flat += alpha * delta: from its encoding if it still has one, else by scatter."""
+    if delta.encoding is not None:
+        delta.encoding.add_into(flat, alpha)
+    else:
+        _scatter_add(flat, delta.indices, delta.values, alpha)
 
 
 def _scatter_add(flat: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
@@ -135,12 +193,12 @@ def fold_sparse(flat: torch.Tensor, deltas: list[tuple[SparseDelta, float]], hel
     else to do). Blocks are disjoint, so the sum is the same.
     """
     for delta, _ in deltas:
-        _check_inside(flat, delta.indices)
+        _check_inside(flat, delta)
     if blockwise is None:
         blockwise = not fits_in_cache(flat.numel() * flat.element_size())
-    if not blockwise or sum(len(delta.values) for delta, _ in deltas) < flat.numel() // 32:
+    if not blockwise or sum(len(delta) for delta, _ in deltas) < flat.numel() // 32:
         for delta, alpha in deltas:
-            _scatter_add(flat, delta.indices, delta.values, alpha)
+            _add_sparse(flat, delta, alpha)
         return
     edges = torch.tensor(range(FOLD_BLOCK, flat.numel(), FOLD_BLOCK), dtype=torch.int64)
     pieces = []
@@ -169,12 +227,12 @@ def _fold_blocks(flat: torch.Tensor, blocks: list[tuple[torch.Tensor, ...]]) -> 
             flat.scatter_add_(0, positions, values)
 
 
-def _check_inside(flat: torch.Tensor, positions: torch.Tensor) -> None:
+def _check_inside(flat: torch.Tensor, delta: SparseDelta) -> None:
     # Sorted positions, so the ends suffice. A block-wise fold would silently skip positions past
     # the end instead of failing, so they are refused before anything is added.
-    if positions.numel() and (int(positions[0]) < 0 or int(positions[-1]) >= flat.numel()):
-        raise IndexError(f"a sparse delta names positions {int(positions[0])}..{int(positions[-1])}, "
-                         f"outside a sum of {flat.numel()} values")
+    first, last = delta.span()
+    if last >= 0 and (first < 0 or last >= flat.numel()):
+        raise IndexError(f"a sparse delta names positions {first}..{last}, outside a sum of {flat.numel()} values")
 
 
 class RunningSum:
@@ -195,6 +253,10 @@ class RunningSum:
         self._blockwise = not fits_in_cache(nbytes) if blockwise is None else blockwise
         self._batch = nbytes // 4 if self._blockwise else 1
         self._cap = nbytes // 2
+        if not self._blockwise:
+            from shared import kernels  # compiled now, not inside the first update's ingest
+
+            kernels.warm_up()
         self._queue: list[tuple[SparseDelta, float]] = []
         self._queued_bytes = 0
         self._folding = False  # whether a fold holds the sum (on the thread, or a reader's)
@@ -204,12 +266,12 @@ class RunningSum:
     def add(self, delta: Delta, alpha: float) -> None:
         """sum += alpha * delta. A large sparse delta (which owns its memory) may still be queued
         when this returns; a dense one may view its payload, whose memory is reused, so it is not."""
-        if not (isinstance(delta, SparseDelta) and self._tensors.shapes == delta.shapes and len(delta.values) >= BEHIND_MIN):
+        if not (isinstance(delta, SparseDelta) and self._tensors.shapes == delta.shapes and len(delta) >= BEHIND_MIN):
             self.wait()
             add_scaled(self._tensors, delta, alpha)
             return
-        _check_inside(self._tensors.flat, delta.indices)
-        size = delta.indices.nbytes + delta.values.nbytes
+        _check_inside(self._tensors.flat, delta)
+        size = delta.nbytes
         if self._queued_bytes + size > self._cap:
             self.wait()
         with self._changed:

@@ -20,7 +20,8 @@ def check_matches_model(model_tensors: Tensors, received: Delta, finite: bool = 
     values remain to be checked.
     """
     if isinstance(received, SparseDelta):
-        if finite and not all_finite(received.values):
+        encoding = received.encoding
+        if finite and not (encoding.all_finite() if encoding is not None else all_finite(received.values)):
             raise ProtocolError("the update holds NaN or infinite values")
         return
     missing = model_tensors.keys() - received.keys()

@@ -206,3 +206,74 @@ def test_a_failed_fold_is_raised_when_the_sum_is_next_read():
         running.tensors
     running.add(sparse, 1.0)  # the failure is reported once; the sum goes on
     assert torch.count_nonzero(running.tensors.flat) == len(sparse.values)
+
+
+def encoded_delta(codec: str, total: int, count: int, seed: int) -> SparseDelta:
+    """A top-k delta as the coordinator receives it: still its wire encoding."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.zeros(total)
+    flat[torch.randperm(total, generator=generator)[:count]] = torch.randn(count, generator=generator) * 3
+    specs, parts = encode_tensors({"flat": flat}, get_codec(codec, count / total))
+    delta = decode_tensors(specs, [parts], Layout((("flat", (total,)),)), sparse=True)
+    assert delta.encoding is not None
+    return delta
+
+
+# Gaps of uint8 (with fillers for the wider ones), uint16 and uint32: sparser positions need wider types.
+@pytest.mark.parametrize("total, count", [(300_000, 100_000), (3_000_000, 3_000), (40_000_000, 300)],
+                         ids=["uint8 gaps", "uint16 gaps", "uint32 gaps"])
+@pytest.mark.parametrize("codec", ["topk", "topk-int8"])
+def test_an_encoded_delta_adds_bit_for_bit_as_its_decoded_form_scatters(codec, total, count):
+    sums = {"encoded": torch.ones(total), "decoded": torch.ones(total)}
+    for seed, alpha in enumerate((1.0, 0.37, -2.5)):
+        delta = encoded_delta(codec, total, count, seed)
+        assert delta.encoding.gaps.dtype.itemsize == {100_000: 1, 3_000: 2, 300: 4}[count]
+        delta.encoding.add_into(sums["encoded"], alpha)
+        positions, values = delta.encoding.decode()
+        sums["decoded"].scatter_add_(0, positions, values * alpha)
+    assert torch.equal(sums["encoded"], sums["decoded"])
+    assert torch.count_nonzero(sums["encoded"] != 1.0) > 0
+
+
+def test_a_delta_decodes_once_and_its_tensors_are_the_delta_from_then_on():
+    delta = encoded_delta("topk-int8", 100_000, 5_000, 0)
+    first, last = delta.span()
+    assert len(delta) == 5_000 and last < 100_000 and delta.nbytes < 5_000 * 3
+    clip_to_norm(delta, 1.0)  # reads the values: decoded, and scaled in place
+    assert delta.encoding is None and delta.span() == (int(delta.indices[0]), last)
+    flat = FlatTensors(torch.zeros(100_000), (("flat", (100_000,)),))
+    add_scaled(flat, delta, 1.0)
+    assert abs(float(torch.linalg.vector_norm(flat.flat)) - 1.0) < 1e-5, "the clipped values were added"
+
+
+def test_an_encoded_delta_is_not_added_into_a_tensor_it_does_not_fit():
+    delta = encoded_delta("topk", 100_000, 5_000, 1)
+    with pytest.raises(ValueError, match="cannot be added"):
+        delta.encoding.add_into(torch.zeros(delta.span()[1]), 1.0)
+    with pytest.raises(ValueError, match="cannot be added"):
+        delta.encoding.add_into(torch.zeros(100_000, dtype=torch.float64), 1.0)
+
+
+def test_an_encodings_finiteness_is_read_from_its_values_or_its_int8_scales():
+    floats = encoded_delta("topk", 10_000, 1_000, 2).encoding
+    int8 = encoded_delta("topk-int8", 10_000, 1_000, 2).encoding
+    assert floats.all_finite() and int8.all_finite()
+    floats.values[7] = float("nan")
+    assert not floats.all_finite()
+    int8.scales[0] = float("inf")
+    assert not int8.all_finite()
+    int8.scales[0] = 3e38 / 100  # finite, but 127 times it is not: its int8 values could overflow
+    assert not int8.all_finite()
+
+
+def test_a_running_sum_of_encoded_deltas_equals_the_decoded_sum():
+    total = 4 * FOLD_BLOCK
+    deltas = [encoded_delta("topk-int8", total, BEHIND_MIN + 1000, seed) for seed in range(6)]
+    running = RunningSum({"flat": torch.zeros(total)}, blockwise=False)
+    expected = torch.zeros(total)
+    for i, delta in enumerate(deltas):
+        positions, values = delta.encoding.decode()
+        expected.scatter_add_(0, positions, values * (0.5 + i))
+        running.add(delta, 0.5 + i)
+    assert torch.equal(running.tensors.flat, expected)
+    assert all(delta.encoding is not None for delta in deltas), "added from their encodings, not decoded"
