@@ -253,10 +253,9 @@ class RunningSum:
         self._blockwise = not fits_in_cache(nbytes) if blockwise is None else blockwise
         self._batch = nbytes // 4 if self._blockwise else 1
         self._cap = nbytes // 2
-        if not self._blockwise:
-            from shared import kernels  # compiled now, not inside the first update's ingest
+        from shared import kernels  # compiled now, not inside the first update's ingest
 
-            kernels.warm_up()
+        kernels.warm_up()
         self._queue: list[tuple[SparseDelta, float]] = []
         self._queued_bytes = 0
         self._folding = False  # whether a fold holds the sum (on the thread, or a reader's)
