@@ -210,7 +210,10 @@ class Coordinator:
                 self._settle()
                 self._tick()
             log.info("stopping: %s", self.stop_reason)
-            self._release()
+            if self._unreleased:
+                self._release()
+            else:
+                self._settle(force=True)
             self._announce(final=True)
             self._tick(force=True)
             return True
@@ -415,7 +418,7 @@ class Coordinator:
             self._on_message(*self._inbox.popleft())
             self._check_limits()
             self._tick()
-        if self.stop_reason is None and self.announcement is not None and self.announcement.version != self.version:
+        if self.stop_reason is None and self._unreleased:
             self._release()
 
     def _on_message(self, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
@@ -581,6 +584,11 @@ class Coordinator:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
         self._scored_version = self.version
+
+    @property
+    def _unreleased(self) -> bool:
+        """Whether the model has moved on from the version last announced."""
+        return self.announcement is not None and self.announcement.version != self.version
 
     def _release(self) -> None:
         """Make the newest version durable, publish it, and evaluate it if ``eval_every`` says so.

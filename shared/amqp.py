@@ -31,8 +31,18 @@ RECV_BYTES = 128 * 1024
 _AsyncTransportBase._MAX_RECV_BYTES = RECV_BYTES
 
 
-class _FragmentAssembler(ContentFrameAssembler):
-    """Hands a message over with its body as the list of its frames' bytes, not joined into one."""
+class FragmentAssembler(ContentFrameAssembler):
+    """Hands a message over with its body as the list of its frames' bytes, not joined into one,
+    and notes when its channel's last frame came: on a slow link, the frames of one large message
+    are progress, though no message is whole for a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_frame = time.monotonic()
+
+    def process(self, frame_value):
+        self.last_frame = time.monotonic()
+        return super().process(frame_value)
 
     def _finish(self):
         content = (self._method_frame, self._header_frame, self._body_fragments)
@@ -40,8 +50,9 @@ class _FragmentAssembler(ContentFrameAssembler):
         return content
 
 
-def deliver_fragments(channel: BlockingChannel) -> None:
-    """Have ``channel`` deliver each body as a list of bytes (its 128 KiB frames) from now on.
+def deliver_fragments(channel: BlockingChannel) -> FragmentAssembler:
+    """Have ``channel`` deliver each body as a list of bytes (its 128 KiB frames) from now on;
+    returns the assembler, whose ``last_frame`` says when the channel last received a frame.
 
     pika joins a body's frames into one bytes object before delivering it. A reader that copies
     bodies into a buffer of its own (``Reassembly.add`` takes the list) saves that copy: a site
@@ -49,7 +60,8 @@ def deliver_fragments(channel: BlockingChannel) -> None:
     coordinator reads updates this way. A pika 1.x internal (pinned below 2);
     tests/test_pika_internals.py checks it.
     """
-    channel._impl._content_assembler = _FragmentAssembler()
+    assembler = channel._impl._content_assembler = FragmentAssembler()
+    return assembler
 
 
 SNAPSHOTS = "fedq.snapshots"  # exchange and stream queue

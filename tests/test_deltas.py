@@ -220,14 +220,14 @@ def encoded_delta(codec: str, total: int, count: int, seed: int) -> SparseDelta:
 
 
 # Gaps of uint8 (with fillers for the wider ones), uint16 and uint32: sparser positions need wider types.
-@pytest.mark.parametrize("total, count", [(300_000, 100_000), (3_000_000, 3_000), (40_000_000, 300)],
+@pytest.mark.parametrize("total, count", [(300_000, 100_000), (3_000_000, 3_000), (10_000_000, 50)],
                          ids=["uint8 gaps", "uint16 gaps", "uint32 gaps"])
 @pytest.mark.parametrize("codec", ["topk", "topk-int8"])
 def test_an_encoded_delta_adds_bit_for_bit_as_its_decoded_form_scatters(codec, total, count):
     sums = {"encoded": torch.ones(total), "decoded": torch.ones(total)}
     for seed, alpha in enumerate((1.0, 0.37, -2.5)):
         delta = encoded_delta(codec, total, count, seed)
-        assert delta.encoding.gaps.dtype.itemsize == {100_000: 1, 3_000: 2, 300: 4}[count]
+        assert delta.encoding.gaps.dtype.itemsize == {100_000: 1, 3_000: 2, 50: 4}[count]
         delta.encoding.add_into(sums["encoded"], alpha)
         positions, values = delta.encoding.decode()
         sums["decoded"].scatter_add_(0, positions, values * alpha)

@@ -29,21 +29,6 @@ from worker.site import SiteWorker
 pytestmark = pytest.mark.broker
 
 
-def test_ten_sites_reach_090(broker_url, tmp_path):
-    summary = run_federation(
-        broker_url, tmp_path, site_names(10),
-        coordinator={"strategy": "fedasync", "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
-    )
-    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
-    assert summary["time_to_accuracy"]["0.90"] is not None
-    applied = events(tmp_path, "update")
-    assert len(applied) == summary["updates_applied"] > 0
-    # Fast sites carry an asynchronous run; the 3-second site may not have answered by 0.90.
-    assert len({e["site"] for e in applied}) >= 5
-    assert summary["updates_rejected"] == 0
-    assert set(summary["worker_exit_codes"].values()) == {0}, "workers leave cleanly on the final announcement"
-
-
 def test_topk_int8_updates_reach_090_and_are_over_50x_smaller(broker_url, tmp_path):
     summary = run_federation(
         broker_url, tmp_path, site_names(10),
@@ -80,6 +65,8 @@ def test_stale_update_is_weighted_by_its_staleness_and_too_stale_is_dropped(brok
         assert coordinator.version == 6
         assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items()), "a dropped update changes nothing"
     client.close()
+    published = [e["version"] for e in events(tmp_path, "snapshot")]
+    assert published == sorted(set(published)) and published[-1] == 6, "each version published once, none again at the stop"
 
 
 def test_site_joining_after_version_5_starts_from_the_newest(broker_url, tmp_path):

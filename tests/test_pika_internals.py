@@ -30,7 +30,8 @@ def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker
         queue = channel.queue_declare("", exclusive=True).method.queue
         channel.basic_publish("", queue, body)
         channel.basic_publish("", queue, b"")
-        amqp.deliver_fragments(channel)
+        assembler = amqp.deliver_fragments(channel)
+        attached = assembler.last_frame
         received = []
         channel.basic_consume(queue, lambda ch, method, properties, got: received.append(got), auto_ack=True)
         deadline = time.monotonic() + 10
@@ -41,6 +42,7 @@ def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker
     whole, empty = received
     assert isinstance(whole, list) and len(whole) > 1 and b"".join(whole) == body
     assert empty == []
+    assert assembler.last_frame > attached, "the time of the channel's last frame, for a site's stall check"
 
 
 def test_a_refused_login_is_told_from_a_login_cut_short(broker_url):

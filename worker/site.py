@@ -45,10 +45,11 @@ from worker.outbox import Outbox
 log = logging.getLogger("fedq.worker")
 
 SNAPSHOT_TIMEOUT = 300.0
-# A snapshot read that hears nothing from the stream for this long attaches again. RabbitMQ 3.10's
-# streams (osiris 1.3) can miss telling a reader of a chunk committed just as it attached: the
-# reader would sit until the next write, which in synchronous rounds never comes (seen here: 4
-# of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good).
+# A snapshot read that hears nothing from the stream for this long, not a frame, attaches again.
+# RabbitMQ 3.10's streams (osiris 1.3) can miss telling a reader of a chunk committed just as it
+# attached: the reader would sit until the next write, which in synchronous rounds never comes
+# (seen here: 4 of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for
+# good). Frames count, not whole messages: over a slow link one 4 MiB chunk takes many seconds.
 STREAM_STALL_SECONDS = 1.0
 SNAPSHOT_HEADER_ROOM = 1 << 20  # a snapshot's header and alignment, beyond its fp32 tensor bytes
 HELLO_WAIT = 5.0
@@ -200,7 +201,7 @@ class SiteWorker:
         # keeps a large model's worker at two copies (model and base), never three.
         self.base = self.base_version = self.base_run = None
         channel = connection.channel()
-        amqp.deliver_fragments(channel)  # copied into snapshot_buffer without pika's join first
+        frames = amqp.deliver_fragments(channel)  # copied into snapshot_buffer without pika's join first
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None, "next": None,
                        "heard": time.monotonic(), "attached": 0}
@@ -241,7 +242,7 @@ class SiteWorker:
         while (state["payload"] is None and state["error"] is None and not self._superseded(announcement)
                and time.monotonic() - started < SNAPSHOT_TIMEOUT):
             connection.process_data_events(time_limit=min(1.0, STREAM_STALL_SECONDS / 2))
-            if state["payload"] is None and time.monotonic() - state["heard"] > STREAM_STALL_SECONDS:
+            if state["payload"] is None and time.monotonic() - max(state["heard"], frames.last_frame) > STREAM_STALL_SECONDS:
                 log.debug("site %s: nothing from the stream for %.1f s while reading version %d; attaching again",
                           self.settings.site, STREAM_STALL_SECONDS, announcement.version)
                 amqp.cancel_stream_consumer(channel, tag)
