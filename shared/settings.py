@@ -107,7 +107,7 @@ class CoordinatorSettings(CommonSettings):
     snapshot_codec: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="Codec for published snapshots; the coordinator keeps full precision either way."
     )
-    eval_every: int = Field(1, ge=1, description="Evaluate the global model every N versions.")
+    eval_every: int = Field(1, ge=1, description="Evaluate the global model when it is published, if N versions or more have passed since the last evaluation.")
     stop_at_accuracy: Optional[float] = Field(None, gt=0, le=1, description="End the run once accuracy reaches this.")
     max_seconds: Optional[float] = Field(None, gt=0, description="End the run after this many seconds.")
     max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
