@@ -343,7 +343,11 @@ class TopKEncoding:
                              f"{flat.dtype} tensor of {flat.numel()} values")
         from shared import kernels  # numba: only processes that sum updates pay for its import
 
-        kernels.add_at_gaps(flat.numpy(), self.gaps, self.values, self.scales, INT8_BLOCK, alpha)
+        kernels.fold_at_gaps(flat.numpy(), [(*self.gap_form(), alpha)])
+
+    def gap_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """(gaps, values, scales, scale_block), as ``kernels.fold_at_gaps`` reads them."""
+        return self.gaps, self.values, self.scales, INT8_BLOCK
 
 
 class TopK(Codec):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.strategies import FedAsync, FedBuff, Update
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
-from shared.deltas import BEHIND_MIN, FOLD_BLOCK, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy, fold_sparse
+from shared.kernels import BLOCK
+from shared.deltas import BEHIND_MIN, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy, fold_sparse
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id
 
 SHAPES = {"embedding": (50, 4), "empty": (0,), "head.weight": (3, 4), "head.bias": (3,)}
@@ -131,27 +132,44 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-# Block by block once the deltas hold 1/32 of the sum's positions (33k here), one by one below.
+# Block by block once the deltas hold 1/8 of the sum's positions (16k here), one by one below.
 @pytest.mark.parametrize("helped", [False, True], ids=["one thread", "helped"])
 @pytest.mark.parametrize("count, values", [(1, 40_000), (2, 40_000), (5, 40_000), (3, 2_000)])
 def test_folding_deltas_together_gives_exactly_the_one_by_one_sum(count, values, helped):
-    total = 2 * FOLD_BLOCK + 1000  # three blocks, the last one short
+    total = 2 * BLOCK + 1000  # three blocks, the last one short
     deltas = [(random_sparse(total, values, seed), alpha) for seed, alpha in zip(range(count), (1.0, -0.5, 3.0, 0.25, 1.0))]
-    # Positions on every block edge and both ends, in two deltas, so they meet there.
-    edges = torch.tensor([0, FOLD_BLOCK - 1, FOLD_BLOCK, 2 * FOLD_BLOCK, total - 1])
-    deltas += [(SparseDelta(deltas[0][0].shapes, edges, torch.full((5,), 2.0)), 0.5)] * 2
+    # Positions on every block edge, both sides of the helper's half and both ends, in two deltas, so they meet there.
+    edges = torch.tensor([0, BLOCK - 1, BLOCK, total // 2 - 1, total // 2, 2 * BLOCK, total - 1])
+    deltas += [(SparseDelta(deltas[0][0].shapes, edges, torch.full((7,), 2.0)), 0.5)] * 2
     folded, expected = torch.ones(total), torch.ones(total)
     with CountingExecutor(1) as helper:  # with a helper, the last two blocks are folded on its thread
         fold_sparse(folded, deltas, helper=helper if helped else None, blockwise=True)
-    assert helper.submitted == (helped and count * values >= total // 32)
+    assert helper.submitted == (helped and count * values >= total // 8)
     for delta, alpha in deltas:
         expected.scatter_add_(0, delta.indices, delta.values * alpha)
     assert torch.equal(folded, expected)
-    assert folded[total - 1] != 1.0 and folded[FOLD_BLOCK] != 1.0
+    assert folded[total - 1] != 1.0 and folded[BLOCK] != 1.0
+
+
+@pytest.mark.parametrize("helped", [False, True], ids=["one thread", "helped"])
+def test_deltas_of_every_encoding_fold_together_to_exactly_the_one_by_one_sum(helped):
+    total = 3 * BLOCK + 77
+    # Runs of one kind of gaps and values fold together; the kinds alternate, so order matters.
+    deltas = [(encoded_delta("topk-int8", total, 20_000, 0), 1.0), (encoded_delta("topk-int8", total, 15_000, 1), -0.5),
+              (encoded_delta("topk", total, 20_000, 2), 3.0), (random_sparse(total, 10_000, 3), 0.25),
+              (encoded_delta("topk-int8", total, 300, 4), 2.0), (encoded_delta("topk", total, 20_000, 5), 1.5)]
+    assert len({(d.gap_form()[0].dtype, d.gap_form()[1].dtype) for d, _ in deltas}) == 4
+    folded, expected = torch.ones(total), torch.ones(total)
+    with CountingExecutor(1) as helper:
+        fold_sparse(folded, deltas, helper=helper if helped else None, blockwise=True)
+    assert helper.submitted == helped
+    for delta, alpha in deltas:
+        expected.scatter_add_(0, delta.indices, delta.values * alpha)
+    assert torch.equal(folded, expected)
 
 
 def test_a_delta_outside_the_sum_is_refused_before_anything_is_added():
-    total = FOLD_BLOCK + 10
+    total = BLOCK + 10
     inside, outside = random_sparse(total, 100, 0), random_sparse(total + 5, 100, 1)
     outside = SparseDelta(outside.shapes, torch.cat([outside.indices[:-1], torch.tensor([total])]), outside.values)
     flat = torch.zeros(total)
@@ -161,7 +179,7 @@ def test_a_delta_outside_the_sum_is_refused_before_anything_is_added():
 
 
 def test_a_sum_that_fits_in_the_cache_takes_each_delta_straight_in_to_the_same_sum():
-    total = 2 * FOLD_BLOCK + 1000
+    total = 2 * BLOCK + 1000
     deltas = [(random_sparse(total, 40_000, seed), alpha) for seed, alpha in zip(range(4), (1.0, -0.5, 3.0, 0.25))]
     blockwise, straight = torch.ones(total), torch.ones(total)
     with CountingExecutor(1) as helper:
@@ -173,7 +191,7 @@ def test_a_sum_that_fits_in_the_cache_takes_each_delta_straight_in_to_the_same_s
 
 @pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "straight"])
 def test_a_running_sum_adds_queued_deltas_exactly_and_queues_at_most_half_its_bytes(blockwise):
-    total = 8 * FOLD_BLOCK
+    total = 64 * BLOCK
     deltas = [random_sparse(total, BEHIND_MIN + 1000, seed) for seed in range(16)]
     running = RunningSum({"flat": torch.zeros(total)}, blockwise=blockwise)
     expected = torch.zeros(total)
@@ -267,7 +285,7 @@ def test_an_encodings_finiteness_is_read_from_its_values_or_its_int8_scales():
 
 
 def test_a_running_sum_of_encoded_deltas_equals_the_decoded_sum():
-    total = 4 * FOLD_BLOCK
+    total = 32 * BLOCK
     deltas = [encoded_delta("topk-int8", total, BEHIND_MIN + 1000, seed) for seed in range(6)]
     running = RunningSum({"flat": torch.zeros(total)}, blockwise=False)
     expected = torch.zeros(total)
