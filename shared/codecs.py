@@ -214,11 +214,12 @@ def top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     if n > 1_000_000 and k < n // 4:
         sample = values.reshape(-1)[torch.randint(n, (100_000,))].abs()
         threshold = torch.quantile(sample, max(0.0, 1 - 1.5 * k / n)).item()
-        candidates = _indices_at_least(values, threshold)
+        candidates = _indices_at_least(values, threshold)  # sorted: scanned in order
         if candidates.numel() >= k or threshold == 0.0:
             if candidates.numel() > k:
                 candidates = candidates[torch.topk(values.reshape(-1)[candidates].abs(), k, sorted=False).indices]
-            return torch.sort(candidates).values
+                candidates = torch.sort(candidates).values
+            return candidates
     return torch.sort(torch.topk(values.abs().reshape(-1), k, sorted=False).indices).values
 
 
@@ -246,30 +247,36 @@ def _indices_at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.cat(found)
 
 
-def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def encode_gaps(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Sorted distinct indices as gaps in the smallest unsigned type that makes the whole smallest.
 
     A gap larger than the type holds is split into steps, each landing on a filler position whose
-    value is 0; returns the gaps and, per gap, which input index it ends on (-1 for fillers).
+    value is 0; returns the gaps and, when there are fillers, where each index's gap lies among
+    them (None when there are none, and the gaps are the indices' own).
     """
-    gaps = np.diff(indices.astype(np.int64), prepend=-1)  # each >= 1
+    gaps = np.diff(indices, prepend=-1)  # each >= 1; int64, as indices are
     best = None
     for dtype in _GAP_DTYPES:
         limit = np.iinfo(dtype).max
-        steps = -(-gaps // limit)
+        steps = gaps - 1
+        steps //= limit
+        steps += 1  # ceil(gap / limit), without the temporaries of -(-gaps // limit)
         size = int(steps.sum()) * np.dtype(dtype).itemsize
         if best is None or size < best[0]:
             best = (size, dtype, limit, steps)
+        del steps  # one steps array alive at a time beside the best: a 5M-value update's are 40 MB each
     _, dtype, limit, steps = best
     if int(steps.max(initial=1)) == 1:
-        return gaps.astype(dtype), np.arange(len(indices))
-    total = int(steps.sum())
-    out = np.full(total, limit, dtype=np.int64)
-    ends = np.cumsum(steps) - 1
-    out[ends] = gaps - (steps - 1) * limit
-    owner = np.full(total, -1, dtype=np.int64)
-    owner[ends] = np.arange(len(indices))
-    return out.astype(dtype), owner
+        return gaps.astype(dtype), None
+    ends = np.cumsum(steps, out=steps)
+    ends -= 1
+    out = np.full(int(ends[-1]) + 1, limit, dtype=dtype)
+    # The last step of each gap is what the full steps before it leave: (gap - 1) % limit + 1, in place.
+    gaps -= 1
+    gaps %= limit
+    gaps += 1
+    out[ends] = gaps
+    return out, ends
 
 
 def last_gap_position(gaps: np.ndarray, total: int) -> int:
@@ -376,11 +383,10 @@ class TopK(Codec):
             offset += flat.numel()
         indices = torch.cat(picked).numpy() if picked else np.zeros(0, np.int64)
         values = torch.cat(kept) if kept else torch.zeros(0)
-        gaps, owner = encode_gaps(indices)
-        if len(owner) != len(indices):  # fillers were inserted for gaps too wide for the type
-            real = owner >= 0
-            padded = torch.zeros(len(owner))
-            padded[torch.from_numpy(real)] = values[torch.from_numpy(owner[real])]
+        gaps, ends = encode_gaps(indices)
+        if ends is not None:  # fillers were inserted for gaps too wide for the type
+            padded = torch.zeros(len(gaps))
+            padded[torch.from_numpy(ends)] = values
             values = padded
         layout = Layout.of(tensors)
         arrays = [gaps, *quantize_int8(values)] if self.values == "int8" else [gaps, values.to(torch.float32).numpy()]

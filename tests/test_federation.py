@@ -3,6 +3,7 @@
 import itertools
 import logging
 import multiprocessing
+import re
 import threading
 import time
 
@@ -288,6 +289,37 @@ def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_hea
     assert worker.base_version == 3
     assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
     assert worker.stream_attachments >= announcement.chunks, "it attached again in every pause"
+
+
+def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_got(broker_url, tmp_path, monkeypatch,
+                                                                                   caplog):
+    monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.2)
+    monkeypatch.setattr(site_module, "SNAPSHOT_TIMEOUT", 2.0)
+    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
+    specs, parts = encode_tensors(params, get_codec("fp32"))
+    header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=5, created_at=now(), tensors=specs)
+    buffers = encode_payload(header, parts)
+    size, digest = payload_size(buffers), payload_digest(buffers)
+    announcement = Announcement(protocol=PROTOCOL_VERSION, run_id=header.run_id, version=5, payload_id=new_id(),
+                                chunks=chunk_count(size, 8192), size=size, digest=digest, published_at=now())
+    client = SiteClient(broker_url)
+    sent = announcement.chunks // 2  # the coordinator was lost halfway through its publish
+    for info, body in itertools.islice(iter_chunks(buffers, announcement.payload_id, 8192, digest), sent):
+        client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
+                                     pika.BasicProperties(headers=info.to_headers()), mandatory=True)
+    client.close()
+    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-2", state_dir=tmp_path),
+                        load_task("shared.digits_task:DigitsStraggler"))
+    worker.announcement = announcement
+    connection = amqp.connect(broker_url, 30, "test-unfinished-snapshot")
+    with caplog.at_level(logging.ERROR, logger="fedq.worker"):
+        assert not worker._fetch_snapshot(connection, announcement)
+    connection.close()
+    assert worker.base is None and worker.announcement is None, "it waits for the next version"
+    [message] = [r.getMessage() for r in caplog.records if "cannot use snapshot version 5" in r.getMessage()]
+    assert f"{sent} of {announcement.chunks} chunks came" in message
+    attached = int(re.search(r"attached (\d+) times", message).group(1))
+    assert attached == worker.stream_attachments >= 2, "it attached again after each silence"
 
 
 def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_or_published(broker_url, tmp_path):

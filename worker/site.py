@@ -258,9 +258,12 @@ class SiteWorker:
             if state["error"] is not None:
                 raise state["error"]
             if state["payload"] is None:
+                received = state["reassembly"].received if state["reassembly"] is not None else 0
                 raise TimeoutError(
-                    f"it did not arrive from stream {amqp.SNAPSHOTS} within {SNAPSHOT_TIMEOUT:.0f} s; if this repeats, "
-                    "check that the stream's retention keeps at least one whole snapshot"
+                    f"it did not arrive from stream {amqp.SNAPSHOTS} within {SNAPSHOT_TIMEOUT:.0f} s: {received} of "
+                    f"{announcement.chunks} chunks came, the reader attached "
+                    f"{state['attached']} times, last at offset {state['next']}; if this repeats, check that the "
+                    "stream's retention keeps at least one whole snapshot"
                 )
             header, parts = decode_payload(state["payload"])
             if not isinstance(header, SnapshotHeader):
