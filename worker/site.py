@@ -205,7 +205,7 @@ class SiteWorker:
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None, "next": None,
                        "heard": time.monotonic(), "attached": 0}
-        throttle = _Throttle()
+        throttle, stalls = _Throttle(), _Throttle()
 
         def on_chunk(ch, method, properties, body):
             ch.basic_ack(method.delivery_tag)
@@ -236,6 +236,9 @@ class SiteWorker:
             state["attached"] += 1
             return channel.basic_consume(amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": offset})
 
+        def chunks_in() -> int:
+            return state["reassembly"].received if state["reassembly"] is not None else 0
+
         tag = attach()
         # A newer announcement (the coordinator moved on, or republished after losing the broker
         # mid-write) ends the wait: that snapshot is the one to read.
@@ -243,10 +246,14 @@ class SiteWorker:
                and time.monotonic() - started < SNAPSHOT_TIMEOUT):
             connection.process_data_events(time_limit=min(1.0, STREAM_STALL_SECONDS / 2))
             if state["payload"] is None and time.monotonic() - max(state["heard"], frames.last_frame) > STREAM_STALL_SECONDS:
-                log.debug("site %s: nothing from the stream for %.1f s while reading version %d; attaching again",
-                          self.settings.site, STREAM_STALL_SECONDS, announcement.version)
                 amqp.cancel_stream_consumer(channel, tag)
                 tag = attach()
+                # Rare on a healthy broker: said at the first time and then every few seconds, so a
+                # read that stays stuck shows in the log how it tried.
+                if state["attached"] == 2 or stalls.due():
+                    log.info("site %s: nothing from the stream for %.1f s while reading version %d (%d of %d chunks); "
+                             "attached again at offset %s (%d attachments)", self.settings.site, STREAM_STALL_SECONDS,
+                             announcement.version, chunks_in(), announcement.chunks, state["next"], state["attached"])
         amqp.cancel_stream_consumer(channel, tag)
         self.stream_attachments = state["attached"]
         channel.close()
@@ -258,9 +265,8 @@ class SiteWorker:
             if state["error"] is not None:
                 raise state["error"]
             if state["payload"] is None:
-                received = state["reassembly"].received if state["reassembly"] is not None else 0
                 raise TimeoutError(
-                    f"it did not arrive from stream {amqp.SNAPSHOTS} within {SNAPSHOT_TIMEOUT:.0f} s: {received} of "
+                    f"it did not arrive from stream {amqp.SNAPSHOTS} within {SNAPSHOT_TIMEOUT:.0f} s: {chunks_in()} of "
                     f"{announcement.chunks} chunks came, the reader attached "
                     f"{state['attached']} times, last at offset {state['next']}; if this repeats, check that the "
                     "stream's retention keeps at least one whole snapshot"
@@ -331,7 +337,7 @@ class SiteWorker:
 
     def _progress_reporter(self, version: int, started: float) -> Callable[[float], None]:
         """A progress callback for the task that logs long training every few seconds, not short tasks."""
-        throttle = _Throttle()
+        throttle, stalls = _Throttle(), _Throttle()
 
         def report(fraction: float) -> None:
             if throttle.due():
@@ -392,7 +398,7 @@ class SiteWorker:
         return result, lost
 
     def _publish(self, channel, buffers, payload_id: str) -> ChunkInfo:
-        throttle = _Throttle()
+        throttle, stalls = _Throttle(), _Throttle()
 
         def progress(info: ChunkInfo) -> None:
             if throttle.due():
