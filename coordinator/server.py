@@ -224,6 +224,8 @@ class Coordinator:
     def _start(self, connection: pika.BlockingConnection) -> None:
         """The first version of a new run, or the first publication after a resume."""
         self._wait_for_sites(connection)
+        if self.stop_reason is not None:  # stopped before its sites came: the run never started
+            return
         if not self.runlog.curve:
             # Scored before the clock starts: loading the evaluation data is not the federation's time.
             self._score()
@@ -239,6 +241,7 @@ class Coordinator:
             log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
             while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
                 self._serve(connection)
+                self._tick()  # fedq status and the log show who came while nobody sends anything
 
     @property
     def _window(self) -> int:
@@ -271,7 +274,10 @@ class Coordinator:
             site_of_user=lambda user: s.site_users.get(user, user),
         )
         amqp.publish_status(self._publisher, self.status)
-        log.info("%s", progress_line(self.status))
+        if self.runlog.curve:
+            log.info("%s", progress_line(self.status))
+        else:  # the run's clock starts with its first version: until then there is no progress to show
+            log.info("waiting for sites: %d of %d said hello", len(self.sites_seen), s.wait_for_sites)
 
     def stop(self, reason: str) -> None:
         """Ask the run to end (safe from any thread); it finishes within half a second."""

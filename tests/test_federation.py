@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from coordinator.checkpoint import read_checkpoint
-from coordinator.server import ModelDiverged
+from coordinator.server import Coordinator, ModelDiverged
 from shared import amqp
 from shared.chunking import chunk_count, iter_chunks, payload_digest
 from shared.codecs import encode_tensors, get_codec
 from shared.local_federation import run_federation, site_names
 from shared.protocol import PROTOCOL_VERSION, Announcement, SnapshotHeader, encode_payload, new_id, now, payload_size
-from shared.settings import WorkerSettings, load_settings
+from shared.settings import CoordinatorSettings, WorkerSettings, load_settings
 from shared.task import load_task
 from tests.federation_helpers import (
     SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
@@ -320,6 +320,25 @@ def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_g
     assert f"{sent} of {announcement.chunks} chunks came" in message
     attached = int(re.search(r"attached (\d+) times", message).group(1))
     assert attached == worker.stream_attachments >= 2, "it attached again after each silence"
+
+
+def test_a_coordinator_waiting_for_sites_logs_who_came_not_a_clock_that_has_not_started(broker_url, tmp_path, caplog):
+    config = load_settings(CoordinatorSettings, broker_url=broker_url, run_dir=tmp_path, wait_for_sites=2,
+                           status_seconds=0.2, metrics_port="")
+    coordinator = Coordinator(config, load_task(config.task))
+    with caplog.at_level(logging.INFO, logger="fedq.coordinator"):
+        summary: list[dict] = []
+        serving = threading.Thread(target=lambda: summary.append(coordinator.run()), daemon=True)
+        serving.start()
+        wait_for(lambda: sum("waiting for sites" in r.getMessage() for r in caplog.records) >= 3, 15, "waiting lines")
+        coordinator.stop("test finished")
+        serving.join(15)
+    [summary] = summary  # the run ended cleanly, with its summary
+    assert summary["stop_reason"] == "test finished" and summary["final_version"] == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert "waiting for sites: 0 of 2 said hello" in lines
+    assert not any(line.startswith("version ") for line in lines), "no progress line before the first version"
+    assert coordinator.announcement is None, "no version without its sites"
 
 
 def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_or_published(broker_url, tmp_path):
