@@ -256,36 +256,54 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
     client.close()
 
 
+def digits_snapshot(version: int) -> tuple[dict[str, torch.Tensor], list, Announcement]:
+    """The digits model as snapshot ``version`` in 8 KiB chunks: its tensors, payload and announcement."""
+    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
+    specs, parts = encode_tensors(params, get_codec("fp32"))
+    header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=version, created_at=now(), tensors=specs)
+    buffers = encode_payload(header, parts)
+    size = payload_size(buffers)
+    announcement = Announcement(protocol=PROTOCOL_VERSION, run_id=header.run_id, version=version, payload_id=new_id(),
+                                chunks=chunk_count(size, 8192), size=size, digest=payload_digest(buffers), published_at=now())
+    return params, buffers, announcement
+
+
+def publish_snapshot_chunks(broker_url: str, buffers: list, announcement: Announcement, count: int | None = None,
+                            pause: float = 0.0) -> None:
+    """Write the first ``count`` chunks (all by default) to the snapshot stream, ``pause`` seconds before each."""
+    client = SiteClient(broker_url)
+    chunks = iter_chunks(buffers, announcement.payload_id, 8192, announcement.digest)
+    for info, body in itertools.islice(chunks, count):
+        time.sleep(pause)
+        client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
+                                     pika.BasicProperties(headers=info.to_headers()), mandatory=True)
+    client.close()
+
+
+def fetch_as_worker(broker_url: str, tmp_path, site: str, announcement: Announcement) -> tuple[SiteWorker, bool]:
+    """A site worker that heard ``announcement`` reads it; the worker and whether the read succeeded."""
+    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site=site, state_dir=tmp_path),
+                        load_task("shared.digits_task:DigitsStraggler"))
+    worker.announcement = announcement
+    connection = amqp.connect(broker_url, 30, f"test-read-{site}")
+    try:
+        return worker, worker._fetch_snapshot(connection, announcement)
+    finally:
+        connection.close()
+
+
 def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
     """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
     attaches again after a silence. Here every pause between chunks is such a silence."""
     monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.1)
-    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
-    specs, parts = encode_tensors(params, get_codec("fp32"))
-    header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=3, created_at=now(), tensors=specs)
-    buffers = encode_payload(header, parts)
-    size, digest = payload_size(buffers), payload_digest(buffers)
-    announcement = Announcement(protocol=PROTOCOL_VERSION, run_id=header.run_id, version=3, payload_id=new_id(),
-                                chunks=chunk_count(size, 8192), size=size, digest=digest, published_at=now())
+    params, buffers, announcement = digits_snapshot(3)
     assert announcement.chunks >= 4
-
-    def publish_slowly():
-        client = SiteClient(broker_url)
-        for info, body in iter_chunks(buffers, announcement.payload_id, 8192, digest):
-            time.sleep(0.4)
-            client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
-                                         pika.BasicProperties(headers=info.to_headers()), mandatory=True)
-        client.close()
-
-    publisher = threading.Thread(target=publish_slowly, daemon=True)
+    publisher = threading.Thread(target=publish_snapshot_chunks, args=(broker_url, buffers, announcement),
+                                 kwargs={"pause": 0.4}, daemon=True)
     publisher.start()
-    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path),
-                        load_task("shared.digits_task:DigitsStraggler"))
-    worker.announcement = announcement
-    connection = amqp.connect(broker_url, 30, "test-stalled-read")
-    assert worker._fetch_snapshot(connection, announcement), "read whole and digest-checked"
-    connection.close()
+    worker, fetched = fetch_as_worker(broker_url, tmp_path, "site-1", announcement)
     publisher.join(10)
+    assert fetched, "read whole and digest-checked"
     assert worker.base_version == 3
     assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
     assert worker.stream_attachments >= announcement.chunks, "it attached again in every pause"
@@ -295,31 +313,18 @@ def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_g
                                                                                    caplog):
     monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.2)
     monkeypatch.setattr(site_module, "SNAPSHOT_TIMEOUT", 2.0)
-    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
-    specs, parts = encode_tensors(params, get_codec("fp32"))
-    header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=5, created_at=now(), tensors=specs)
-    buffers = encode_payload(header, parts)
-    size, digest = payload_size(buffers), payload_digest(buffers)
-    announcement = Announcement(protocol=PROTOCOL_VERSION, run_id=header.run_id, version=5, payload_id=new_id(),
-                                chunks=chunk_count(size, 8192), size=size, digest=digest, published_at=now())
-    client = SiteClient(broker_url)
+    _, buffers, announcement = digits_snapshot(5)
     sent = announcement.chunks // 2  # the coordinator was lost halfway through its publish
-    for info, body in itertools.islice(iter_chunks(buffers, announcement.payload_id, 8192, digest), sent):
-        client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
-                                     pika.BasicProperties(headers=info.to_headers()), mandatory=True)
-    client.close()
-    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-2", state_dir=tmp_path),
-                        load_task("shared.digits_task:DigitsStraggler"))
-    worker.announcement = announcement
-    connection = amqp.connect(broker_url, 30, "test-unfinished-snapshot")
-    with caplog.at_level(logging.ERROR, logger="fedq.worker"):
-        assert not worker._fetch_snapshot(connection, announcement)
-    connection.close()
+    publish_snapshot_chunks(broker_url, buffers, announcement, count=sent)
+    with caplog.at_level(logging.INFO, logger="fedq.worker"):
+        worker, fetched = fetch_as_worker(broker_url, tmp_path, "site-2", announcement)
+    assert not fetched
     assert worker.base is None and worker.announcement is None, "it waits for the next version"
     [message] = [r.getMessage() for r in caplog.records if "cannot use snapshot version 5" in r.getMessage()]
     assert f"{sent} of {announcement.chunks} chunks came" in message
     attached = int(re.search(r"attached (\d+) times", message).group(1))
     assert attached == worker.stream_attachments >= 2, "it attached again after each silence"
+    assert any("attached again at offset" in r.getMessage() for r in caplog.records), "and said so"
 
 
 def test_a_coordinator_waiting_for_sites_logs_who_came_not_a_clock_that_has_not_started(broker_url, tmp_path, caplog):
