@@ -11,7 +11,7 @@ Several deltas are added block by block of the sum: every delta's values inside 
 the next block. Each block stays in the cache while the deltas add into it, where one delta after
 another would each miss it all over a sum larger than the cache. Every position still receives its
 deltas in the given order. For a 25M-parameter model (a 100 MB sum, a 32 MiB L3) and distinct
-updates of 271k values, per delta (medians of 11): 1.6 ms one by one, 1.5 for 16 at once, 1.27 for
+updates of 271k values, per delta (medians of 11): 1.6 ms one by one, 1.5 for 12 at once, 1.2 for
 24; one by one is the faster below about 12.
 
 Indices are cast to unsigned before use: numba then leaves out the test for negative indices it
