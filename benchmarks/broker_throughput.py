@@ -11,9 +11,10 @@ fedq / bare, against a target of 0.70.
     payloads, chunked by shared.amqp.publish_payload on a confirming channel, as the broker's user.
     Each update is its own random delta, encoded before the clock starts (sites send different
     updates; the same one M times would find its positions of the sum still in cache). M is 100
-    updates of 1M parameters or 5 of 25M (400 and 500 MB dense). The compressed cases send 1000 and 100 updates (about 22 and 55 MB),
-    so that the interval is long enough to time and one-off costs do not dominate (with 50 of 25M,
-    0.15 s, medians of 5 ranged from 0.69 to 0.86 of bare for the same code).
+    updates of 1M parameters or 5 of 25M (400 and 500 MB dense). The compressed cases send 1000 and
+    100 updates (about 22 and 55 MB), so that the interval is long enough to time and one-off costs
+    do not dominate (with 50 of 25M, 0.15 s, medians of 5 ranged from 0.69 to 0.86 of bare for the
+    same code).
     fedq: the coordinator runs on a thread of this process with its default settings (FedBuff with
     a buffer larger than M, so no version is published and the interval is ingest only: receive,
     reassemble, verify, decode, validate, decompress, accumulate, with the checkpoints fedq takes
@@ -248,11 +249,11 @@ def _update_payloads(parameters: int, codec: str, count: int, run_id: str, base_
     would send: identical deltas would let a coordinator's sum find the same positions in cache."""
     tensors = float_state(LinearStack(parameters).build_model())
     generator = torch.Generator().manual_seed(1)
-    codec_ = get_codec(codec, TOPK_FRACTION)
+    encoder = get_codec(codec, TOPK_FRACTION)
     payloads = []
     for _ in range(count):
         delta = {name: torch.randn(t.shape, generator=generator) * 0.01 for name, t in tensors.items()}
-        specs, parts = encode_tensors(delta, codec_)
+        specs, parts = encode_tensors(delta, encoder)
         header = UpdateHeader(protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=run_id, site=SITE,
                               base_version=base_version, num_samples=10, train_seconds=0.0, tensors=specs)
         payloads.append((header.update_id, encode_payload(header, parts)))

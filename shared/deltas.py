@@ -80,7 +80,8 @@ class SparseDelta:
     def span(self) -> tuple[int, int]:
         """The first and last positions named ((0, -1) when none)."""
         if self._encoding is not None:
-            return (0, self._encoding.last)
+            gaps = self._encoding.gaps
+            return (int(gaps[0]) - 1, self._encoding.last) if gaps.size else (0, -1)
         if not self._indices.numel():
             return (0, -1)
         return int(self._indices[0]), int(self._indices[-1])

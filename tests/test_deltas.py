@@ -259,6 +259,7 @@ def test_a_delta_decodes_once_and_its_tensors_are_the_delta_from_then_on():
     assert len(delta) == 5_000 and last < 100_000 and delta.nbytes < 5_000 * 3
     clip_to_norm(delta, 1.0)  # reads the values: decoded, and scaled in place
     assert delta.encoding is None and delta.span() == (int(delta.indices[0]), last)
+    assert first == int(delta.indices[0]), "the encoding's span named the same first position"
     flat = FlatTensors(torch.zeros(100_000), (("flat", (100_000,)),))
     add_scaled(flat, delta, 1.0)
     assert abs(float(torch.linalg.vector_norm(flat.flat)) - 1.0) < 1e-5, "the clipped values were added"

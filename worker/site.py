@@ -204,13 +204,12 @@ class SiteWorker:
         frames = amqp.deliver_fragments(channel)  # copied into snapshot_buffer without pika's join first
         channel.basic_qos(prefetch_count=_STREAM_PREFETCH)
         state: dict = {"reassembly": None, "payload": None, "error": None, "next": None,
-                       "heard": time.monotonic(), "attached": 0}
+                       "attached_at": time.monotonic(), "attached": 0}
         throttle, stalls = _Throttle(), _Throttle()
 
         def on_chunk(ch, method, properties, body):
             ch.basic_ack(method.delivery_tag)
             headers = properties.headers or {}
-            state["heard"] = time.monotonic()
             if isinstance(headers.get("x-stream-offset"), int):
                 state["next"] = headers["x-stream-offset"] + 1
             if state["payload"] is not None or headers.get("fedq-payload") != announcement.payload_id:
@@ -232,7 +231,7 @@ class SiteWorker:
         def attach() -> str:
             # First at the announcement's time; again after a stall, just past the last message heard.
             offset = state["next"] if state["next"] is not None else amqp.stream_offset_at(announcement.published_at)
-            state["heard"] = time.monotonic()
+            state["attached_at"] = time.monotonic()
             state["attached"] += 1
             return channel.basic_consume(amqp.SNAPSHOTS, on_chunk, arguments={"x-stream-offset": offset})
 
@@ -245,7 +244,7 @@ class SiteWorker:
         while (state["payload"] is None and state["error"] is None and not self._superseded(announcement)
                and time.monotonic() - started < SNAPSHOT_TIMEOUT):
             connection.process_data_events(time_limit=min(1.0, STREAM_STALL_SECONDS / 2))
-            if state["payload"] is None and time.monotonic() - max(state["heard"], frames.last_frame) > STREAM_STALL_SECONDS:
+            if state["payload"] is None and time.monotonic() - max(state["attached_at"], frames.last_frame) > STREAM_STALL_SECONDS:
                 amqp.cancel_stream_consumer(channel, tag)
                 tag = attach()
                 # Rare on a healthy broker: said at the first time and then every few seconds, so a
@@ -337,7 +336,7 @@ class SiteWorker:
 
     def _progress_reporter(self, version: int, started: float) -> Callable[[float], None]:
         """A progress callback for the task that logs long training every few seconds, not short tasks."""
-        throttle, stalls = _Throttle(), _Throttle()
+        throttle = _Throttle()
 
         def report(fraction: float) -> None:
             if throttle.due():
@@ -398,7 +397,7 @@ class SiteWorker:
         return result, lost
 
     def _publish(self, channel, buffers, payload_id: str) -> ChunkInfo:
-        throttle, stalls = _Throttle(), _Throttle()
+        throttle = _Throttle()
 
         def progress(info: ChunkInfo) -> None:
             if throttle.due():
