@@ -5,6 +5,7 @@ ARG TORCH_SPEC="torch>=2.1,<3"
 RUN pip install --no-cache-dir "${TORCH_SPEC}"
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY fedq ./fedq
 COPY shared ./shared
 COPY coordinator ./coordinator
 COPY worker ./worker

@@ -8,7 +8,7 @@ fedq / bare, against a target of 0.70.
 
 (a) Update ingest, for models of 1M and 25M float32 parameters, dense (fp32) and compressed
     (topk-int8, 1%). A publisher process publishes M updates exactly as a worker does: UpdateHeader
-    payloads, chunked by shared.amqp.publish_payload on a confirming channel, as the broker's user.
+    payloads, chunked by shared.transport.publish_payload on a confirming channel, as the broker's user.
     Each update is its own random delta, encoded before the clock starts (sites send different
     updates; the same one M times would find its positions of the sum still in cache). M is 100
     updates of 1M parameters or 5 of 25M (400 and 500 MB dense). The compressed cases send 1000 and
@@ -34,7 +34,7 @@ fedq / bare, against a target of 0.70.
     fedq: 8 reader processes, each a worker.site.SiteWorker on the same model, declare their
     announcement queues and wait; then the coordinator starts and publishes version 0 (fp32) to the
     fedq.snapshots stream and announces it. Each reader takes the announcement with the worker's own
-    handler and reads the snapshot with the worker's own SiteWorker._fetch_snapshot (attach at the
+    handler and reads the snapshot with the worker's own SiteWorker.fetch_snapshot (attach at the
     announced time, reassemble, verify the digest, decode against the layout, check names and shapes).
     Clock: the start of the coordinator's snapshot publish to the last reader holding decoded tensors.
     bare: the same chunks (bytes and headers) published from here with confirms to a fresh stream
@@ -54,7 +54,7 @@ cost whichever side meets them about ten times as much).
     python benchmarks/broker_throughput.py --quick     # 1M ingest cases and a 20 MB fan-out, once
     python benchmarks/broker_throughput.py --case "ingest 25M topk-int8" --repeats 5   # one case
 
-Starts a throwaway broker with shared.local_broker.find_broker(). Writes
+Starts a throwaway broker with fedq.local_broker.find_broker(). Writes
 benchmarks/results/broker_throughput.json (every run and the medians; --quick writes
 broker_throughput.quick.json instead, --case broker_throughput.case.json) and prints a table.
 """
@@ -84,7 +84,7 @@ import torch
 from torch import nn
 
 from coordinator.server import Coordinator
-from shared import amqp
+from shared import transport
 from shared.chunking import chunk_count, iter_chunks
 from shared.codecs import encode_tensors, get_codec
 from shared.protocol import (
@@ -97,10 +97,13 @@ from shared.protocol import (
     now,
     payload_size,
 )
-from shared.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.settings import CoordinatorSettings
+from shared.settings import load_settings
+from worker.settings import WorkerSettings
 from shared.task import Task
 from shared.validation import float_state
-from worker.site import _STREAM_PREFETCH, SiteWorker
+from shared.transport.stream import PREFETCH as STREAM_PREFETCH
+from worker.site import SiteWorker
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO = 0.70
@@ -266,15 +269,15 @@ def publish_updates(url: str, exchange: str, routing_key: str, parameters: int, 
     Reports ("ready", payload bytes, chunks), then ("done", first publish, last confirm)."""
     payloads = _update_payloads(parameters, codec, count, run_id, base_version)
     sizes = [payload_size(buffers) for _, buffers in payloads]
-    connection = amqp.connect(url, 30, "bench-publisher")
+    connection = transport.connect(url, 30, "bench-publisher")
     channel = connection.channel()
     channel.confirm_delivery()
-    user = amqp.broker_user(url)
+    user = transport.broker_user(url)
     reports.put(("ready", sum(sizes), sum(chunk_count(size, MAX_CHUNK_BYTES) for size in sizes)))
     go.wait()
     started = time.time()
     for update_id, buffers in payloads:
-        amqp.publish_payload(channel, exchange, routing_key, buffers, update_id, user_id=user)
+        transport.publish_payload(channel, exchange, routing_key, buffers, update_id, user_id=user)
     reports.put(("done", started, time.time()))
     connection.close()
 
@@ -283,22 +286,21 @@ def read_snapshot_as_worker(url: str, site: str, parameters: int, state_dir: Pat
     """Helper process: a site worker that reads the first announced snapshot with the worker's own
     code. Reports ("ready",) once its queue is declared, then ("done", announcement heard, tensors
     decoded, payload bytes)."""
-    # Eight readers share two cores here; one thread each, as shared.local_federation runs workers.
+    # Eight readers share two cores here; one thread each, as fedq.federation runs workers.
     torch.set_num_threads(1)
     settings = load_settings(WorkerSettings, broker_url=url, site=site, state_dir=state_dir)
     worker = SiteWorker(settings, LinearStack(parameters))
-    connection = amqp.connect(url, settings.heartbeat, f"bench-reader-{site}")
-    channel = connection.channel()
-    channel.basic_consume(amqp.declare_site_queue(channel, site), worker._on_announcement)
+    connection = transport.connect(url, settings.heartbeat, f"bench-reader-{site}")
+    transport.Announcements(connection, site, worker.on_announcement)
     reports.put(("ready",))
     deadline = time.monotonic() + MEASUREMENT_TIMEOUT
     while worker.announcement is None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"site {site} heard no announcement within {MEASUREMENT_TIMEOUT:.0f} s")
-        connection.process_data_events(time_limit=0.5)
+        connection.serve(0.5)
     announcement = worker.announcement
     announced = time.time()
-    if not worker._fetch_snapshot(connection, announcement):
+    if not worker.fetch_snapshot(connection, announcement):
         raise RuntimeError(f"site {site} could not use snapshot version {announcement.version} (its log line says why)")
     done = time.time()
     if worker.base is None or worker.base_version != announcement.version:
@@ -326,7 +328,7 @@ def consume_stream_bare(url: str, stream: str, chunks: int, reports) -> None:
     Reports ("ready",) once attached, then ("done", last message consumed, bytes)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
-    tag, received = consume_counting(channel, stream, _STREAM_PREFETCH, {"x-stream-offset": "first"})
+    tag, received = consume_counting(channel, stream, STREAM_PREFETCH, {"x-stream-offset": "first"})
     reports.put(("ready",))
     deadline = time.monotonic() + MEASUREMENT_TIMEOUT
     while received["messages"] < chunks:
@@ -334,7 +336,7 @@ def consume_stream_bare(url: str, stream: str, chunks: int, reports) -> None:
             raise TimeoutError(f"{received['messages']} of {chunks} messages arrived within {MEASUREMENT_TIMEOUT:.0f} s")
         connection.process_data_events(time_limit=0.5)
     reports.put(("done", time.time(), received["bytes"]))
-    amqp.cancel_stream_consumer(channel, tag)
+    transport.cancel_stream_consumer(channel, tag)
     connection.close()
 
 
@@ -397,7 +399,7 @@ def fresh_vhost(broker):
 def declare_bare_twin(channel, name: str, like: str, routing_key: str) -> None:
     """An exchange and queue called ``name``, the queue declared with fedq's arguments for ``like``."""
     channel.exchange_declare(name, "direct", durable=True)
-    channel.queue_declare(name, durable=True, arguments=amqp.QUEUES[like])
+    channel.queue_declare(name, durable=True, arguments=transport.QUEUES[like])
     channel.queue_bind(name, name, routing_key=routing_key)
 
 
@@ -431,9 +433,9 @@ def ingest_bare(broker, case: IngestCase) -> dict[str, Any]:
         connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             channel = connection.channel()
-            declare_bare_twin(channel, BARE_UPDATES, amqp.UPDATES, amqp.UPDATE_KEY)
+            declare_bare_twin(channel, BARE_UPDATES, transport.UPDATES, transport.UPDATE_KEY)
             _, consumed = consume_counting(channel, BARE_UPDATES, INGEST_PREFETCH)
-            helpers.start(publish_updates, url, BARE_UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
+            helpers.start(publish_updates, url, BARE_UPDATES, transport.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, new_id(), 0, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()
@@ -470,7 +472,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
                     all_applied.set()
 
             coordinator.runlog.applied_update = applied_update
-            helpers.start(publish_updates, url, amqp.UPDATES, amqp.UPDATE_KEY, case.parameters, case.codec,
+            helpers.start(publish_updates, url, transport.UPDATES, transport.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()
@@ -497,7 +499,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
 
 
 def snapshot_chunks(parameters: int) -> list[tuple[pika.BasicProperties, bytes]]:
-    """A real snapshot of the model, cut and labelled as shared.amqp.publish_payload does, for the bare loop."""
+    """A real snapshot of the model, cut and labelled as shared.transport.publish_payload does, for the bare loop."""
     tensors = float_state(LinearStack(parameters).build_model())
     specs, parts = encode_tensors(tensors, get_codec("fp32"))
     header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=0, created_at=now(), tensors=specs)
@@ -515,7 +517,7 @@ def fanout_bare(broker, case: FanoutCase, chunks: list[tuple[pika.BasicPropertie
         connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             channel = connection.channel()
-            declare_bare_twin(channel, BARE_SNAPSHOTS, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY)
+            declare_bare_twin(channel, BARE_SNAPSHOTS, transport.SNAPSHOTS, transport.SNAPSHOT_KEY)
             channel.confirm_delivery()
             for _ in range(case.sites):
                 helpers.start(consume_stream_bare, url, BARE_SNAPSHOTS, len(chunks))
@@ -523,7 +525,7 @@ def fanout_bare(broker, case: FanoutCase, chunks: list[tuple[pika.BasicPropertie
             recycle_free_memory()
             started = time.time()
             for properties, body in chunks:
-                channel.basic_publish(BARE_SNAPSHOTS, amqp.SNAPSHOT_KEY, body, properties, mandatory=True)
+                channel.basic_publish(BARE_SNAPSHOTS, transport.SNAPSHOT_KEY, body, properties, mandatory=True)
             published = time.time()
         finally:
             connection.close()
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(message)s")
-    from shared.local_broker import find_broker
+    from fedq.local_broker import find_broker
 
     repeats = 1 if args.quick else args.repeats
     ingest_cases = [c for c in INGEST_CASES if c.parameters == 1_000_000] if args.quick else INGEST_CASES

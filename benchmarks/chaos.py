@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))  # the chaos proxy lives with the tests
 
 from coordinator.checkpoint import read_checkpoint  # noqa: E402
 from coordinator.runlog import time_to_accuracy  # noqa: E402
-from shared.local_broker import LocalNode  # noqa: E402
-from shared.local_federation import site_names, start_coordinator, start_worker  # noqa: E402
+from fedq.local_broker import LocalNode  # noqa: E402
+from fedq.federation import site_names, start_coordinator, start_worker  # noqa: E402
 from tests.chaos_proxy import ChaosProxy  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(message)s")
 
-    from shared.local_broker import find_broker
-    from shared.local_federation import run_federation, site_names
+    from fedq.local_broker import find_broker
+    from fedq.federation import run_federation, site_names
 
     chosen = [c for c in CODECS if not args.only or c[0] in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ MODES: dict[str, dict] = {
 
 
 def run_mode(broker, mode: str, repeat: int, max_seconds: float, work_dir: Path) -> dict:
-    from shared.local_federation import run_federation, site_names
+    from fedq.federation import run_federation, site_names
 
     vhost = f"bench-{mode}-{repeat}-{int(time.time())}"
     url = broker.create_vhost(vhost)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(asctime)s %(name)s %(message)s")
 
-    from shared.local_broker import find_broker
+    from fedq.local_broker import find_broker
 
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)

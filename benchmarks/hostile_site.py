@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level="ERROR")
-    from shared.local_broker import find_broker
-    from shared.local_federation import run_federation, site_names
+    from fedq.local_broker import find_broker
+    from fedq.federation import run_federation, site_names
 
     broker = find_broker()
     rows = []

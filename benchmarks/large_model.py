@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.local_broker import find_broker
-from shared.local_federation import start_coordinator, start_worker
+from fedq.local_broker import find_broker
+from fedq.federation import start_coordinator, start_worker
 from shared.task import SiteContext, Task, TrainResult
 
 RESULTS = Path(__file__).parent / "results"

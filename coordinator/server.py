@@ -1,9 +1,10 @@
 """The coordinator process: owns the global model, takes updates as they come, publishes versions.
 
-One thread, one connection, two channels: updates are consumed on one, snapshots and
-announcements published with confirms on the other. Every update is either applied, dropped with
-a logged reason (too stale, already counted), or refused and dead-lettered with its reason; bad
-input never stops the coordinator.
+One thread, one connection, two channels: updates are consumed on one (``transport.UpdateInbox``),
+snapshots, announcements, refusals and the status published with confirms on the other
+(``transport.Publisher``). What a payload does to the federation is decided without the broker,
+in ``coordinator.ingest``; this module keeps the process: the connection, acknowledgements,
+checkpoints, releases of new versions, evaluation, status and signals.
 """
 
 from __future__ import annotations
@@ -12,88 +13,52 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
-import pika
 import torch
 
 from coordinator.checkpoint import Checkpoint, CheckpointFiles
-from coordinator.ledger import Entry, Ledger
+from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Senders, Verdict
+from coordinator.ledger import Ledger
+from coordinator.memory import keep_freed_memory
 from coordinator.metrics import serve_metrics
-from coordinator.privacy import GaussianPrivacy
-from coordinator.robust import clip_to_norm, update_norm
 from coordinator.runlog import RunLog
-from coordinator.server_optimizers import make_server_optimizer
-from coordinator.staleness import staleness_weight
+from coordinator.settings import CoordinatorSettings
+from coordinator.state import FederationState
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
-from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Strategy, Update
+from coordinator.strategies import STRATEGIES, Strategy
 from coordinator.upload_spool import UploadSpool
-from shared import amqp
-from shared.chunking import BufferPool, ChunkInfo, Reassembly, chunk_count, payload_digest
-from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
+from coordinator.uploads import Refusal, Upload, Uploads
+from shared import transport
+from shared.chunking import BufferPool, chunk_count, payload_digest
+from shared.codecs import Layout, encode_tensors, get_codec
+from shared.memory import peak_resident_bytes
 from shared.protocol import (
     MAX_CHUNK_BYTES,
+    PROTOCOL_VERSION,
     Announcement,
-    Hello,
     ProtocolError,
     SnapshotHeader,
     Status,
-    UpdateHeader,
-    decode_payload,
     encode_payload,
     new_id,
     now,
     payload_size,
-    PROTOCOL_VERSION,
 )
-from shared.memory import keep_freed_memory, peak_resident_bytes
-from shared.settings import CoordinatorSettings, SettingsError
-from shared.validation import check_matches_model, float_state, non_finite_tensor
+from shared.settings import SettingsError
 from shared.task import Task
+from shared.validation import check_matches_model, float_state, non_finite_tensor
 
 log = logging.getLogger("fedq.coordinator")
 
 
 def make_strategy(settings: CoordinatorSettings) -> Strategy:
     """The aggregation strategy the settings ask for."""
-    optimizer = make_server_optimizer(
-        settings.server_optimizer,
-        settings.server_lr,
-        settings.server_momentum,
-        settings.server_beta1,
-        settings.server_beta2,
-        settings.server_tau,
-    )
-    privacy = (
-        GaussianPrivacy(settings.dp_clip_norm, settings.dp_noise_multiplier, settings.dp_delta)
-        if settings.dp_noise_multiplier else None
-    )
-    if settings.strategy == "fedavg":
-        return FedAvgSync(settings.sites, optimizer, privacy=privacy)
-    weight = staleness_weight(settings.staleness, settings.staleness_a, settings.staleness_b)
-    if settings.strategy == "fedasync":
-        return FedAsync(settings.alpha, staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
-    return FedBuff(settings.buffer_size, optimizer, settings.aggregation, settings.trim_fraction,
-                   staleness_weight=weight, max_staleness=settings.max_staleness, privacy=privacy)
+    return STRATEGIES[settings.strategy].from_settings(settings)
 
 
 class ModelDiverged(RuntimeError):
     """The merged model holds NaN or infinity; the run stops without making it durable."""
-
-
-@dataclass
-class _Upload:
-    """An update still arriving chunk by chunk, and the deliveries to settle once it is handled."""
-
-    reassembly: Reassembly
-    tags: list[int] = field(default_factory=list)
-    user_id: str | None = None
-    first_chunk: float = field(default_factory=time.monotonic)
-    last_chunk: float = field(default_factory=time.monotonic)
-    #: Whether its chunks so far are in the upload spool (and acknowledged).
-    spooled: bool = False
 
 
 class Coordinator:
@@ -102,40 +67,52 @@ class Coordinator:
         self.task = task
         self.model = task.build_model()
         # These tensors share storage with the model, so updating them updates the model.
-        self.params = float_state(self.model)
-        self.layout = Layout.of(self.params)
-        self.run_id = new_id()
-        self.version = 0
+        params = float_state(self.model)
+        self.state = FederationState(run_id=new_id(), params=params, layout=Layout.of(params))
         try:
             self.strategy = make_strategy(settings)
         except ValueError as exc:
             raise SettingsError(f"fedq cannot start: {exc}. Fix FEDQ_STRATEGY and its settings, then start again.") from None
-        self.strategy.prepare(self.params)
-        self.ledger = Ledger()
+        self.strategy.prepare(params)
         self.runlog = RunLog(settings.run_dir)
+        self.ingest = Ingest(
+            self.state, self.strategy, self.runlog,
+            senders=Senders(frozenset(settings.any_site_users), settings.site_users),
+            norm_bound=None if settings.update_norm_bound is None else NormBound(settings.update_norm_bound,
+                                                                                   settings.update_norm_action),
+        )
         self.checkpoints = CheckpointFiles(settings.run_dir)
-        self.uploads: dict[str, _Upload] = {}
-        self.spool = UploadSpool(settings.run_dir / "uploads")
-        # Spooled uploads handled since the last checkpoint: their files go once it is written.
-        self._spool_done: list[str] = []
         # Keeps the buffer of one dense update (model plus header room) for the next upload.
-        self.buffers = BufferPool(self.layout.total * 4 + MAX_CHUNK_BYTES)
+        self.buffers = BufferPool(self.state.layout.total * 4 + MAX_CHUNK_BYTES)
+        self.uploads = Uploads(UploadSpool(settings.run_dir / "uploads"), self.buffers,
+                               max_bytes=settings.max_update_bytes, window=self._window)
         self.announcement: Announcement | None = None
         self.last_metrics: dict[str, float] = {}
         self._scored_version: int | None = None  # the version last_metrics are of
         self._checked_version: int | None = None  # the last version found finite
         self.stop_reason: str | None = None
-        self.sites_seen: set[str] = set()
         self.pending_acks: list[int] = []
-        # Deliveries pika has handed over, handled one at a time by _serve.
-        self._inbox: deque[tuple[Any, pika.BasicProperties, list[bytes]]] = deque()
         # When the oldest delivery in pending_acks was taken: none waits longer than checkpoint_seconds.
         self._pending_since = 0.0
-        self.ingest = Observations(INGEST_BOUNDS)
+        self.ingest_times = Observations(INGEST_BOUNDS)
         # Replaced whole on every tick, so readers on other threads (metrics) never see it half-built.
         self.status: Status | None = None
         self._last_status = 0.0
         self.metrics_url: str | None = None
+
+    # The federation's state, as tests and embedding code read it.
+
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self.state.params
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -151,19 +128,19 @@ class Coordinator:
         metrics = self._serve_metrics()
         resumed = s.resume and self._resume()
         if resumed:
-            self._take_spooled_uploads()
+            self.uploads.take_spooled()
         else:
-            self.spool.clear()
+            self.uploads.spool.clear()
         log.info("coordinator %s: strategy %s, task %s, %d tensors, %d parameters",
-                 "resumed" if resumed else "up", s.strategy, s.task, len(self.params), self.layout.total)
-        dense_chunks = -(-self.layout.total * 4 // MAX_CHUNK_BYTES)
+                 "resumed" if resumed else "up", s.strategy, s.task, len(self.params), self.state.layout.total)
+        dense_chunks = -(-self.state.layout.total * 4 // MAX_CHUNK_BYTES)
         if dense_chunks > self._window:
             log.warning("a dense fp32 update of this model is %d chunks, more than the window of %d that prefetch %d "
                         "allows: such updates will be refused. Have sites compress (FEDQ_CODEC=fp16 halves it, "
                         "topk-int8 cuts it ~100x) or raise FEDQ_PREFETCH above %d (memory: up to 4 MiB per chunk)",
                         dense_chunks, self._window, s.prefetch, dense_chunks + dense_chunks // 7 + 1)
         try:
-            amqp.serve_with_reconnect(self._session, "coordinator", lambda: self.stop_reason is not None)
+            transport.serve_with_reconnect(self._session, "coordinator", lambda: self.stop_reason is not None)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -180,31 +157,22 @@ class Coordinator:
         self.runlog.close()
         return summary
 
-    def _session(self, backoff: amqp.Backoff) -> bool:
+    def _session(self, backoff: transport.Backoff) -> bool:
         """One connection's worth of serving; returns True when the run is over."""
         s = self.settings
-        connection = amqp.connect(s.broker_url, s.heartbeat, "fedq-coordinator", **s.tls_files())
+        self._link = transport.connect(s.broker_url, s.heartbeat, "fedq-coordinator", **s.tls_files())
         try:
             backoff.reset()
-            # Deliveries of the last connection come again; what they carried is either in the
-            # checkpoint (and the ledger skips it), in the upload spool, or redelivered in full.
-            self.uploads = {pid: _Upload(u.reassembly, user_id=u.user_id, spooled=True)
-                            for pid, u in self.uploads.items() if u.spooled}
+            self.uploads.reconnected()
             self.pending_acks.clear()
-            self._inbox.clear()
-            self._publisher = connection.channel()
-            amqp.declare_shared_topology(self._publisher)
-            self._publisher.confirm_delivery()
-            self._consumer = connection.channel()
-            amqp.deliver_fragments(self._consumer)  # copied into the upload's buffer without pika's join first
-            self._consumer.basic_qos(prefetch_count=s.prefetch)
-            self._consumer.basic_consume(amqp.UPDATES, self._receive)
+            self._publisher = transport.Publisher(self._link, declare_topology=True)
+            self._inbox = transport.UpdateInbox(self._link, s.prefetch)
             if self.announcement is None:
-                self._start(connection)
+                self._start()
             else:
                 self._release()  # the newest version again, in case the outage lost it
             while self.stop_reason is None:
-                self._serve(connection)
+                self._serve()
                 self._check_limits()
                 self._expire_uploads()
                 self._settle()
@@ -218,12 +186,11 @@ class Coordinator:
             self._tick(force=True)
             return True
         finally:
-            if connection.is_open:
-                connection.close()
+            self._link.close()
 
-    def _start(self, connection: pika.BlockingConnection) -> None:
+    def _start(self) -> None:
         """The first version of a new run, or the first publication after a resume."""
-        self._wait_for_sites(connection)
+        self._wait_for_sites()
         if self.stop_reason is not None:  # stopped before its sites came: the run never started
             return
         if not self.runlog.curve:
@@ -235,12 +202,12 @@ class Coordinator:
             self.runlog.evaluation(self.version, self.last_metrics)
         self._release()
 
-    def _wait_for_sites(self, connection: pika.BlockingConnection) -> None:
+    def _wait_for_sites(self) -> None:
         """Hold the first version until enough sites said hello, so a run's clock starts with its sites."""
         if self.settings.wait_for_sites and self.version == 0:
             log.info("waiting for %d sites to say hello", self.settings.wait_for_sites)
-            while len(self.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
-                self._serve(connection)
+            while len(self.state.sites_seen) < self.settings.wait_for_sites and self.stop_reason is None:
+                self._serve()
                 self._tick()  # fedq status and the log show who came while nobody sends anything
 
     @property
@@ -270,14 +237,14 @@ class Coordinator:
         s = self.settings
         self.status = build_status(
             self.runlog, run_id=self.run_id, strategy=s.strategy, version=self.version, metrics=self.last_metrics,
-            queue_depths=amqp.queue_depths(self._publisher), ingest=self.ingest, every=s.status_seconds,
+            queue_depths=self._publisher.queue_depths(), ingest=self.ingest_times, every=s.status_seconds,
             site_of_user=lambda user: s.site_users.get(user, user),
         )
-        amqp.publish_status(self._publisher, self.status)
+        self._publisher.status(self.status)
         if self.runlog.curve:
             log.info("%s", progress_line(self.status))
         else:  # the run's clock starts with its first version: until then there is no progress to show
-            log.info("waiting for sites: %d of %d said hello", len(self.sites_seen), s.wait_for_sites)
+            log.info("waiting for sites: %d of %d said hello", len(self.state.sites_seen), s.wait_for_sites)
 
     def stop(self, reason: str) -> None:
         """Ask the run to end (safe from any thread); it finishes within half a second."""
@@ -285,6 +252,16 @@ class Coordinator:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop(f"received {signal.Signals(signum).name}")
+
+    def _check_limits(self) -> None:
+        s = self.settings
+        accuracy = self.last_metrics.get("accuracy")
+        if s.stop_at_accuracy is not None and accuracy is not None and accuracy >= s.stop_at_accuracy:
+            self.stop_reason = f"accuracy {accuracy:.4f} reached the target {s.stop_at_accuracy}"
+        elif s.max_versions is not None and self.version >= s.max_versions:
+            self.stop_reason = f"reached version {self.version}"
+        elif s.max_seconds is not None and self.runlog.elapsed >= s.max_seconds:
+            self.stop_reason = f"ran for {s.max_seconds:g} s"
 
     # -- durability ------------------------------------------------------------------------------
 
@@ -299,44 +276,14 @@ class Coordinator:
         due = bool(self.pending_acks) and time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
         # The broker sends nothing more once the prefetch window is full of unacknowledged
         # deliveries, so a nearly full window is settled at once, whatever the clock says.
-        unfinished = sum(len(upload.tags) for upload in self.uploads.values())
+        unfinished = self.uploads.unfinished_chunks
         if force or due or (self.pending_acks and len(self.pending_acks) + unfinished >= self._window):
             self._checkpoint()
-            for payload_id in self._spool_done:
-                self.spool.remove(payload_id)
-            self._spool_done.clear()
-            for tag in self.pending_acks:
-                self._consumer.basic_ack(tag)
+            self.uploads.checkpointed()
+            self._inbox.ack(self.pending_acks)
             self.pending_acks.clear()
         if unfinished >= self._window:
-            self._spool(unfinished)
-
-    def _spool(self, chunks: int) -> None:
-        """The window is full of unfinished uploads, so nothing more would arrive to finish any:
-        write them to the spool and acknowledge their ``chunks``, so the rest of them can come."""
-        partial = [upload for upload in self.uploads.values() if upload.tags]
-        log.info("%d uploads arriving at once fill the window of %d chunks; keeping their %d chunks on disk",
-                 len(partial), self._window, chunks)
-        for upload in partial:
-            self.spool.write(upload.reassembly, upload.user_id)
-            upload.spooled = True
-        for upload in partial:
-            for tag in upload.tags:
-                self._consumer.basic_ack(tag)
-            upload.tags.clear()
-
-    def _take_spooled_uploads(self) -> None:
-        for reassembly, user_id in self.spool.read_all():
-            self.uploads[reassembly.payload_id] = _Upload(reassembly, user_id=user_id, spooled=True)
-        if self.uploads:
-            log.info("resumed %d unfinished uploads from %s", len(self.uploads), self.spool.folder)
-
-    def _forget_upload(self, payload_id: str) -> _Upload:
-        """Take an upload out of the ones arriving; its spool file goes with the next checkpoint."""
-        upload = self.uploads.pop(payload_id)
-        if upload.spooled:
-            self._spool_done.append(payload_id)
-        return upload
+            self._inbox.ack(self.uploads.spool_unfinished())
 
     def _hold(self, tags: list[int]) -> None:
         """Keep these deliveries unacknowledged until the next checkpoint holds their effect."""
@@ -347,12 +294,12 @@ class Coordinator:
     def _checkpoint(self) -> None:
         self._check_finite()
         if self.strategy.max_staleness is not None:
-            self.ledger.forget_before(self.version - self.strategy.max_staleness)
+            self.state.ledger.forget_before(self.version - self.strategy.max_staleness)
         tensors, values = self.strategy.state()
         self.checkpoints.write(Checkpoint(
             run_id=self.run_id, version=self.version, params=self.params, strategy_tensors=tensors,
-            strategy_values=values, ledger_rows=self.ledger.to_rows(),
-            run={"sites_seen": sorted(self.sites_seen), "started_at": self.runlog.started_at,
+            strategy_values=values, ledger_rows=self.state.ledger.to_rows(),
+            run={"sites_seen": sorted(self.state.sites_seen), "started_at": self.runlog.started_at,
                    "counters": self.runlog.counters(),
                    "dp_releases": self.strategy.privacy.releases if self.strategy.privacy else 0},
         ))
@@ -364,54 +311,23 @@ class Coordinator:
         check_matches_model(self.params, checkpoint.params)
         for name, tensor in checkpoint.params.items():
             self.params[name].copy_(tensor)
-        self.run_id, self.version = checkpoint.run_id, checkpoint.version
+        self.state.run_id, self.state.version = checkpoint.run_id, checkpoint.version
         self.strategy.restore(checkpoint.strategy_tensors, checkpoint.strategy_values)
-        self.ledger = Ledger.from_rows(checkpoint.ledger_rows)
-        self.sites_seen = set(checkpoint.run["sites_seen"])
+        self.state.ledger = Ledger.from_rows(checkpoint.ledger_rows)
+        self.state.sites_seen = set(checkpoint.run["sites_seen"])
         self.runlog.resume_clock(checkpoint.run["started_at"])
         self.runlog.restore_counters(checkpoint.run["counters"])
         if self.strategy.privacy is not None:
             self.strategy.privacy.releases = checkpoint.run["dp_releases"]
-        self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.ledger.entries))
+        self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.state.ledger.entries))
         self._evaluate()
         log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
-                 self.run_id, self.version, self.checkpoints.path, len(self.ledger.entries))
+                 self.run_id, self.version, self.checkpoints.path, len(self.state.ledger.entries))
         return True
-
-    def _expire_uploads(self) -> None:
-        now_ = time.monotonic()
-        for payload_id, upload in list(self.uploads.items()):
-            if now_ - upload.last_chunk > self.settings.upload_timeout:
-                self._forget_upload(payload_id)
-                log.warning("discarded update upload %s from %s: %d of %d chunks, idle for %.0f s",
-                            payload_id, upload.user_id or "unknown user", upload.reassembly.received,
-                            upload.reassembly.count, now_ - upload.last_chunk)
-                self.runlog.event("upload_expired", payload_id=payload_id, user=upload.user_id,
-                                  received=upload.reassembly.received, chunks=upload.reassembly.count)
-                self._hold(upload.tags)
-
-    def _check_limits(self) -> None:
-        s = self.settings
-        accuracy = self.last_metrics.get("accuracy")
-        if s.stop_at_accuracy is not None and accuracy is not None and accuracy >= s.stop_at_accuracy:
-            self.stop_reason = f"accuracy {accuracy:.4f} reached the target {s.stop_at_accuracy}"
-        elif s.max_versions is not None and self.version >= s.max_versions:
-            self.stop_reason = f"reached version {self.version}"
-        elif s.max_seconds is not None and self.runlog.elapsed >= s.max_seconds:
-            self.stop_reason = f"ran for {s.max_seconds:g} s"
 
     # -- incoming messages -----------------------------------------------------------------------
 
-    def _receive(self, channel, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
-        """pika's consumer callback only queues the delivery for ``_serve``.
-
-        pika calls it until no delivery is pending, and every snapshot publish and acknowledgement
-        lets more arrive: updates handled in here kept a busy coordinator inside pika for good,
-        past its stop conditions and status ticks.
-        """
-        self._inbox.append((method, properties, body))
-
-    def _serve(self, connection: pika.BlockingConnection) -> None:
+    def _serve(self) -> None:
         """Wait up to half a second for deliveries, handle them one at a time, checking the stop
         conditions and the status tick between them, then release the newest version.
 
@@ -419,142 +335,58 @@ class Coordinator:
         want only the newest version, and a snapshot per update would let a backlog grow whenever
         updates come faster than versions can be checkpointed and published.
         """
-        connection.process_data_events(time_limit=0.5)
+        self._link.serve(0.5)
         while self._inbox and self.stop_reason is None:
-            self._on_message(*self._inbox.popleft())
+            delivery = self._inbox.pop()
+            self._on_delivery(delivery)
             self._check_limits()
             self._tick()
         if self.stop_reason is None and self._unreleased:
             self._release()
 
-    def _on_message(self, method, properties: pika.BasicProperties, body: list[bytes]) -> None:
-        try:
-            info = ChunkInfo.from_headers(properties.headers, self.settings.max_update_bytes)
-        except ProtocolError as exc:
-            self._refuse([method.delivery_tag], properties.headers, body, str(exc), properties.user_id)
-            return
-        upload = self.uploads.get(info.payload_id)
-        if upload is None:
-            if info.count > self._window:
-                # Its chunks could never all be held unacknowledged at once: refused, not left to stall.
-                self._refuse([method.delivery_tag], properties.headers, body, (
-                    f"payload of {info.count} chunks ({info.size} bytes) exceeds the coordinator's window of "
-                    f"{self._window} chunks; raise FEDQ_PREFETCH on the coordinator or compress updates"
-                ), properties.user_id)
-                return
-            reassembly = Reassembly(info, self.buffers.take(info.size))
-            upload = self.uploads[info.payload_id] = _Upload(reassembly, user_id=properties.user_id)
-        upload.tags.append(method.delivery_tag)
-        upload.last_chunk = time.monotonic()
-        try:
-            complete = upload.reassembly.add(info, body)
-        except ProtocolError as exc:
-            self._forget_upload(info.payload_id)
-            self._refuse(upload.tags, properties.headers, body, str(exc), properties.user_id)
-            return
-        if complete:
-            self._forget_upload(info.payload_id)
-            self._handle(upload, properties.headers)
+    def _on_delivery(self, delivery: transport.Delivery) -> None:
+        placed = self.uploads.add(delivery.tag, delivery.headers, delivery.user_id, delivery.body)
+        if isinstance(placed, Refusal):
+            self._refuse(placed)
+        elif isinstance(placed, Upload):
+            self._handle(placed, delivery.headers)
 
-    def _handle(self, upload: _Upload, headers: dict | None) -> None:
+    def _handle(self, upload: Upload, headers: dict | None) -> None:
+        """Take a whole upload through the ingest stages and act on the verdict."""
         try:
-            payload = upload.reassembly.payload()
-            header, parts = decode_payload(payload)
-            if isinstance(header, (Hello, UpdateHeader)):
-                self._check_sender(header.site, upload.user_id)
-            if isinstance(header, Hello):
-                log.info("site %s said hello", header.site)
-                self.sites_seen.add(header.site)
-                self.runlog.seen(header.site)
-                self._announce()
-            elif isinstance(header, UpdateHeader):
-                self._take_update(header, parts, len(payload), upload.first_chunk)
-            else:
-                raise ProtocolError(f"a {header.kind} payload does not belong on the updates queue")
-        except ProtocolError as exc:
-            self._refuse(upload.tags, headers, upload.reassembly.prefix(MAX_CHUNK_BYTES), str(exc), upload.user_id)
-            return
+            try:
+                verdict = self.ingest.take(upload.reassembly.payload(), upload.user_id, upload.first_chunk)
+            except ProtocolError as exc:  # the digest does not match: the bytes are not what was sent
+                verdict = Verdict(REFUSED, str(exc))
+            if verdict.outcome == REFUSED:
+                evidence = upload.reassembly.prefix(MAX_CHUNK_BYTES)
+                self._refuse(Refusal(upload.tags, verdict.reason, evidence, headers, upload.user_id))
+                return
         finally:
-            self.ingest.observe(time.monotonic() - upload.first_chunk)
+            self.ingest_times.observe(time.monotonic() - upload.first_chunk)
             # Nothing refers to the payload any more: strategies copy what they keep.
             self.buffers.give(upload.reassembly.storage)
+        if verdict.outcome == GREETED:
+            self._announce()
         self._hold(upload.tags)
         self._settle()
 
-    def _take_update(self, header: UpdateHeader, parts, size: int, first_chunk: float) -> None:
-        """Apply or drop a decoded update; a new version it makes is released by ``_serve``."""
-        self.sites_seen.add(header.site)
-        self.runlog.received_update(header.site, size)
-        if header.run_id != self.run_id:
-            self._drop(header, f"trained in run {header.run_id}, not the current run {self.run_id}", staleness=None)
-            return
-        if header.update_id in self.ledger:
-            raise ProtocolError(f"update {header.update_id} was already counted (redelivered or replayed)")
-        staleness = self.version - header.base_version
-        if staleness < 0:
-            raise ProtocolError(f"base version {header.base_version} is newer than the current version {self.version}")
-        delta = decode_tensors(header.tensors, parts, self.layout, sparse=True)
-        check_matches_model(self.params, delta)
-        self._bound_norm(delta)
-        if self.strategy.privacy is not None:
-            self.strategy.privacy.clip(delta)
-        update = Update(header.update_id, header.site, header.base_version, header.num_samples, delta, header.metrics)
-        reason = self.strategy.admit(update, staleness)
-        if reason is not None:
-            self._drop(header, reason, staleness)
-            return
-        outcome = self.strategy.submit(self.params, update, staleness)
-        self.ledger.record(header.update_id, Entry(header.site, header.base_version, self.version))
-        self.runlog.applied_update(header.site, header.base_version, staleness)
-        self.runlog.event(
-            "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
-            staleness=staleness, weight=round(outcome.weight, 6), num_samples=header.num_samples, bytes=size,
-            train_seconds=header.train_seconds, metrics=header.metrics,
-            ingest_seconds=round(time.monotonic() - first_chunk, 4),
-        )
-        if outcome.new_version:
-            self.version += 1
+    def _expire_uploads(self) -> None:
+        for upload in self.uploads.expire(self.settings.upload_timeout):
+            log.warning("discarded update upload %s from %s: %d of %d chunks, idle for %.0f s",
+                        upload.reassembly.payload_id, upload.user_id or "unknown user", upload.reassembly.received,
+                        upload.reassembly.count, time.monotonic() - upload.last_chunk)
+            self.runlog.event("upload_expired", payload_id=upload.reassembly.payload_id, user=upload.user_id,
+                              received=upload.reassembly.received, chunks=upload.reassembly.count)
+            self._hold(upload.tags)
 
-    def _check_sender(self, site: str, user: str | None) -> None:
-        """The broker vouches for ``user_id``; the claimed site must be that user's."""
-        s = self.settings
-        if not user:
-            raise ProtocolError("the message carries no user_id, so its sender cannot be verified")
-        if user not in s.any_site_users and s.site_users.get(user, user) != site:
-            raise ProtocolError(f"user {user!r} may not send for site {site!r}")
-
-    def _bound_norm(self, delta) -> None:
-        bound = self.settings.update_norm_bound
-        if bound is None:
-            return
-        if self.settings.update_norm_action == "refuse":
-            norm = update_norm(delta)
-            if norm > bound:
-                raise ProtocolError(f"update norm {norm:.4g} exceeds the bound {bound:g}")
-        else:
-            clip_to_norm(delta, bound)
-
-    def _drop(self, header: UpdateHeader, reason: str, staleness: int | None) -> None:
-        log.warning("dropped update %s from %s (base version %d): %s", header.update_id, header.site, header.base_version, reason)
-        if header.update_id not in self.ledger:
-            self.ledger.record(header.update_id, Entry(header.site, header.base_version, None, reason))
-        self.runlog.dropped += 1
-        self.runlog.dropped_per_site[header.site] += 1
-        self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
-
-    def _refuse(self, tags: list[int], headers: dict | None, body: bytes | list[bytes], reason: str,
-                user_id: str | None) -> None:
-        """Dead-letter a message (whole or as its fragments) that cannot be used, with the reason,
-        and settle its deliveries."""
-        log.warning("refused a message from %s: %s", user_id or "unknown user", reason)
-        self.runlog.refused(user_id)
-        self.runlog.event("rejected", user=user_id, reason=reason)
-        properties = pika.BasicProperties(
-            delivery_mode=pika.DeliveryMode.Persistent,
-            headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
-        )
-        self._publisher.basic_publish(amqp.REJECTED, "", b"".join(body) if isinstance(body, list) else body, properties)
-        self._hold(tags)
+    def _refuse(self, refusal: Refusal) -> None:
+        """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""
+        log.warning("refused a message from %s: %s", refusal.user_id or "unknown user", refusal.reason)
+        self.runlog.refused(refusal.user_id)
+        self.runlog.event("rejected", user=refusal.user_id, reason=refusal.reason)
+        self._publisher.refusal(refusal.body, refusal.headers, refusal.reason, refusal.user_id)
+        self._hold(refusal.tags)
 
     # -- outgoing versions -----------------------------------------------------------------------
 
@@ -607,7 +439,6 @@ class Coordinator:
         if self._scored_version is None or self.version - self._scored_version >= self.settings.eval_every:
             self._evaluate()
 
-
     def _publish_snapshot(self) -> None:
         """Announce the current version, then write its chunks to the stream.
 
@@ -626,8 +457,7 @@ class Coordinator:
             retrain=self.strategy.retrain,
         )
         self._announce()
-        amqp.publish_payload(self._publisher, amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, buffers, self.announcement.payload_id,
-                             digest=digest)
+        self._publisher.snapshot(buffers, self.announcement.payload_id, digest)
         self.runlog.bytes_out += size
         seconds = time.monotonic() - started
         self.runlog.event("snapshot", version=self.version, bytes=size, chunks=self.announcement.chunks,
@@ -636,9 +466,5 @@ class Coordinator:
             log.info("published version %d: %.1f MB in %.1f s", self.version, size / 1e6, seconds)
 
     def _announce(self, final: bool = False) -> None:
-        if self.announcement is None:
-            return
-        announcement = self.announcement.model_copy(update={"final": final})
-        # Not mandatory: before any site has declared its queue, nobody needs to hear it.
-        amqp.publish_payload(self._publisher, amqp.ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id(), mandatory=False)
-
+        if self.announcement is not None:
+            self._publisher.announcement(self.announcement.model_copy(update={"final": final}))

@@ -11,11 +11,18 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from shared.registry import Registry
+
 Tensors = dict[str, torch.Tensor]
 
 
 class ServerOptimizer(ABC):
     """Applies an aggregated update to the global parameters, in place."""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings) -> "ServerOptimizer":
+        """The optimizer as the coordinator's settings (``server_*``) configure it."""
 
     @abstractmethod
     def step(self, params: Tensors, update: Tensors) -> None:
@@ -26,15 +33,23 @@ class ServerOptimizer(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Tensors]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned; groups in ``state`` that are not its own are left alone."""
 
 
+SERVER_OPTIMIZERS: Registry[type[ServerOptimizer]] = Registry("server optimizer")
+
+
+@SERVER_OPTIMIZERS.register("sgd")
 class ServerSGD(ServerOptimizer):
-    """x <- x + lr * m, with m = momentum * m + update (plain step when momentum is 0)."""
+    """x <- x + lr * m with m = momentum * m + update; at lr 1 without momentum, FedAvg's step."""
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.0):
         self.lr, self.momentum = lr, momentum
         self.velocity: Tensors = {}
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.server_lr, settings.server_momentum)
 
     def step(self, params, update):
         for name, delta in update.items():
@@ -59,6 +74,10 @@ class _Adaptive(ServerOptimizer):
         self.m: Tensors = {}
         self.v: Tensors = {}
 
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.server_lr, settings.server_beta1, settings.server_beta2, settings.server_tau)
+
     @abstractmethod
     def _second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> None:
         ...
@@ -78,22 +97,17 @@ class _Adaptive(ServerOptimizer):
         self.m, self.v = dict(state.get("m", {})), dict(state.get("v", {}))
 
 
+@SERVER_OPTIMIZERS.register("adam")
 class FedAdam(_Adaptive):
+    """FedAdam: Adam's moments over the aggregated updates."""
+
     def _second_moment(self, v, squared):
         v.mul_(self.beta2).add_(squared, alpha=1 - self.beta2)
 
 
+@SERVER_OPTIMIZERS.register("yogi")
 class FedYogi(_Adaptive):
+    """FedYogi: Adam's first moment, a second moment that grows more cautiously."""
+
     def _second_moment(self, v, squared):
         v.sub_(torch.sign(v - squared).mul_(squared), alpha=1 - self.beta2)
-
-
-def make_server_optimizer(kind: str, lr: float, momentum: float, beta1: float, beta2: float, tau: float) -> ServerOptimizer:
-    """The optimizer named by a setting."""
-    if kind == "sgd":
-        return ServerSGD(lr, momentum)
-    if kind == "adam":
-        return FedAdam(lr, beta1, beta2, tau)
-    if kind == "yogi":
-        return FedYogi(lr, beta1, beta2, tau)
-    raise ValueError(f"unknown server optimizer {kind!r}; choose sgd, adam or yogi")

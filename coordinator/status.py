@@ -2,7 +2,7 @@
 
 Built once per tick from the run log, the one snapshot serves three readers: the status message on
 the broker (``fedq status`` from any machine), the Prometheus endpoint, and the live progress line.
-Everything here is pure; publishing lives in ``shared.amqp`` and serving in ``coordinator.metrics``.
+Everything here is pure; publishing lives in ``shared.transport`` and serving in ``coordinator.metrics``.
 """
 
 from __future__ import annotations

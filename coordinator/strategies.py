@@ -10,21 +10,25 @@ Lifecycle, as the coordinator drives it for every update that passed validation:
 
 ``staleness`` is the current version minus the version the site trained from. Updates are
 differences to their base snapshot, so mixing one in never needs the old snapshot itself.
+
+Each strategy registers itself in ``STRATEGIES`` under the name FEDQ_STRATEGY takes, and builds
+itself from the coordinator's settings (``from_settings``): a new strategy is one class here.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
+from coordinator.aggregators import AGGREGATORS, BufferAggregator
 from coordinator.privacy import GaussianPrivacy
-from coordinator.robust import coordinate_median, trimmed_mean
-from coordinator.server_optimizers import ServerOptimizer, ServerSGD
-from coordinator.staleness import StalenessWeight, constant
-from shared.deltas import Delta, FlatTensors, RunningSum, add_scaled, dense_copy
+from coordinator.running_sum import FlatTensors
+from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer, ServerSGD
+from coordinator.staleness import StalenessWeight, constant, staleness_weight
+from shared.deltas import Delta, add_scaled, dense_copy
+from shared.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
 
@@ -54,6 +58,8 @@ class Strategy(ABC):
 
     #: Whether a site that already trained on the newest version should train on it again.
     retrain = True
+    #: Whether the server optimizer (FEDQ_SERVER_OPTIMIZER) moves the model for this strategy.
+    uses_server_optimizer = False
 
     def __init__(self, staleness_weight: StalenessWeight = constant, max_staleness: int | None = None,
                  privacy: GaussianPrivacy | None = None):
@@ -61,6 +67,12 @@ class Strategy(ABC):
         self.max_staleness = max_staleness
         #: With central differential privacy, every release of a new model gets calibrated noise.
         self.privacy = privacy
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings) -> "Strategy":
+        """The strategy as the coordinator's settings configure it; ValueError for a combination
+        that cannot work, saying which settings to change."""
 
     def prepare(self, params: Tensors) -> None:
         """Allocate the buffers ``submit`` needs for a model of these tensors."""
@@ -87,6 +99,21 @@ class Strategy(ABC):
         """Take back what ``state`` returned."""
 
 
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def privacy_from(settings) -> GaussianPrivacy | None:
+    """Central differential privacy as the settings ask for it, or None when it is off."""
+    if not settings.dp_noise_multiplier:
+        return None
+    return GaussianPrivacy(settings.dp_clip_norm, settings.dp_noise_multiplier, settings.dp_delta)
+
+
+def staleness_from(settings) -> StalenessWeight:
+    return staleness_weight(settings.staleness, settings.staleness_a, settings.staleness_b)
+
+
+@STRATEGIES.register("fedasync")
 class FedAsync(Strategy):
     """Mix every update in at once: x <- x + alpha * s(staleness) * delta.
 
@@ -99,6 +126,11 @@ class FedAsync(Strategy):
         super().__init__(**kwargs)
         self.alpha = alpha
 
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.alpha, staleness_weight=staleness_from(settings), max_staleness=settings.max_staleness,
+                   privacy=privacy_from(settings))
+
     def submit(self, params, update, staleness):
         weight = self.alpha * self.staleness_weight(staleness)
         delta = update.delta
@@ -109,119 +141,95 @@ class FedAsync(Strategy):
         return Outcome(True, weight)
 
 
-AGGREGATIONS = ("mean", "trimmed-mean", "median")
-
-
+@STRATEGIES.register("fedbuff")
 class FedBuff(Strategy):
     """Buffer K updates, then step the server optimizer along their aggregate (Nguyen et al., 2022).
 
-    ``mean``: sum(n_i * s(tau_i) * delta_i) / sum(n_i). Sample counts weight the sites as FedAvg
-    does, and staleness shrinks an old update's share without inflating the fresh ones. With
-    K = number of sites, zero staleness and SGD at lr 1 this is FedAvg. It keeps one running sum,
-    allocated once and zeroed after every version: a freshly allocated 2 GB sum would page-fault on
-    the buffer's first update. Large sparse updates are queued and folded into the sum several at a
-    time, mostly on a thread of their own while the coordinator receives the next ones
-    (``shared.deltas.RunningSum``).
-
-    ``trimmed-mean`` and ``median``: coordinate-wise over s(tau_i) * delta_i, ignoring sample counts
-    (which a hostile site could inflate), so one bad site among K cannot pull the model away. A
-    buffer takes one update per site: in asynchronous training a hostile site may also be the
-    fastest, and could otherwise hold more places than the trim removes. They hold all K updates
-    until the buffer is full: K copies of the model.
+    The aggregate is the buffer aggregator's (``coordinator.aggregators``): by default the sample-
+    and staleness-weighted mean, with which K = number of sites, zero staleness and SGD at lr 1
+    are FedAvg; trimmed mean and median resist hostile sites.
     """
 
-    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, **kwargs):
+    uses_server_optimizer = True
+
+    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None,
+                 aggregation: str | BufferAggregator = "mean", trim_fraction: float = 0.2, **kwargs):
         super().__init__(**kwargs)
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-        if aggregation != "mean" and self.privacy is not None:
-            raise ValueError(f"differential privacy is calibrated for the mean, not the {aggregation}")
+        self.aggregator = (AGGREGATORS[aggregation](buffer_size, trim_fraction) if isinstance(aggregation, str)
+                           else aggregation)
+        if self.privacy is not None and not self.aggregator.supports_privacy:
+            raise ValueError(f"differential privacy is calibrated for the mean, not the {self.aggregator.name}")
         self.buffer_size = buffer_size
         self.optimizer = optimizer or ServerSGD(1.0)
-        self.aggregation = aggregation
-        self.trim = math.floor(trim_fraction * buffer_size)
-        if aggregation == "trimmed-mean" and not 1 <= self.trim < buffer_size / 2:
-            raise ValueError(
-                f"trimmed-mean over {buffer_size} updates with trim_fraction {trim_fraction} trims {self.trim} from each "
-                f"side; choose trim_fraction and buffer_size so that 1 <= floor(trim_fraction * buffer_size) < buffer_size / 2"
-            )
-        self.running: RunningSum | None = None
-        self.reset_buffer()
+        self.samples = 0
+        self.sites: list[str] = []
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.buffer_size, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
+                   settings.aggregation, settings.trim_fraction, staleness_weight=staleness_from(settings),
+                   max_staleness=settings.max_staleness, privacy=privacy_from(settings))
 
     @property
     def sum(self) -> FlatTensors:
-        """The running sum of the buffer's weighted deltas, complete (``mean`` only, after ``prepare``)."""
-        return self.running.tensors
+        """The running sum of the buffer's weighted deltas, complete (the mean's, after ``prepare``)."""
+        return self.aggregator.sum
 
     def prepare(self, params):
-        if self.aggregation == "mean" and self.running is None:
-            self.running = RunningSum(params)
+        self.aggregator.prepare(params)
 
     def admit(self, update, staleness):
-        if (self.aggregation != "mean" or self.privacy is not None) and update.site in self.sites:
-            why = "differential privacy" if self.privacy is not None else self.aggregation
+        if (self.aggregator.one_per_site or self.privacy is not None) and update.site in self.sites:
+            why = "differential privacy" if self.privacy is not None else self.aggregator.name
             return f"site {update.site} already has an update in this buffer ({why} takes one per site)"
         return super().admit(update, staleness)
-
-    def reset_buffer(self) -> None:
-        if self.running is not None:
-            self.sum.flat.zero_()
-        self.held: list[Tensors] = []
-        self.samples = 0
-        self.sites: list[str] = []
 
     def submit(self, params, update, staleness):
         weight = self.staleness_weight(staleness)
         # Under differential privacy every update counts the same: a sample count would let one
         # site's share, and so the noise it needs, grow without bound.
         share = 1 if self.privacy is not None else update.num_samples
-        if self.aggregation == "mean":
-            self.prepare(params)
-            self.running.add(update.delta, share * weight)
-        else:
-            self.held.append(dense_copy(update.delta, weight))
+        self.aggregator.prepare(params)
+        self.aggregator.add(update.delta, weight, share)
         self.samples += share
         self.sites.append(update.site)
         if len(self.sites) < self.buffer_size:
             return Outcome(False, weight)
-        aggregate = self._aggregate()
+        aggregate = self.aggregator.aggregate(self.samples)
         if self.privacy is not None:
             self.privacy.release(aggregate, sensitivity=1.0 / self.buffer_size)
         self.optimizer.step(params, aggregate)
-        self.reset_buffer()
+        self.aggregator.reset()
+        self.samples, self.sites = 0, []
         return Outcome(True, weight)
 
-    def _aggregate(self) -> Tensors:
-        if self.aggregation == "mean":
-            return {name: acc.div_(self.samples) for name, acc in self.sum.items()}
-        statistic = (lambda s: trimmed_mean(s, self.trim)) if self.aggregation == "trimmed-mean" else coordinate_median
-        return {name: statistic(torch.stack([h[name] for h in self.held])) for name in self.held[0]}
-
     def state(self):
-        if self.aggregation == "mean":
-            buffers = {"buffer": self.sum} if self.sites else {}  # an empty buffer is all zeros: not worth writing
-        else:
-            buffers = {f"held{i}": h for i, h in enumerate(self.held)}
+        buffers = self.aggregator.state(len(self.sites))
         return {**buffers, **self.optimizer.state_dict()}, {"samples": self.samples, "sites": list(self.sites)}
 
     def restore(self, tensors, values):
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
-        for name, tensor in tensors.get("buffer", {}).items():  # without one, the sum is still all zeros
-            self.sum[name].copy_(tensor)
-        self.held = [dict(tensors[f"held{i}"]) for i in range(len(self.sites))] if self.aggregation != "mean" else []
-        self.optimizer.load_state_dict({k: v for k, v in tensors.items() if k != "buffer" and not k.startswith("held")})
+        self.aggregator.restore(tensors, len(self.sites))
+        self.optimizer.load_state_dict(tensors)  # it takes its own groups and leaves the buffer's
 
 
+@STRATEGIES.register("fedavg")
 class FedAvgSync(FedBuff):
-    """Synchronous FedAvg, the baseline: every site trains on the same version, the round closes
-    when all of them have answered, and sites wait for the next version instead of retraining."""
+    """Synchronous FedAvg rounds, the baseline: every site trains on the same version once.
+
+    The round closes when all of them have answered, and sites wait for the next version instead
+    of retraining."""
 
     retrain = False
 
     def __init__(self, sites: int, optimizer: ServerOptimizer | None = None, privacy: GaussianPrivacy | None = None):
         super().__init__(buffer_size=sites, optimizer=optimizer, staleness_weight=constant, max_staleness=0,
                          privacy=privacy)
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.sites, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
+                   privacy=privacy_from(settings))
 
     def admit(self, update, staleness):
         if staleness > 0:

@@ -180,7 +180,7 @@ class Reassembly:
         return len(self._seen)
 
     def add(self, info: ChunkInfo, body: bytes | list[bytes]) -> bool:
-        """Place one chunk, whole or as the fragments it arrived in (``shared.amqp.deliver_fragments``);
+        """Place one chunk, whole or as the fragments it arrived in (``shared.transport.deliver_fragments``);
         returns True once every chunk is in. A repeated chunk is ignored."""
         if (info.payload_id, info.size, info.count, info.chunk_bytes) != (
             self.payload_id,

@@ -6,6 +6,9 @@ tensor; sparse codecs write a single entry for the whole model, so a small updat
 its own header. The codec is named in each entry, so a reader decodes whatever the writer chose.
 
 All codecs are vectorized (torch/numpy, no per-element Python); lossy ones state their error bound.
+Each registers itself in ``CODECS`` under the name FEDQ_CODEC and the wire's header entries use: a
+new codec is one class here. One whose ``decode_delta`` returns a ``SparseDelta`` is folded into
+the coordinator's running sum without a dense copy.
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ import torch
 
 from shared.deltas import Delta, SparseDelta, dense_copy
 from shared.protocol import PartSpec, ProtocolError, TensorSpec
+from shared.registry import Registry
+from shared.scans import SCAN_BLOCK
 
 Tensors = dict[str, torch.Tensor]
 INT8_BLOCK = 256
 _GAP_DTYPES = ("uint8", "uint16", "uint32")
 FLAT_NAME = "*"
-# Whole-tensor passes over large models go a block at a time (1M values, 4 MB of float32), so
-# their temporaries stay small next to a model of gigabytes.
-SCAN_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,16 @@ class Layout:
 class Codec(ABC):
     """Encodes a model's worth of float32 tensors, and decodes them against the layout."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by CODECS.register
     lossy: ClassVar[bool] = True
+    #: Whether the coordinator may publish snapshots with it (FEDQ_SNAPSHOT_CODEC): snapshots have no
+    #: error feedback, so only codecs that keep every value closely qualify.
+    for_snapshots: ClassVar[bool] = False
+
+    @classmethod
+    def create(cls, topk_fraction: float = 0.01) -> "Codec":
+        """The codec with the worker's settings that concern it (top-k codecs: ``topk_fraction``)."""
+        return cls()
 
     @abstractmethod
     def encode(self, tensors: Tensors) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
@@ -64,6 +74,13 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout) -> Tensors:
         """Rebuild float32 tensors of the layout; ProtocolError if the entries cannot be them."""
+
+    def decode_delta(self, specs: tuple[TensorSpec, ...], parts: list[list[np.ndarray]], layout: Layout) -> Delta:
+        """Decode an update for the coordinator to fold in: dense tensors, or a ``SparseDelta``."""
+        return self.decode(specs, parts, layout)
+
+
+CODECS: Registry[type[Codec]] = Registry("codec")
 
 
 def _spec(name: str, shape: tuple[int, ...], codec: str, arrays: list[np.ndarray], **params) -> TensorSpec:
@@ -120,11 +137,12 @@ class ElementwiseCodec(Codec):
         return {name: out[name] for name in expected}
 
 
+@CODECS.register("fp32")
 class DenseFloat32(ElementwiseCodec):
     """The reference: exact, 4 bytes per value, decoded without a copy."""
 
-    name = "fp32"
     lossy = False
+    for_snapshots = True
 
     def encode_one(self, flat):
         return [flat.to(torch.float32).numpy()]
@@ -134,10 +152,11 @@ class DenseFloat32(ElementwiseCodec):
         return _as_tensor(parts[0])
 
 
+@CODECS.register("fp16")
 class Float16(ElementwiseCodec):
     """IEEE half: relative error at most 2**-11 in range; beyond ±65504 values become inf (and are refused)."""
 
-    name = "fp16"
+    for_snapshots = True
 
     def encode_one(self, flat):
         return [flat.to(torch.float16).numpy()]
@@ -147,10 +166,11 @@ class Float16(ElementwiseCodec):
         return _as_tensor(parts[0]).to(torch.float32)
 
 
+@CODECS.register("bf16")
 class BFloat16(ElementwiseCodec):
     """bfloat16 (float32's range, 8 bits of mantissa): relative error at most 2**-8. Travels as uint16."""
 
-    name = "bf16"
+    for_snapshots = True
 
     def encode_one(self, flat):
         return [flat.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)]
@@ -186,11 +206,11 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) 
     return torch.from_numpy(values)
 
 
+@CODECS.register("int8")
 class Int8(ElementwiseCodec):
     """int8 with a float32 scale per block of 256 values: about 3.9x smaller than fp32,
     absolute error at most max|block| / 254 per value."""
 
-    name = "int8"
 
     def encode_one(self, flat):
         return list(quantize_int8(flat))
@@ -311,8 +331,8 @@ class TopKEncoding:
     reused): the gaps between its positions in the flattened layout, its values as float32 or int8,
     and the int8 values' block scales.
 
-    A ``SparseDelta`` holds it until something needs positions and values as tensors; a running sum
-    adds it without them (``add_into``).
+    A ``SparseDelta`` holds it until something needs positions and values as tensors; the
+    coordinator's running sum adds it without them (``coordinator.running_sum.add_encoded``).
     """
 
     gaps: np.ndarray
@@ -343,17 +363,12 @@ class TopKEncoding:
         with np.errstate(invalid="ignore"):
             return bool(np.isfinite(self.scales).all()) and float(np.abs(self.scales).max(initial=0.0)) * 127 <= _FLOAT32_MAX
 
-    def add_into(self, flat: torch.Tensor, alpha: float) -> None:
-        """flat += alpha * this delta, with one compiled loop over the encoding (``shared.kernels``)."""
-        if self.last >= flat.numel() or flat.dtype != torch.float32 or not flat.is_contiguous():
-            raise ValueError(f"a top-k delta reaching position {self.last} cannot be added into a "
-                             f"{flat.dtype} tensor of {flat.numel()} values")
-        from shared import kernels  # numba: only processes that sum updates pay for its import
-
-        kernels.fold_at_gaps(flat.numpy(), [(*self.gap_form(), alpha)])
+    def span(self) -> tuple[int, int]:
+        """The first and last positions named ((0, -1) when none)."""
+        return (int(self.gaps[0]) - 1, self.last) if self.gaps.size else (0, -1)
 
     def gap_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-        """(gaps, values, scales, scale_block), as ``kernels.fold_at_gaps`` reads them."""
+        """(gaps, values, scales, scale_block), as ``coordinator.kernels.fold_at_gaps`` reads them."""
         return self.gaps, self.values, self.scales, INT8_BLOCK
 
 
@@ -366,11 +381,17 @@ class TopK(Codec):
     runs error feedback: it is carried into the next update.
     """
 
-    def __init__(self, fraction: float = 0.01, values: str = "fp32"):
+    #: How the kept values travel: "fp32", or "int8" with a scale per block of 256.
+    values: ClassVar[str]
+
+    def __init__(self, fraction: float = 0.01):
         if not 0 < fraction <= 1:
             raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
-        self.fraction, self.values = fraction, values
-        self.name = "topk" if values == "fp32" else "topk-int8"
+        self.fraction = fraction
+
+    @classmethod
+    def create(cls, topk_fraction: float = 0.01) -> "TopK":
+        return cls(topk_fraction)
 
     def encode(self, tensors):
         picked, kept, offset = [], [], 0
@@ -394,9 +415,9 @@ class TopK(Codec):
         return (spec,), arrays
 
     def decode(self, specs, parts, layout):
-        return dense_copy(self.decode_sparse(specs, parts, layout))
+        return dense_copy(self.decode_delta(specs, parts, layout))
 
-    def decode_sparse(self, specs, parts, layout: Layout) -> SparseDelta:
+    def decode_delta(self, specs, parts, layout: Layout) -> SparseDelta:
         """The update, checked, as a SparseDelta holding its encoding: no dense tensor the size of
         the model, and no positions and values either until something asks for them."""
         if len(specs) != 1 or specs[0].name != FLAT_NAME:
@@ -417,19 +438,27 @@ class TopK(Codec):
         return SparseDelta(layout.shapes, encoding=encoding)
 
 
-CODEC_NAMES = ("fp32", "fp16", "bf16", "int8", "topk", "topk-int8")
-_ELEMENTWISE = {codec.name: codec for codec in (DenseFloat32(), Float16(), BFloat16(), Int8())}
+@CODECS.register("topk")
+class TopKFloat32(TopK):
+    """Top-k with float32 values (46x smaller than fp32 at 1% on digits-straggler)."""
+
+    values = "fp32"
+
+
+@CODECS.register("topk-int8")
+class TopKInt8(TopK):
+    """Top-k with int8 values and a scale per block of 256 (73x smaller than fp32 at 1% on digits-straggler)."""
+
+    values = "int8"
+
+
+CODEC_NAMES = CODECS.names
+SNAPSHOT_CODECS = tuple(name for name in CODECS if CODECS[name].for_snapshots)
 
 
 def get_codec(name: str, topk_fraction: float = 0.01) -> Codec:
     """The codec called ``name``; top-k codecs keep ``topk_fraction`` of each tensor when encoding."""
-    if name in _ELEMENTWISE:
-        return _ELEMENTWISE[name]
-    if name == "topk":
-        return TopK(topk_fraction, "fp32")
-    if name == "topk-int8":
-        return TopK(topk_fraction, "int8")
-    raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    return CODECS[name].create(topk_fraction)
 
 
 def encode_tensors(tensors: Tensors, codec: Codec) -> tuple[tuple[TensorSpec, ...], list[np.ndarray]]:
@@ -450,9 +479,7 @@ def decode_tensors(
             raise ProtocolError("payload carries no tensors")
         return {}
     name = names.pop()
-    if name not in CODEC_NAMES:
+    if name not in CODECS:
         raise ProtocolError(f"unknown codec {name!r}")
     codec = get_codec(name)
-    if sparse and isinstance(codec, TopK):
-        return codec.decode_sparse(specs, parts, layout)
-    return codec.decode(specs, parts, layout)
+    return codec.decode_delta(specs, parts, layout) if sparse else codec.decode(specs, parts, layout)

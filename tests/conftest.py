@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.local_broker import Broker, find_broker
+from fedq.local_broker import Broker, find_broker
 
 # Coordinators in tests, in-process or not, may overlap; each takes a free port for its metrics.
 os.environ.setdefault("FEDQ_METRICS_PORT", "0")
@@ -17,7 +17,7 @@ os.environ.setdefault("FEDQ_METRICS_PORT", "0")
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
-    """The session's real broker (see shared.local_broker.find_broker), stopped at session end."""
+    """The session's real broker (see fedq.local_broker.find_broker), stopped at session end."""
     found = find_broker()
     try:
         yield found

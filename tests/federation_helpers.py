@@ -14,10 +14,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from coordinator.server import Coordinator
-from shared import amqp
+from shared import transport
 from shared.codecs import encode_tensors, get_codec
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, encode_payload, new_id
-from shared.settings import CoordinatorSettings, load_settings
+from coordinator.settings import CoordinatorSettings
+from shared.settings import load_settings
 from shared.task import load_task
 
 
@@ -71,11 +72,11 @@ class SiteClient:
     """Publishes hand-made updates through the broker exactly as a worker would."""
 
     def __init__(self, broker_url: str, site: str = "site-1"):
-        self.connection = amqp.connect(broker_url, 30, f"test-{site}")
+        self.connection = transport.connect(broker_url, 30, f"test-{site}")
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
         self.site = site
-        self.user = amqp.broker_user(broker_url)
+        self.user = transport.broker_user(broker_url)
 
     def update_payload(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor],
                        num_samples: int = 10, site: str | None = None) -> tuple[str, bytes]:
@@ -89,7 +90,7 @@ class SiteClient:
 
     def publish(self, payload: bytes, payload_id: str | None = None, user_id: str | None = "") -> None:
         """Publish payload bytes as chunks; ``user_id=None`` sends none, "" sends this client's user."""
-        amqp.publish_payload(self.channel, amqp.UPDATES, amqp.UPDATE_KEY, [memoryview(payload)], payload_id or new_id(),
+        transport.publish_payload(self.channel, transport.UPDATES, transport.UPDATE_KEY, [memoryview(payload)], payload_id or new_id(),
                              user_id=self.user if user_id == "" else user_id)
 
     def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:

@@ -4,26 +4,26 @@ RabbitMQ refuses to redeclare a queue with other arguments, so drift would stop 
 import json
 from pathlib import Path
 
-from shared import amqp
+from shared import transport
 
 DEFINITIONS = json.loads((Path(__file__).parent.parent / "broker_config" / "definitions.json").read_text())
 
 
 def test_exchanges_match():
     declared = {e["name"]: e["type"] for e in DEFINITIONS["exchanges"]}
-    assert declared == amqp.EXCHANGES
+    assert declared == transport.EXCHANGES
     assert all(e["durable"] for e in DEFINITIONS["exchanges"])
 
 
 def test_queues_and_their_arguments_match():
     declared = {q["name"]: q["arguments"] for q in DEFINITIONS["queues"]}
-    assert declared == amqp.QUEUES
+    assert declared == transport.QUEUES
     assert all(q["durable"] for q in DEFINITIONS["queues"])
 
 
 def test_bindings_match():
     declared = {(b["source"], b["destination"], b["routing_key"]) for b in DEFINITIONS["bindings"]}
-    assert declared == set(amqp.BINDINGS)
+    assert declared == set(transport.BINDINGS)
 
 
 def test_snapshot_retention_is_bounded_by_a_policy():

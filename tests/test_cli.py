@@ -8,7 +8,7 @@ import sys
 import matplotlib.image
 import pytest
 
-FEDQ = [sys.executable, "-m", "shared.cli"]
+FEDQ = [sys.executable, "-m", "fedq"]
 
 
 def run(*args, env=None, timeout=60):
@@ -32,8 +32,8 @@ def test_bad_setting_stops_with_the_variable_named():
 
 
 def test_list_and_map_flags_take_json():
-    from shared.cli import _settings_from, build_parser
-    from shared.settings import CoordinatorSettings
+    from fedq.cli import _settings_from, build_parser
+    from coordinator.settings import CoordinatorSettings
 
     args = build_parser().parse_args(["coordinator", "--any-site-users", "[]", "--site-users", '{"u1": "site-1"}'])
     settings = _settings_from(args, CoordinatorSettings)

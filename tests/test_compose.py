@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from shared import amqp
+from shared import transport
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -36,8 +36,8 @@ def test_the_broker_loads_the_definitions_the_code_declares():
     assert mounts["./broker_config/definitions.json"] == load_path
     assert mounts["./broker_config/rabbitmq.conf"] == "/etc/rabbitmq/rabbitmq.conf"
     definitions = json.loads((ROOT / "broker_config" / "definitions.json").read_text())
-    assert {q["name"] for q in definitions["queues"]} == set(amqp.QUEUES)
-    assert {e["name"] for e in definitions["exchanges"]} == set(amqp.EXCHANGES)
+    assert {q["name"] for q in definitions["queues"]} == set(transport.QUEUES)
+    assert {e["name"] for e in definitions["exchanges"]} == set(transport.EXCHANGES)
 
 
 def test_every_fedq_service_reaches_that_broker_and_its_vhost():

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.strategies import FedAsync, FedBuff, Update
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
-from shared.kernels import BLOCK
-from shared.deltas import BEHIND_MIN, FlatTensors, RunningSum, SparseDelta, add_scaled, dense_copy, fold_sparse
+from coordinator.kernels import BLOCK
+from coordinator.running_sum import BEHIND_MIN, FlatTensors, RunningSum, add_encoded, fold_sparse
+from shared.deltas import SparseDelta, add_scaled, dense_copy
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id
 
 SHAPES = {"embedding": (50, 4), "empty": (0,), "head.weight": (3, 4), "head.bias": (3,)}
@@ -88,7 +89,7 @@ def test_a_sparse_delta_adds_into_flat_tensors_as_it_does_tensor_by_tensor():
     assert flat.shapes == delta.shapes, "the delta would be added tensor by tensor, not into the flat tensor"
     assert all(view.data_ptr() == flat.flat[start:].data_ptr() for view, start in zip(flat.values(), (0, 210_000, 210_005)))
     plain = {name: torch.zeros(t.shape) for name, t in values.items()}
-    add_scaled(flat, delta, 0.5)
+    flat.add(delta, 0.5)
     add_scaled(plain, delta, 0.5)
     assert all(torch.equal(flat[name], plain[name]) for name in values)
     assert torch.count_nonzero(flat.flat) == len(delta.values)
@@ -246,7 +247,7 @@ def test_an_encoded_delta_adds_bit_for_bit_as_its_decoded_form_scatters(codec, t
     for seed, alpha in enumerate((1.0, 0.37, -2.5)):
         delta = encoded_delta(codec, total, count, seed)
         assert delta.encoding.gaps.dtype.itemsize == {100_000: 1, 3_000: 2, 50: 4}[count]
-        delta.encoding.add_into(sums["encoded"], alpha)
+        add_encoded(sums["encoded"], delta.encoding, alpha)
         positions, values = delta.encoding.decode()
         sums["decoded"].scatter_add_(0, positions, values * alpha)
     assert torch.equal(sums["encoded"], sums["decoded"])
@@ -261,16 +262,16 @@ def test_a_delta_decodes_once_and_its_tensors_are_the_delta_from_then_on():
     assert delta.encoding is None and delta.span() == (int(delta.indices[0]), last)
     assert first == int(delta.indices[0]), "the encoding's span named the same first position"
     flat = FlatTensors(torch.zeros(100_000), (("flat", (100_000,)),))
-    add_scaled(flat, delta, 1.0)
+    flat.add(delta, 1.0)
     assert abs(float(torch.linalg.vector_norm(flat.flat)) - 1.0) < 1e-5, "the clipped values were added"
 
 
 def test_an_encoded_delta_is_not_added_into_a_tensor_it_does_not_fit():
     delta = encoded_delta("topk", 100_000, 5_000, 1)
     with pytest.raises(ValueError, match="cannot be added"):
-        delta.encoding.add_into(torch.zeros(delta.span()[1]), 1.0)
+        add_encoded(torch.zeros(delta.span()[1]), delta.encoding, 1.0)
     with pytest.raises(ValueError, match="cannot be added"):
-        delta.encoding.add_into(torch.zeros(100_000, dtype=torch.float64), 1.0)
+        add_encoded(torch.zeros(100_000, dtype=torch.float64), delta.encoding, 1.0)
 
 
 def test_an_encodings_finiteness_is_read_from_its_values_or_its_int8_scales():

@@ -7,9 +7,10 @@ import time
 import pytest
 
 from coordinator.checkpoint import read_checkpoint
-from shared.local_broker import LocalNode
-from shared.local_federation import run_federation, site_names, start_coordinator, start_worker
-from shared.settings import WorkerSettings, load_settings
+from fedq.local_broker import LocalNode
+from fedq.federation import run_federation, site_names, start_coordinator, start_worker
+from shared.settings import load_settings
+from worker.settings import WorkerSettings
 from shared.task import load_task
 from tests.chaos_proxy import ChaosProxy
 from tests.federation_helpers import (

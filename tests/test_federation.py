@@ -13,18 +13,20 @@ import torch
 
 from coordinator.checkpoint import read_checkpoint
 from coordinator.server import Coordinator, ModelDiverged
-from shared import amqp
+from shared import transport
 from shared.chunking import chunk_count, iter_chunks, payload_digest
 from shared.codecs import encode_tensors, get_codec
-from shared.local_federation import run_federation, site_names
+from fedq.federation import run_federation, site_names
 from shared.protocol import PROTOCOL_VERSION, Announcement, SnapshotHeader, encode_payload, new_id, now, payload_size
-from shared.settings import CoordinatorSettings, WorkerSettings, load_settings
+from coordinator.settings import CoordinatorSettings
+from shared.settings import load_settings
+from worker.settings import WorkerSettings
 from shared.task import load_task
 from tests.federation_helpers import (
     SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
 )
 from shared.validation import float_state
-from worker import site as site_module
+from shared.transport import stream as stream_module
 from worker.site import SiteWorker
 
 pytestmark = pytest.mark.broker
@@ -93,14 +95,14 @@ def test_site_joining_after_version_5_starts_from_the_newest(broker_url, tmp_pat
 def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, tmp_path):
     with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
         before = {k: v.clone() for k, v in coordinator.params.items()}
-        connection = amqp.connect(broker_url, 30, "test-garbage")
+        connection = transport.connect(broker_url, 30, "test-garbage")
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"\x00not a fedq message",
+        channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"\x00not a fedq message",
                               pika.BasicProperties(headers={"x-anything": 1}))
 
         def rejected():
-            method, properties, body = channel.basic_get(amqp.REJECTED, auto_ack=True)
+            method, properties, body = channel.basic_get(transport.REJECTED, auto_ack=True)
             return (properties, body) if method else None
 
         properties, body = wait_for(rejected, 15, "a dead-lettered message")
@@ -155,18 +157,18 @@ def test_half_precision_snapshots_keep_a_full_precision_master(broker_url, tmp_p
 def test_snapshot_larger_than_the_brokers_message_limit_arrives_verified(broker_url, tmp_path):
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", task="tests.big_task:WideDigits") as coordinator:
         announcement = coordinator.announcement
-        connection = amqp.connect(broker_url, 30, "test-big-snapshot")
+        connection = transport.connect(broker_url, 30, "test-big-snapshot")
         channel = connection.channel()
         channel.confirm_delivery()
         # The broker itself refuses the snapshot as one message: chunking is what carries it.
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
-            channel.basic_publish(amqp.REJECTED, "", bytes(announcement.size))
+            channel.basic_publish(transport.REJECTED, "", bytes(announcement.size))
         assert refused.value.reply_code == 406 and "larger than configured max size" in refused.value.reply_text
         assert announcement.chunks >= 5
 
         worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path / "site"),
                             load_task("tests.big_task:WideDigits"))
-        assert worker._fetch_snapshot(connection, announcement), "fetched, reassembled and digest-checked"
+        assert worker.fetch_snapshot(connection, announcement), "fetched, reassembled and digest-checked"
         assert worker.base_version == 0
         assert all(torch.equal(worker.base[name], tensor) for name, tensor in coordinator.params.items())
         connection.close()
@@ -176,7 +178,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         update_id, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01))
-        amqp.publish_payload(client.channel, amqp.UPDATES, amqp.UPDATE_KEY, [memoryview(payload)], update_id,
+        transport.publish_payload(client.channel, transport.UPDATES, transport.UPDATE_KEY, [memoryview(payload)], update_id,
                              user_id=client.user, chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
         refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
                             15, "the refusal")
@@ -187,7 +189,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
 
 
 def publish_chunk(client: SiteClient, info, body: bytes) -> None:
-    client.channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, body, pika.BasicProperties(
+    client.channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, body, pika.BasicProperties(
         delivery_mode=pika.DeliveryMode.Persistent, headers=info.to_headers(), user_id=client.user), mandatory=True)
 
 
@@ -241,17 +243,17 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
     with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
         worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path / "site"),
                             load_task("shared.digits_task:DigitsStraggler"))
-        connection = amqp.connect(broker_url, 30, "test-superseded")
-        connection.channel().basic_consume(amqp.declare_site_queue(connection.channel(), "site-1"), worker._on_announcement)
+        connection = transport.connect(broker_url, 30, "test-superseded")
+        transport.Announcements(connection, "site-1", worker.on_announcement)
         # A snapshot announced but never written, as when the coordinator lost the broker mid-write.
         lost = coordinator.announcement.model_copy(update={"payload_id": new_id()})
         worker.announcement = lost
         threading.Timer(1.0, lambda: client.send(coordinator, 0, constant_delta(coordinator, 0.01))).start()
         started = time.monotonic()
-        assert not worker._fetch_snapshot(connection, lost)
+        assert not worker.fetch_snapshot(connection, lost)
         assert time.monotonic() - started < 30, "it did not wait out the snapshot timeout"
         assert worker.announcement.version == 1
-        assert worker._fetch_snapshot(connection, worker.announcement) and worker.base_version == 1
+        assert worker.fetch_snapshot(connection, worker.announcement) and worker.base_version == 1
         connection.close()
     client.close()
 
@@ -275,7 +277,7 @@ def publish_snapshot_chunks(broker_url: str, buffers: list, announcement: Announ
     chunks = iter_chunks(buffers, announcement.payload_id, 8192, announcement.digest)
     for info, body in itertools.islice(chunks, count):
         time.sleep(pause)
-        client.channel.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, body,
+        client.channel.basic_publish(transport.SNAPSHOTS, transport.SNAPSHOT_KEY, body,
                                      pika.BasicProperties(headers=info.to_headers()), mandatory=True)
     client.close()
 
@@ -285,9 +287,9 @@ def fetch_as_worker(broker_url: str, tmp_path, site: str, announcement: Announce
     worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site=site, state_dir=tmp_path),
                         load_task("shared.digits_task:DigitsStraggler"))
     worker.announcement = announcement
-    connection = amqp.connect(broker_url, 30, f"test-read-{site}")
+    connection = transport.connect(broker_url, 30, f"test-read-{site}")
     try:
-        return worker, worker._fetch_snapshot(connection, announcement)
+        return worker, worker.fetch_snapshot(connection, announcement)
     finally:
         connection.close()
 
@@ -295,7 +297,7 @@ def fetch_as_worker(broker_url: str, tmp_path, site: str, announcement: Announce
 def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
     """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
     attaches again after a silence. Here every pause between chunks is such a silence."""
-    monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.1)
+    monkeypatch.setattr(stream_module, "STALL_SECONDS", 0.1)
     params, buffers, announcement = digits_snapshot(3)
     assert announcement.chunks >= 4
     publisher = threading.Thread(target=publish_snapshot_chunks, args=(broker_url, buffers, announcement),
@@ -311,8 +313,8 @@ def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_hea
 
 def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_got(broker_url, tmp_path, monkeypatch,
                                                                                    caplog):
-    monkeypatch.setattr(site_module, "STREAM_STALL_SECONDS", 0.2)
-    monkeypatch.setattr(site_module, "SNAPSHOT_TIMEOUT", 2.0)
+    monkeypatch.setattr(stream_module, "STALL_SECONDS", 0.2)
+    monkeypatch.setattr(stream_module, "READ_TIMEOUT", 2.0)
     _, buffers, announcement = digits_snapshot(5)
     sent = announcement.chunks // 2  # the coordinator was lost halfway through its publish
     publish_snapshot_chunks(broker_url, buffers, announcement, count=sent)
@@ -358,8 +360,8 @@ def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_o
             assert coordinator.announcement.version == 1, "the diverged version was announced"
     assert read_checkpoint(tmp_path / "checkpoint.fedq", model=False).version == 1
     # The update that overflowed was never acknowledged: it waits on the queue for a restart.
-    depths = wait_for(lambda: (d := amqp.queue_depths(client.channel))[amqp.UPDATES] and d, 15, "the update requeued")
-    assert depths == {amqp.UPDATES: 1, amqp.REJECTED: 0}
+    depths = wait_for(lambda: (d := transport.queue_depths(client.channel))[transport.UPDATES] and d, 15, "the update requeued")
+    assert depths == {transport.UPDATES: 1, transport.REJECTED: 0}
     client.close()
 
 

@@ -8,8 +8,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from shared import amqp
-from shared.local_broker import DEFAULT_CONFIG_DIR, Broker, LocalNode, vhost_definitions
+from shared import transport
+from fedq.local_broker import DEFAULT_CONFIG_DIR, Broker, LocalNode, vhost_definitions
 
 pytestmark = pytest.mark.broker
 
@@ -54,7 +54,7 @@ def test_broker_loaded_project_definitions(broker: Broker) -> None:
     if broker.management_url is not None:
         vhost = urllib.parse.quote(broker.vhost, safe="")
         types = {q["name"]: q["type"] for q in broker.management_api("GET", f"/api/queues/{vhost}")}
-        assert types == {name: arguments["x-queue-type"] for name, arguments in amqp.QUEUES.items()}
+        assert types == {name: arguments["x-queue-type"] for name, arguments in transport.QUEUES.items()}
 
 
 def test_fresh_vhost_has_topology_and_routes_updates(broker_url: str) -> None:

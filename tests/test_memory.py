@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.memory import keep_freed_memory, last_level_cache_bytes, zeros_on_huge_pages
+from coordinator.memory import keep_freed_memory, last_level_cache_bytes, zeros_on_huge_pages
 
 
 def _thp_mode() -> str:

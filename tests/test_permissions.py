@@ -8,9 +8,10 @@ import urllib.parse
 import pika
 import pytest
 
-from shared import amqp
-from shared.provision import provision_sites
-from shared.settings import WorkerSettings, load_settings
+from shared import transport
+from fedq.provision import provision_sites
+from shared.settings import load_settings
+from worker.settings import WorkerSettings
 from shared.task import load_task
 from tests.federation_helpers import events, running_coordinator, wait_for
 from worker.site import SiteWorker
@@ -30,54 +31,54 @@ def sites(broker, broker_url):
 
 def refused(url, attempt, code=403):
     """Run ``attempt(channel)`` as the URL's user; assert the broker refuses it with ``code``."""
-    connection = amqp.connect(url, 30, "test-permissions")
+    connection = transport.connect(url, 30, "test-permissions")
     channel = connection.channel()
     channel.confirm_delivery()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as caught:
         attempt(channel)
-        connection.process_data_events(time_limit=0.5)
+        connection.serve(0.5)
     assert caught.value.reply_code == code, caught.value
     connection.close()
     return str(caught.value)
 
 
 def test_a_site_user_can_do_what_a_site_does(sites):
-    connection = amqp.connect(sites["site-1"].broker_url, 30, "test-site-1")
+    connection = transport.connect(sites["site-1"].broker_url, 30, "test-site-1")
     channel = connection.channel()
     channel.confirm_delivery()
-    queue = amqp.declare_site_queue(channel, "site-1")
-    channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
+    queue = transport.declare_site_queue(channel, "site-1")
+    channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
     stream = connection.channel()
     stream.basic_qos(prefetch_count=1)
-    tag = stream.basic_consume(amqp.SNAPSHOTS, lambda *a: None, arguments={"x-stream-offset": "first"})
-    amqp.cancel_stream_consumer(stream, tag)
+    tag = stream.basic_consume(transport.SNAPSHOTS, lambda *a: None, arguments={"x-stream-offset": "first"})
+    transport.cancel_stream_consumer(stream, tag)
     channel.basic_consume(queue, lambda *a: None)
     connection.close()
 
 
 @pytest.mark.parametrize("what, attempt", [
-    ("consume the updates queue", lambda ch: ch.basic_consume(amqp.UPDATES, lambda *a: None)),
-    ("consume the dead-letter queue", lambda ch: ch.basic_consume(amqp.REJECTED, lambda *a: None)),
-    ("consume another site's queue", lambda ch: ch.basic_consume(amqp.site_queue("site-2"), lambda *a: None)),
-    ("publish a snapshot", lambda ch: ch.basic_publish(amqp.SNAPSHOTS, amqp.SNAPSHOT_KEY, b"x",
+    ("consume the updates queue", lambda ch: ch.basic_consume(transport.UPDATES, lambda *a: None)),
+    ("consume the dead-letter queue", lambda ch: ch.basic_consume(transport.REJECTED, lambda *a: None)),
+    ("consume another site's queue", lambda ch: ch.basic_consume(transport.site_queue("site-2"), lambda *a: None)),
+    ("publish a snapshot", lambda ch: ch.basic_publish(transport.SNAPSHOTS, transport.SNAPSHOT_KEY, b"x",
                                                       pika.BasicProperties(user_id="site-1"))),
-    ("announce a version", lambda ch: ch.basic_publish(amqp.ANNOUNCEMENTS, "", b"x", pika.BasicProperties(user_id="site-1"))),
+    ("announce a version", lambda ch: ch.basic_publish(transport.ANNOUNCEMENTS, "", b"x", pika.BasicProperties(user_id="site-1"))),
     ("declare a queue of another name", lambda ch: ch.queue_declare("fedq.site.site-1.other")),
-    ("declare another site's queue", lambda ch: ch.queue_declare(amqp.site_queue("site-2"), durable=True,
-                                                                 arguments=amqp.SITE_QUEUE_ARGUMENTS)),
-    ("purge the updates queue", lambda ch: ch.queue_purge(amqp.UPDATES)),
-    ("read the coordinator's status", lambda ch: ch.basic_get(amqp.STATUS)),
+    ("declare another site's queue", lambda ch: ch.queue_declare(transport.site_queue("site-2"), durable=True,
+                                                                 arguments=transport.SITE_QUEUE_ARGUMENTS)),
+    ("purge the updates queue", lambda ch: ch.queue_purge(transport.UPDATES)),
+    ("read the coordinator's status", lambda ch: ch.basic_get(transport.STATUS)),
 ])
 def test_a_site_user_is_refused(sites, what, attempt):
-    site2 = amqp.connect(sites["site-2"].broker_url, 30, "test-site-2")
-    amqp.declare_site_queue(site2.channel(), "site-2")
+    site2 = transport.connect(sites["site-2"].broker_url, 30, "test-site-2")
+    transport.declare_site_queue(site2.channel(), "site-2")
     site2.close()
     assert "ACCESS_REFUSED" in refused(sites["site-1"].broker_url, attempt)
 
 
 def test_a_site_user_cannot_claim_another_users_identity(sites):
     message = refused(sites["site-1"].broker_url, lambda ch: ch.basic_publish(
-        amqp.UPDATES, amqp.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
+        transport.UPDATES, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
     assert "user_id property set to 'site-2' but authenticated user was 'site-1'" in message
 
 
@@ -98,7 +99,7 @@ def test_provisioned_coordinator_and_site_train_together_trusting_only_site_user
 def test_provision_command_prints_each_sites_settings(broker, broker_url):
     vhost = urllib.parse.unquote(broker_url.rsplit("/", 1)[1])
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "provision", "lab-a", "--coordinator", "central", "--management-url",
+        [sys.executable, "-m", "fedq", "provision", "lab-a", "--coordinator", "central", "--management-url",
          broker.management_url,
          "--admin-user", broker.username, "--vhost", vhost, "--broker-host", "broker.example.org"],
         capture_output=True, text=True, timeout=60, env={"FEDQ_ADMIN_PASSWORD": broker.password, "PATH": "/usr/bin"},

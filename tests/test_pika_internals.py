@@ -12,31 +12,31 @@ import pika.spec
 import pytest
 from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
-from shared import amqp
+from shared import transport
 
 
 def test_pika_reads_whole_frames_at_a_time():
-    # shared.amqp raises pika's 4 KiB socket read; if a pika upgrade renamed the knob, this says so.
-    assert _AsyncTransportBase._MAX_RECV_BYTES == amqp.RECV_BYTES >= 128 * 1024
+    # shared.transport raises pika's 4 KiB socket read; if a pika upgrade renamed the knob, this says so.
+    assert _AsyncTransportBase._MAX_RECV_BYTES == transport.RECV_BYTES >= 128 * 1024
     assert "self._MAX_RECV_BYTES" in inspect.getsource(_AsyncTransportBase._consume)
 
 
 def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker_url):
     # The site reads snapshots this way.
     body = bytes(range(256)) * 2048  # 512 KiB: four frames of pika's 128 KiB
-    connection = amqp.connect(broker_url, 30, "fragments-test")
+    connection = transport.connect(broker_url, 30, "fragments-test")
     try:
         channel = connection.channel()
         queue = channel.queue_declare("", exclusive=True).method.queue
         channel.basic_publish("", queue, body)
         channel.basic_publish("", queue, b"")
-        assembler = amqp.deliver_fragments(channel)
+        assembler = transport.deliver_fragments(channel)
         attached = assembler.last_frame
         received = []
         channel.basic_consume(queue, lambda ch, method, properties, got: received.append(got), auto_ack=True)
         deadline = time.monotonic() + 10
         while len(received) < 2 and time.monotonic() < deadline:
-            connection.process_data_events(time_limit=0.2)
+            connection.serve(0.2)
     finally:
         connection.close()
     whole, empty = received
@@ -46,18 +46,18 @@ def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker
 
 
 def test_a_refused_login_is_told_from_a_login_cut_short(broker_url):
-    # pika calls both a "probable" refusal; amqp.refused_by_broker reads which one it was from the
+    # pika calls both a "probable" refusal; transport.refused_by_broker reads which one it was from the
     # cause pika wraps, so a site whose link drops while it logs in retries instead of exiting.
     parts = urllib.parse.urlsplit(broker_url)
     wrong_password = parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}").geturl()
     with pytest.raises(pika.exceptions.ProbableAuthenticationError) as refused:
-        amqp.connect(wrong_password, 30, "refused-test")
-    assert amqp.refused_by_broker(refused.value)
+        transport.connect(wrong_password, 30, "refused-test")
+    assert transport.refused_by_broker(refused.value)
 
     with socket.create_server(("127.0.0.1", 0)) as listener, pytest.raises(pika.exceptions.AMQPConnectionError) as cut:
         threading.Thread(target=_greet_then_hang_up, args=(listener,), daemon=True).start()
-        amqp.connect(f"amqp://user:password@127.0.0.1:{listener.getsockname()[1]}/%2F", 30, "cut-test")
-    assert isinstance(cut.value, amqp.REFUSALS) and not amqp.refused_by_broker(cut.value)
+        transport.connect(f"amqp://user:password@127.0.0.1:{listener.getsockname()[1]}/%2F", 30, "cut-test")
+    assert isinstance(cut.value, transport.REFUSALS) and not transport.refused_by_broker(cut.value)
 
 
 def _greet_then_hang_up(listener: socket.socket) -> None:

@@ -104,7 +104,7 @@ def test_chunks_arriving_as_fragments_reassemble_like_whole_ones():
     data = np.random.default_rng(7).integers(0, 256, 1000, dtype=np.uint8).tobytes()
     chunks = list(iter_chunks([memoryview(data)], "p1", 300))
     reassembly = Reassembly(chunks[0][0])
-    for info, body in reversed(chunks):  # as shared.amqp.deliver_fragments hands them over: frames of a body
+    for info, body in reversed(chunks):  # as shared.transport.deliver_fragments hands them over: frames of a body
         reassembly.add(info, [body[i : i + 128] for i in range(0, len(body), 128)])
     assert bytes(reassembly.payload()) == data
     short = Reassembly(chunks[0][0])

@@ -5,11 +5,11 @@ import random
 import pika.exceptions
 import pytest
 
-from shared import amqp
+from shared import transport
 
 
 def test_backoff_grows_exponentially_with_jitter_and_stays_bounded():
-    backoff = amqp.Backoff(initial=0.5, maximum=8.0, rng=random.Random(0))
+    backoff = transport.Backoff(initial=0.5, maximum=8.0, rng=random.Random(0))
     delays = [backoff.next_delay() for _ in range(10)]
     ceilings = [min(8.0, 0.5 * 2**i) for i in range(10)]
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
@@ -32,7 +32,7 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
             raise failures.pop(0)
         return True
 
-    amqp.serve_with_reconnect(session, "test", lambda: False)
+    transport.serve_with_reconnect(session, "test", lambda: False)
     assert len(attempts) == 4
 
     # pika wraps the repr of what ended a login: the broker's own Connection.Close is a refusal.
@@ -44,10 +44,10 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
             raise refusal
 
         with pytest.raises(type(refusal)):
-            amqp.serve_with_reconnect(refused, "test", lambda: False)
+            transport.serve_with_reconnect(refused, "test", lambda: False)
 
     def forbidden(backoff):
         raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
 
     with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-        amqp.serve_with_reconnect(forbidden, "test", lambda: False)
+        transport.serve_with_reconnect(forbidden, "test", lambda: False)

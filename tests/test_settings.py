@@ -2,7 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import CoordinatorSettings, SettingsError, WorkerSettings, load_settings, settings_table
+from coordinator.settings import CoordinatorSettings
+from fedq.settings_page import settings_table
+from shared.settings import SettingsError, load_settings
+from worker.settings import WorkerSettings
 
 
 def test_flags_beat_environment_beat_defaults(monkeypatch):
@@ -41,7 +44,7 @@ def test_environment_beats_dotenv_and_empty_turns_an_optional_setting_off(tmp_pa
 
 def test_the_settings_page_lists_every_setting_as_the_code_defines_it():
     page = (Path(__file__).parents[1] / "docs" / "settings.md").read_text()
-    assert page == settings_table(), "docs/settings.md is out of date: python -m shared.settings > docs/settings.md"
+    assert page == settings_table(), "docs/settings.md is out of date: python -m fedq.settings_page > docs/settings.md"
     for cls in (CoordinatorSettings, WorkerSettings):
         assert all(f"`FEDQ_{name.upper()}`" in page for name in cls.model_fields)
 

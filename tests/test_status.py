@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.metrics import StatusCollector
 from coordinator.runlog import RunLog
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, format_status, histogram_of
-from shared import amqp
+from shared import transport
 from shared.protocol import Status, decode_header, encode_payload
 from tests.federation_helpers import SiteClient, constant_delta, running_coordinator, wait_for
 
@@ -31,7 +31,7 @@ def a_status(tmp_path) -> Status:
     for seconds in (0.003, 0.02, 0.02, 7.0):
         ingest.observe(seconds)
     return build_status(runlog, run_id="0123456789abcdef", strategy="fedbuff", version=3,
-                        metrics={"accuracy": 0.5, "loss": 1.5}, queue_depths={amqp.UPDATES: 4, amqp.REJECTED: 2},
+                        metrics={"accuracy": 0.5, "loss": 1.5}, queue_depths={transport.UPDATES: 4, transport.REJECTED: 2},
                         ingest=ingest, every=2.0, site_of_user=lambda user: {"user-3": "site-3"}.get(user, user))
 
 
@@ -83,7 +83,7 @@ def test_metrics_are_built_from_the_status(tmp_path):
     assert samples["fedq_update_staleness_bucket", (("le", "1.0"),)] == 2
     assert samples["fedq_ingest_latency_seconds_count", ()] == 4
     assert samples["fedq_ingest_latency_seconds_bucket", (("le", "0.025"),)] == 3
-    assert samples["fedq_queue_messages", (("queue", amqp.UPDATES),)] == 4
+    assert samples["fedq_queue_messages", (("queue", transport.UPDATES),)] == 4
 
 
 @pytest.mark.broker
@@ -93,7 +93,7 @@ def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
         for version in range(3):
             client.send(coordinator, version, constant_delta(coordinator, 0.0))
             wait_for(lambda: coordinator.version == version + 1, 10, f"version {version + 1}")
-        client.channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"junk", pika.BasicProperties(user_id=client.user))
+        client.channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"junk", pika.BasicProperties(user_id=client.user))
         wait_for(lambda: coordinator.status and coordinator.status.refused == 1 and coordinator.status.applied == 3,
                  10, "a status with 3 updates applied and 1 refused")
 
@@ -107,9 +107,9 @@ def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
         assert samples["fedq_snapshot_bytes_published_total", ()] > 0
         assert samples["fedq_evaluation", (("metric", "accuracy"),)] == coordinator.last_metrics["accuracy"]
         assert samples["fedq_ingest_latency_seconds_count", ()] == 3, "the updates; junk never became an upload"
-        assert ("fedq_queue_messages", (("queue", amqp.UPDATES),)) in samples
+        assert ("fedq_queue_messages", (("queue", transport.UPDATES),)) in samples
 
-        command = [sys.executable, "-m", "shared.cli", "status", "--broker-url", broker_url]
+        command = [sys.executable, "-m", "fedq", "status", "--broker-url", broker_url]
         table = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert table.returncode == 0, table.stderr
         assert f"run {coordinator.run_id}" in table.stdout and "version 3" in table.stdout
@@ -122,7 +122,7 @@ def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
 
 @pytest.mark.broker
 def test_fedq_status_without_a_coordinator_says_so(broker_url):
-    result = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--broker-url", broker_url],
+    result = subprocess.run([sys.executable, "-m", "fedq", "status", "--broker-url", broker_url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "no coordinator has published its status in this vhost yet" in result.stderr

@@ -7,7 +7,7 @@ import pika
 import pytest
 import torch
 
-from shared import amqp
+from shared import transport
 from shared.protocol import PROTOCOL_VERSION, ProtocolError, new_id
 from shared.codecs import SCAN_BLOCK
 from shared.validation import all_finite, check_matches_model, non_finite_tensor
@@ -41,11 +41,11 @@ def test_a_user_may_send_only_for_its_own_site(broker_url, tmp_path):
 
 def test_a_site_cannot_claim_another_users_identity(broker_url):
     """RabbitMQ itself refuses a user_id that is not the connection's user."""
-    connection = amqp.connect(broker_url, 30, "test-spoof")
+    connection = transport.connect(broker_url, 30, "test-spoof")
     channel = connection.channel()
     channel.confirm_delivery()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="PRECONDITION_FAILED"):
-        channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-7"))
+        channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-7"))
     connection.close()
 
 
@@ -133,7 +133,7 @@ def test_fuzz_1000_malformed_messages_are_dead_lettered_and_change_nothing(broke
         sent = 0
         for _kind, route, body, headers in malformed_messages(client, coordinator, valid_payload, valid_id, rng):
             if route == "raw":
-                client.channel.basic_publish(amqp.UPDATES, amqp.UPDATE_KEY, body, pika.BasicProperties(
+                client.channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, body, pika.BasicProperties(
                     headers=headers or None, user_id=client.user))
             else:
                 client.publish(body, valid_id if route == "replay" else None)
@@ -144,15 +144,15 @@ def test_fuzz_1000_malformed_messages_are_dead_lettered_and_change_nothing(broke
         assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items()), "the model is bit-for-bit unchanged"
         reasons = rejected_reasons(tmp_path)
         assert len(reasons) == 1000 and all(reasons)
-        counted = client.channel.queue_declare(amqp.REJECTED, passive=True).method.message_count
+        counted = client.channel.queue_declare(transport.REJECTED, passive=True).method.message_count
         assert counted == 1000, "every refused message is in the dead-letter queue"
-        method, properties, _ = client.channel.basic_get(amqp.REJECTED, auto_ack=True)
+        method, properties, _ = client.channel.basic_get(transport.REJECTED, auto_ack=True)
         assert properties.headers["fedq-reason"]
     client.close()
 
 
 def test_a_site_sending_100x_updates_is_outvoted_by_a_trimmed_mean(broker_url, tmp_path):
-    from shared.local_federation import run_federation, site_names
+    from fedq.federation import run_federation, site_names
 
     summary = run_federation(
         broker_url, tmp_path, site_names(10),

@@ -13,8 +13,7 @@ import secrets
 import urllib.parse
 from dataclasses import dataclass
 
-from shared import amqp
-from shared.management import management_call
+from shared import transport
 from shared.protocol import SITE_NAME_PATTERN
 
 COORDINATOR_PERMISSIONS = {"configure": r"^fedq\..*", "write": r"^fedq\..*", "read": r"^fedq\..*"}
@@ -22,13 +21,13 @@ COORDINATOR_PERMISSIONS = {"configure": r"^fedq\..*", "write": r"^fedq\..*", "re
 
 def site_permissions(site: str) -> dict[str, str]:
     """The configure, write and read patterns of a site's user."""
-    own = re.escape(amqp.site_queue(site))
+    own = re.escape(transport.site_queue(site))
     return {
         "configure": f"^{own}$",
         # Binding its queue needs write on the queue; publishing updates, write on the exchange.
-        "write": f"^({own}|{re.escape(amqp.UPDATES)})$",
+        "write": f"^({own}|{re.escape(transport.UPDATES)})$",
         # Binding needs read on the announcements exchange; the snapshot stream is read as a queue.
-        "read": f"^({own}|{re.escape(amqp.ANNOUNCEMENTS)}|{re.escape(amqp.SNAPSHOTS)})$",
+        "read": f"^({own}|{re.escape(transport.ANNOUNCEMENTS)}|{re.escape(transport.SNAPSHOTS)})$",
     }
 
 
@@ -56,9 +55,9 @@ def provision_sites(
     created = []
     for site, user, permissions in wanted:
         password = secrets.token_urlsafe(24)
-        management_call(management_url, admin_user, admin_password, "PUT", f"/api/users/{q(user)}",
+        transport.management_call(management_url, admin_user, admin_password, "PUT", f"/api/users/{q(user)}",
                         {"password": password, "tags": ""})
-        management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(user)}",
+        transport.management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(user)}",
                         permissions)
         scheme = "amqps" if tls else "amqp"
         url = f"{scheme}://{q(user)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"

@@ -14,9 +14,31 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-from shared.codecs import CODEC_NAMES
-from shared.settings import ENV_PREFIX, CommonSettings, CoordinatorSettings, SettingsError, WorkerSettings, load_settings
+from coordinator.aggregators import AGGREGATORS
+from coordinator.server_optimizers import SERVER_OPTIMIZERS
+from coordinator.settings import CoordinatorSettings
+from coordinator.staleness import STALENESS
+from coordinator.strategies import STRATEGIES
+from shared.codecs import CODECS
+from shared.registry import Registry
+from shared.settings import ENV_PREFIX, CommonSettings, SettingsError, load_settings
+from worker.settings import WorkerSettings
 
+def _choices(title: str, registry: Registry) -> str:
+    """A section of --help listing a registry's plug-ins, one per line with its summary."""
+    width = max(map(len, registry.names))
+    return f"{title}:\n" + "\n".join(f"  {name:<{width}}  {registry.summary(name)}" for name in registry.names)
+
+
+CHOICES = {
+    "coordinator": "\n\n".join((
+        _choices("strategies (--strategy)", STRATEGIES),
+        _choices("buffer aggregations (--aggregation)", AGGREGATORS),
+        _choices("staleness functions (--staleness)", STALENESS),
+        _choices("server optimizers (--server-optimizer)", SERVER_OPTIMIZERS),
+    )),
+    "worker": _choices("codecs (--codec)", CODECS),
+}
 EXAMPLES = {
     "coordinator": """examples:
   fedq coordinator --broker-url amqps://coordinator:SECRET@broker.example.org:5671/fedq --strategy fedbuff
@@ -98,8 +120,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from shared.local_broker import find_broker
-    from shared.local_federation import run_federation, site_names
+    from fedq.local_broker import find_broker
+    from fedq.federation import run_federation, site_names
 
     _configure_logging("INFO")
     run_dir = Path(args.run_dir)
@@ -139,32 +161,30 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import pika.exceptions
-
     from coordinator.status import format_status
-    from shared import amqp
+    from shared import transport
 
     settings = _settings_from(args, CommonSettings)
     try:
-        connection = amqp.connect(settings.broker_url, settings.heartbeat, "fedq-status", **settings.tls_files())
-    except pika.exceptions.AMQPConnectionError as exc:
-        if amqp.refused_by_broker(exc):
+        link = transport.connect(settings.broker_url, settings.heartbeat, "fedq-status", **settings.tls_files())
+    except transport.ConnectionFailed as exc:
+        if transport.refused_by_broker(exc):
             raise
-        print(f"fedq status: cannot reach the broker at {amqp.broker_address(settings.broker_url)} ({exc!r}); "
+        print(f"fedq status: cannot reach the broker at {transport.broker_address(settings.broker_url)} ({exc!r}); "
               "check FEDQ_BROKER_URL and that this machine can reach it", file=sys.stderr)
         return 2
     try:
-        channel = connection.channel()
+        reader = transport.StatusReader(link)
         while True:
             try:
-                status = amqp.read_status(channel)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                print(f"fedq status: the broker refused to read {amqp.STATUS} ({exc.reply_text}); "
+                status = reader.read()
+            except transport.ChannelClosed as exc:
+                print(f"fedq status: the broker refused to read {transport.STATUS} ({exc.reply_text}); "
                       + ("use the coordinator's or an administrator's user: sites may not read it"
                          if exc.reply_code == 403 else "no coordinator has run in this vhost yet"), file=sys.stderr)
                 return 2
             if status is None:
-                print(f"fedq status: no coordinator has published its status in this vhost yet ({amqp.STATUS} is "
+                print(f"fedq status: no coordinator has published its status in this vhost yet ({transport.STATUS} is "
                       "empty); is the coordinator running?", file=sys.stderr)
                 return 1
             if args.json:
@@ -175,14 +195,13 @@ def run_status(args: argparse.Namespace) -> int:
                 print(format_status(status), flush=True)
             if not args.watch:
                 return 0
-            connection.sleep(args.watch)
+            link.sleep(args.watch)
     finally:
-        if connection.is_open:
-            connection.close()
+        link.close()
 
 
 def run_provision(args: argparse.Namespace) -> int:
-    from shared.provision import provision_sites
+    from fedq.provision import provision_sites
 
     password = args.admin_password or os.environ.get("FEDQ_ADMIN_PASSWORD")
     if not password:
@@ -220,26 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
 
-    coordinator = commands.add_parser(
-        "coordinator", help="run the coordinator", epilog=EXAMPLES["coordinator"], formatter_class=formatter,
-        description="Own the global model: publish snapshots, merge site updates as they arrive, evaluate.",
-    )
-    _add_settings_flags(coordinator, CoordinatorSettings)
-    coordinator.set_defaults(handler=run_coordinator)
-
-    worker = commands.add_parser(
-        "worker", help="run one site's worker", epilog=EXAMPLES["worker"], formatter_class=formatter,
-        description="Train on this site's data: take the newest snapshot, train, send the update. Connects outbound only.",
-    )
-    _add_settings_flags(worker, WorkerSettings)
-    worker.set_defaults(handler=run_worker)
+    for name, settings, handler, summary, description in (
+        ("coordinator", CoordinatorSettings, run_coordinator, "run the coordinator",
+         "Own the global model: publish snapshots, merge site updates as they arrive, evaluate."),
+        ("worker", WorkerSettings, run_worker, "run one site's worker",
+         "Train on this site's data: take the newest snapshot, train, send the update. Connects outbound only."),
+    ):
+        process = commands.add_parser(name, help=summary, description=description, formatter_class=formatter,
+                                      epilog=f"{CHOICES[name]}\n\n{EXAMPLES[name]}")
+        _add_settings_flags(process, settings)
+        process.set_defaults(handler=handler)
 
     demo = commands.add_parser(
         "demo", help="run a whole demo federation on a local broker", epilog=EXAMPLES["demo"], formatter_class=formatter,
         description="Find or start a RabbitMQ broker, then run a coordinator and ten sites on digits-straggler.",
     )
-    demo.add_argument("--strategy", choices=["fedasync", "fedbuff", "fedavg"], default="fedbuff")
-    demo.add_argument("--codec", choices=list(CODEC_NAMES), default="fp32", help="codec for site updates (default fp32)")
+    demo.add_argument("--strategy", choices=STRATEGIES.names, default="fedbuff",
+                      help="how updates are merged (default fedbuff; see fedq coordinator --help)")
+    demo.add_argument("--codec", choices=CODECS.names, default="fp32",
+                      help="codec for site updates (default fp32; see fedq worker --help)")
     demo.add_argument("--target", type=float, default=0.95, help="stop at this test accuracy (default 0.95)")
     demo.add_argument("--max-seconds", type=float, default=300.0, help="give up after this long (default 300)")
     demo.add_argument("--run-dir", default="runs/demo", help="where the run log goes (default runs/demo)")
@@ -290,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.amqp import REFUSALS, TLSSetupError, refused_by_broker
+    from shared.transport import REFUSALS, TLSSetupError, refused_by_broker
 
     args = build_parser().parse_args(argv)
     try:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.server import Coordinator
-from shared.settings import CoordinatorSettings, load_settings
+from coordinator.settings import CoordinatorSettings
+from shared.settings import load_settings
 from shared.task import load_task
 
 log = logging.getLogger("fedq.federation")
@@ -29,7 +30,7 @@ def _start(command: str, log_path: Path, settings: dict[str, Any]) -> subprocess
     env = {**os.environ, **{f"FEDQ_{k.upper()}": str(v) for k, v in settings.items() if v is not None}}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", command], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "fedq", command], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_worker(broker_url: str, site: str, log_path: Path, **settings: Any) -> subprocess.Popen:

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pika
-import pika.exceptions
-
-from shared.management import ManagementError, management_call
+from shared import transport
+from shared.transport import ManagementError, management_call
 
 # The development credentials from broker_config/definitions.json (stored there only as a hash).
 DEV_USER = "fedq"
@@ -452,33 +450,11 @@ class Broker:
 
 
 def _declare(url: str, defs: dict[str, list[dict[str, Any]]]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    link = transport.connect(url, 30, "fedq-broker-setup")
     try:
-        channel = connection.channel()
-        for e in defs["exchanges"]:
-            channel.exchange_declare(
-                e["name"], e["type"], durable=e["durable"], auto_delete=e["auto_delete"],
-                internal=e["internal"], arguments=e["arguments"],
-            )
-        for q in defs["queues"]:
-            channel.queue_declare(
-                q["name"], durable=q["durable"], auto_delete=q["auto_delete"], arguments=q["arguments"]
-            )
-        for b in defs["bindings"]:
-            bind = channel.queue_bind if b["destination_type"] == "queue" else channel.exchange_bind
-            bind(b["destination"], b["source"], routing_key=b["routing_key"], arguments=b["arguments"])
+        transport.declare_definitions(link.channel(), defs)
     finally:
-        connection.close()
-
-
-def _connect_error(url: str) -> Exception | None:
-    params = pika.URLParameters(url)
-    params.connection_attempts, params.socket_timeout, params.blocked_connection_timeout = 1, 3, 3
-    try:
-        pika.BlockingConnection(params).close()
-    except pika.exceptions.AMQPError as exc:
-        return exc
-    return None
+        link.close()
 
 
 def _split_credentials(url: str) -> tuple[urllib.parse.SplitResult, str, str]:
@@ -496,7 +472,7 @@ def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
     parts, user, password = _split_credentials(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise RuntimeError(f"FEDQ_BROKER_URL={_masked(url)} is not an amqp://user:pass@host:port/vhost URL")
-    if (error := _connect_error(url)) is not None:
+    if (error := transport.probe(url)) is not None:
         raise RuntimeError(
             f"FEDQ_BROKER_URL={_masked(url)} does not accept a connection ({error!r}); "
             "fix it, or unset it to let fedq find or start a broker"
@@ -625,7 +601,7 @@ def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] 
             f"({node.node}, AMQP 127.0.0.1:{node.amqp_port}, management {node.management_port}, folder {node.folder})"
         )
         return _local_node_broker(config_dir, node)
-    if _connect_error(f"amqp://guest:guest@{SYSTEM_HOST}:{SYSTEM_PORT}/%2F") is None:
+    if transport.probe(f"amqp://guest:guest@{SYSTEM_HOST}:{SYSTEM_PORT}/%2F") is None:
         log(f"fedq broker: {no_docker} and no RabbitMQ in {RABBITMQ_BIN}: using the system broker on "
             f"{SYSTEM_HOST}:{SYSTEM_PORT} in a fresh vhost")
         return _system_broker(config_dir)

@@ -1,0 +1,236 @@
+"""The way of one payload through the coordinator, without a broker: small stages, one verdict.
+
+A payload arrives reassembled and digest-checked, with the user the broker verified as its sender.
+It goes through these stages in order; each either lets it go on or gives the verdict:
+
+1. ``decode``: the header and its tensor parts; only hellos and updates belong here;
+2. ``identify``: the broker-verified user may speak for the site the payload names;
+3. ``greet``: a hello ends here: the site is up;
+4. ``receive``: the update's bytes count against its site;
+5. ``current_run``: an update trained in another run is dropped;
+6. ``replay``: an update the ledger counted already is refused;
+7. ``staleness``: how many versions old its base is (a base from the future is refused);
+8. ``validate``: its tensors against the model: names, shapes, finite values;
+9. ``bound``: the update norm bound (clip, or refuse);
+10. ``privacy``: clipped to the privacy norm, under differential privacy;
+11. ``admit``: the strategy's say (too stale, a site already in the buffer);
+12. ``submit``: folded into the model or the buffer; a new version if the strategy made one;
+13. ``record``: the ledger and the run log.
+
+A ProtocolError's message is the refusal's reason; any other exception in a stage is a refusal
+naming the stage and the error. No payload stops the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from coordinator.ledger import Entry
+from coordinator.robust import clip_to_norm, update_norm
+from coordinator.runlog import RunLog
+from coordinator.state import FederationState
+from coordinator.strategies import Outcome, Strategy, Update
+from shared.codecs import decode_tensors
+from shared.deltas import Delta
+from shared.protocol import Hello, ProtocolError, UpdateHeader, decode_payload
+from shared.validation import check_matches_model
+
+log = logging.getLogger("fedq.coordinator")
+
+APPLIED, DROPPED, REFUSED, GREETED = "applied", "dropped", "refused", "greeted"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of a payload: ``applied`` (``new_version`` if the model moved on), ``dropped``
+    (counted, without effect: stale, or from another run), ``refused`` (to be dead-lettered with
+    ``reason``) or ``greeted`` (a site's hello)."""
+
+    outcome: str
+    reason: str | None = None
+    site: str | None = None
+    update_id: str | None = None
+    new_version: bool = False
+
+
+@dataclass
+class Arrival:
+    """One payload on its way through the stages, and what each stage learned of it."""
+
+    payload: memoryview
+    user: str | None
+    #: When its first chunk came (time.monotonic()), for its ingest latency.
+    first_chunk: float
+    header: Any = None
+    parts: list = field(default_factory=list)
+    staleness: int = 0
+    delta: Delta | None = None
+    outcome: Outcome | None = None
+    #: The version current when it was folded in.
+    applied_at: int = 0
+
+
+@dataclass(frozen=True)
+class Senders:
+    """Which broker user may speak for which site."""
+
+    #: Users that may send for any site (the development user; none in production).
+    any_site: frozenset[str] = frozenset()
+    #: The site of each listed user; a user not listed speaks for the site of its own name.
+    site_of: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, site: str, user: str | None) -> None:
+        """The broker vouches for ``user``; the claimed site must be that user's."""
+        if not user:
+            raise ProtocolError("the message carries no user_id, so its sender cannot be verified")
+        if user not in self.any_site and self.site_of.get(user, user) != site:
+            raise ProtocolError(f"user {user!r} may not send for site {site!r}")
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """The largest L2 norm an update may have, and what happens to one over it: ``clip`` or ``refuse``."""
+
+    bound: float
+    action: str = "clip"
+
+    def apply(self, delta: Delta) -> None:
+        if self.action == "refuse":
+            norm = update_norm(delta)
+            if norm > self.bound:
+                raise ProtocolError(f"update norm {norm:.4g} exceeds the bound {self.bound:g}")
+        else:
+            clip_to_norm(delta, self.bound)
+
+
+Stage = Callable[[Arrival], "Verdict | None"]
+
+
+class Ingest:
+    """Takes payloads into ``state`` through ``strategy``, recording them in ``runlog``."""
+
+    def __init__(self, state: FederationState, strategy: Strategy, runlog: RunLog, *,
+                 senders: Senders = Senders(), norm_bound: NormBound | None = None):
+        self.state, self.strategy, self.runlog = state, strategy, runlog
+        self.senders, self.norm_bound = senders, norm_bound
+        self.stages: tuple[Stage, ...] = (
+            self.decode, self.identify, self.greet, self.receive, self.current_run, self.replay, self.staleness,
+            self.validate, self.bound, self.privacy, self.admit, self.submit, self.record,
+        )
+
+    def take(self, payload: memoryview, user: str | None, first_chunk: float | None = None) -> Verdict:
+        """The verdict on one payload from ``user``, every stage it passed having had its effect."""
+        arrival = Arrival(payload, user, time.monotonic() if first_chunk is None else first_chunk)
+        for stage in self.stages:
+            try:
+                verdict = stage(arrival)
+            except ProtocolError as exc:
+                return self._refused(arrival, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a stage's failure is the payload's refusal, never a crash
+                # The refusal's reason goes to the log and the dead-letter queue; the trace only to a debug log.
+                log.debug("stage %s failed on a payload from %s", stage.__name__, user or "unknown user", exc_info=True)
+                return self._refused(arrival, f"{stage.__name__} failed: {type(exc).__name__}: {exc}")
+            if verdict is not None:
+                return verdict
+        raise AssertionError("the record stage gives every payload that reaches it its verdict")
+
+    # -- the stages, in order ------------------------------------------------------------------
+
+    def decode(self, arrival: Arrival) -> None:
+        arrival.header, arrival.parts = decode_payload(arrival.payload)
+        if not isinstance(arrival.header, (Hello, UpdateHeader)):
+            raise ProtocolError(f"a {arrival.header.kind} payload does not belong on the updates queue")
+
+    def identify(self, arrival: Arrival) -> None:
+        self.senders.check(arrival.header.site, arrival.user)
+
+    def greet(self, arrival: Arrival) -> Verdict | None:
+        if not isinstance(arrival.header, Hello):
+            return None
+        site = arrival.header.site
+        log.info("site %s said hello", site)
+        self.state.sites_seen.add(site)
+        self.runlog.seen(site)
+        return Verdict(GREETED, site=site)
+
+    def receive(self, arrival: Arrival) -> None:
+        self.state.sites_seen.add(arrival.header.site)
+        self.runlog.received_update(arrival.header.site, len(arrival.payload))
+
+    def current_run(self, arrival: Arrival) -> Verdict | None:
+        run_id = arrival.header.run_id
+        if run_id != self.state.run_id:
+            return self._dropped(arrival, f"trained in run {run_id}, not the current run {self.state.run_id}", None)
+        return None
+
+    def replay(self, arrival: Arrival) -> None:
+        if arrival.header.update_id in self.state.ledger:
+            raise ProtocolError(f"update {arrival.header.update_id} was already counted (redelivered or replayed)")
+
+    def staleness(self, arrival: Arrival) -> None:
+        arrival.staleness = self.state.version - arrival.header.base_version
+        if arrival.staleness < 0:
+            raise ProtocolError(f"base version {arrival.header.base_version} is newer than the current version "
+                                f"{self.state.version}")
+
+    def validate(self, arrival: Arrival) -> None:
+        arrival.delta = decode_tensors(arrival.header.tensors, arrival.parts, self.state.layout, sparse=True)
+        check_matches_model(self.state.params, arrival.delta)
+
+    def bound(self, arrival: Arrival) -> None:
+        if self.norm_bound is not None:
+            self.norm_bound.apply(arrival.delta)
+
+    def privacy(self, arrival: Arrival) -> None:
+        if self.strategy.privacy is not None:
+            self.strategy.privacy.clip(arrival.delta)
+
+    def admit(self, arrival: Arrival) -> Verdict | None:
+        reason = self.strategy.admit(self._update(arrival), arrival.staleness)
+        return None if reason is None else self._dropped(arrival, reason, arrival.staleness)
+
+    def submit(self, arrival: Arrival) -> None:
+        arrival.applied_at = self.state.version
+        arrival.outcome = self.strategy.submit(self.state.params, self._update(arrival), arrival.staleness)
+        if arrival.outcome.new_version:
+            self.state.version += 1
+
+    def record(self, arrival: Arrival) -> Verdict:
+        header = arrival.header
+        self.state.ledger.record(header.update_id, Entry(header.site, header.base_version, arrival.applied_at))
+        self.runlog.applied_update(header.site, header.base_version, arrival.staleness)
+        self.runlog.event(
+            "update", site=header.site, update_id=header.update_id, base_version=header.base_version,
+            staleness=arrival.staleness, weight=round(arrival.outcome.weight, 6), num_samples=header.num_samples,
+            bytes=len(arrival.payload), train_seconds=header.train_seconds, metrics=header.metrics,
+            ingest_seconds=round(time.monotonic() - arrival.first_chunk, 4),
+        )
+        return Verdict(APPLIED, site=header.site, update_id=header.update_id, new_version=arrival.outcome.new_version)
+
+    # -- verdicts --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _update(arrival: Arrival) -> Update:
+        h = arrival.header
+        return Update(h.update_id, h.site, h.base_version, h.num_samples, arrival.delta, h.metrics)
+
+    def _dropped(self, arrival: Arrival, reason: str, staleness: int | None) -> Verdict:
+        """Counted (so a redelivery is not taken again), without effect on the model."""
+        header = arrival.header
+        log.warning("dropped update %s from %s (base version %d): %s", header.update_id, header.site,
+                    header.base_version, reason)
+        if header.update_id not in self.state.ledger:
+            self.state.ledger.record(header.update_id, Entry(header.site, header.base_version, None, reason))
+        self.runlog.dropped += 1
+        self.runlog.dropped_per_site[header.site] += 1
+        self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
+        return Verdict(DROPPED, reason, site=header.site, update_id=header.update_id)
+
+    @staticmethod
+    def _refused(arrival: Arrival, reason: str) -> Verdict:
+        header = arrival.header
+        return Verdict(REFUSED, reason, site=getattr(header, "site", None), update_id=getattr(header, "update_id", None))

@@ -1,0 +1,66 @@
+"""The one door to RabbitMQ: pika is imported in this package and nowhere else in fedq.
+
+| module | what it does |
+| --- | --- |
+| ``connection`` | open a connection (TLS verified), drive it (``Link``), reconnect with backoff |
+| ``topology`` | the exchanges and queues fedq uses, their arguments, declaring them |
+| ``publishing`` | publish with confirms: chunked payloads, snapshots, announcements, updates, refusals, status |
+| ``consuming`` | the coordinator's updates queue (manual acks, prefetch), a site's announcement queue |
+| ``stream`` | read one chunked snapshot from the stream: attach at a time, skip foreign payloads, attach again after a silence, give up with a report |
+| ``status`` | read the coordinator's status |
+| ``frames`` | the pika internals fedq changes, each for a measured reason |
+| ``management`` | RabbitMQ's management HTTP API (provisioning, test brokers) |
+
+The coordinator and the workers use what is named here; neither sees a pika object.
+"""
+
+from shared.transport.connection import (
+    RECOVERABLE,
+    REFUSALS,
+    Backoff,
+    ChannelClosed,
+    ConnectionFailed,
+    Link,
+    TLSSetupError,
+    broker_address,
+    broker_user,
+    connect,
+    probe,
+    refused_by_broker,
+    serve_with_reconnect,
+)
+from shared.transport.consuming import Announcements, Delivery, UpdateInbox
+from shared.transport.frames import RECV_BYTES, cancel_stream_consumer, deliver_fragments
+from shared.transport.management import ManagementError, management_call
+from shared.transport.publishing import Publisher, publish_payload
+from shared.transport.status import StatusReader
+from shared.transport.stream import SnapshotReader, SnapshotUnavailable, stream_offset_at
+from shared.transport.topology import (
+    ANNOUNCEMENTS,
+    BINDINGS,
+    EXCHANGES,
+    QUEUES,
+    REJECTED,
+    SITE_QUEUE_ARGUMENTS,
+    SNAPSHOT_KEY,
+    SNAPSHOTS,
+    STATUS,
+    UPDATE_KEY,
+    UPDATES,
+    WATCHED_QUEUES,
+    declare_definitions,
+    declare_shared_topology,
+    declare_site_queue,
+    queue_depths,
+    site_queue,
+)
+
+__all__ = [
+    "ANNOUNCEMENTS", "BINDINGS", "EXCHANGES", "QUEUES", "RECOVERABLE", "RECV_BYTES", "REFUSALS", "REJECTED",
+    "SITE_QUEUE_ARGUMENTS", "SNAPSHOTS", "SNAPSHOT_KEY", "STATUS", "UPDATES", "UPDATE_KEY", "WATCHED_QUEUES",
+    "Announcements", "Backoff", "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError",
+    "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "UpdateInbox",
+    "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
+    "declare_shared_topology", "declare_site_queue", "deliver_fragments", "management_call", "probe",
+    "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect", "site_queue", "stream_offset_at",
+]

@@ -1,0 +1,197 @@
+"""Connections to the broker: opening one (TLS included), driving it, and making a new one when it is lost.
+
+pika's BlockingConnection answers heartbeats only while the thread that owns it drives it, so every
+fedq process drives its ``Link`` the whole time (``serve``) and does long work on other threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from pathlib import Path
+from typing import Callable
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+log = logging.getLogger(__name__)
+
+
+class TLSSetupError(RuntimeError):
+    """TLS cannot work as configured (certificate not trusted, or not a TLS port); retrying will not help."""
+
+
+# Failures a new connection can cure. Bad credentials and refused permissions are not among them
+# (refused_by_broker): retrying those only hides the mistake, so they stop the process with pika's
+# own message. Nor is a TLS set-up error, which is no OSError.
+RECOVERABLE = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+    pika.exceptions.NackError,
+    OSError,
+)
+REFUSALS = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
+#: The broker could not be reached or dropped the connection while it was being opened.
+ConnectionFailed = pika.exceptions.AMQPConnectionError
+#: The broker closed a channel, with a reply code and text saying why (403: not permitted, 404: no such object).
+ChannelClosed = pika.exceptions.ChannelClosedByBroker
+
+
+class Link:
+    """One AMQP connection, owned and driven by the thread that opened it."""
+
+    def __init__(self, connection: pika.BlockingConnection):
+        self._connection = connection
+
+    def channel(self) -> BlockingChannel:
+        """A new channel on this connection."""
+        return self._connection.channel()
+
+    def serve(self, seconds: float) -> None:
+        """Drive the connection for up to ``seconds``: heartbeats, confirms and consumer callbacks."""
+        self._connection.process_data_events(time_limit=seconds)
+
+    def serve_until(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Drive the connection until ``ready()`` or ``timeout`` seconds; returns ``ready()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready() and (deadline is None or time.monotonic() < deadline):
+            self.serve(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+        return ready()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` while the connection stays alive."""
+        self._connection.sleep(seconds)
+
+    def wake(self) -> None:
+        """From any thread: make the owner's ``serve`` return now rather than at its time limit."""
+        try:
+            self._connection.add_callback_threadsafe(lambda: None)
+        except Exception:  # noqa: BLE001 - the connection is gone; its owner notices on its own
+            pass
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection.is_open
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+
+def connect(
+    url: str, heartbeat: int, name: str, *, ca_file: Path | None = None, cert_file: Path | None = None,
+    key_file: Path | None = None,
+) -> Link:
+    """Open a connection named ``name`` (shown in the management UI).
+
+    amqps:// URLs use TLS with the broker's certificate always verified, against ``ca_file`` or the
+    system's trust store; ``cert_file``/``key_file`` present a client certificate.
+    """
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 300
+    params.client_properties = {"connection_name": name}
+    if url.startswith("amqps://"):
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        params.ssl_options = pika.SSLOptions(context, params.host)
+    try:
+        return Link(pika.BlockingConnection(params))
+    except ssl.SSLCertVerificationError as exc:
+        raise TLSSetupError(
+            f"the broker at {params.host}:{params.port} presented a certificate that "
+            f"{ca_file or 'the system trust store'} does not trust ({exc.verify_message}); set FEDQ_TLS_CA_FILE "
+            "to the CA that signed the broker's certificate"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason != "WRONG_VERSION_NUMBER":
+            raise
+        raise TLSSetupError(
+            f"{params.host}:{params.port} does not speak TLS; amqps:// needs the broker's TLS port (5671 by default)"
+        ) from None
+
+
+def probe(url: str, timeout: float = 3.0) -> Exception | None:
+    """Why a connection to ``url`` cannot be opened within ``timeout`` seconds, or None if it can."""
+    params = pika.URLParameters(url)
+    params.connection_attempts, params.socket_timeout, params.blocked_connection_timeout = 1, timeout, timeout
+    try:
+        pika.BlockingConnection(params).close()
+    except pika.exceptions.AMQPError as exc:
+        return exc
+    return None
+
+
+def broker_address(url: str) -> str:
+    """Where an AMQP URL points, without its credentials: host:port/vhost."""
+    params = pika.URLParameters(url)
+    return f"{params.host}:{params.port}/{params.virtual_host}"
+
+
+def broker_user(url: str) -> str:
+    """The user name in an AMQP URL, sent as user_id so the broker vouches for the sender."""
+    return pika.URLParameters(url).credentials.username
+
+
+def refused_by_broker(exc: BaseException) -> bool:
+    """Whether the broker itself refused the login or the vhost.
+
+    pika reports any connection lost while logging in as a probable refusal, with the cause's repr
+    as its message. Only a cause that is the broker's own Connection.Close (403 or 530) is one; a
+    link cut at that moment is a lost connection like any other, and is retried.
+    """
+    return isinstance(exc, REFUSALS) and str(exc.args[0] if exc.args else "").startswith("ConnectionClosedByBroker")
+
+
+def _recovering(exc: BaseException) -> bool:
+    """A queue the broker has not finished recovering after a restart: 404 '... is down or inaccessible'."""
+    return (
+        isinstance(exc, pika.exceptions.ChannelClosedByBroker)
+        and exc.reply_code == 404
+        and "down or inaccessible" in exc.reply_text
+    )
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded: 0.5 s, 1 s, 2 s ... up to ``maximum``."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, rng: random.Random | None = None):
+        self.initial, self.maximum = initial, maximum
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2**self.failures)
+        self.failures += 1
+        # Full jitter: sites that lost the broker together do not all come back in the same instant.
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def serve_with_reconnect(session: Callable[[Backoff], bool], who: str, stopping: Callable[[], bool]) -> None:
+    """Run ``session`` until it returns True, reconnecting with backoff whenever the broker is lost.
+
+    ``session`` opens its own connection, calls ``backoff.reset()`` once connected, and returns True
+    when its work is done. ``stopping`` ends the loop instead of a reconnect.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            if session(backoff):
+                return
+        except (*RECOVERABLE, pika.exceptions.ChannelClosedByBroker) as exc:
+            if refused_by_broker(exc) or (not isinstance(exc, RECOVERABLE) and not _recovering(exc)):
+                raise
+            if stopping():
+                return
+            delay = backoff.next_delay()
+            log.warning("%s lost the broker (%s: %s); reconnecting in %.1f s (attempt %d)",
+                        who, type(exc).__name__, exc, delay, backoff.failures)
+            time.sleep(delay)

@@ -1,0 +1,102 @@
+"""Publishing with confirms: chunked payloads, snapshots and their announcements, updates, refusals, status.
+
+Each publish on a ``Publisher`` returns only once the broker has confirmed the message, so a payload
+whose publish returned is safe at the broker; a refusal raises pika's NackError (retried with a new
+connection), or UnroutableError when a mandatory message found no queue.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.chunking import ChunkInfo, iter_chunks
+from shared.protocol import MAX_CHUNK_BYTES, Announcement, Status, encode_payload, new_id
+from shared.transport.connection import Link
+from shared.transport.topology import (
+    ANNOUNCEMENTS, REJECTED, SNAPSHOT_KEY, SNAPSHOTS, STATUS, UPDATE_KEY, UPDATES, declare_shared_topology,
+    queue_depths,
+)
+
+
+def publish_payload(
+    channel: BlockingChannel,
+    exchange: str,
+    routing_key: str,
+    buffers: list[memoryview],
+    payload_id: str,
+    *,
+    user_id: str | None = None,
+    mandatory: bool = True,
+    chunk_bytes: int = MAX_CHUNK_BYTES,
+    progress: Callable[[ChunkInfo], None] | None = None,
+    digest: str | None = None,
+) -> ChunkInfo:
+    """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
+
+    ``progress`` is called after each confirmed chunk; ``digest``, the payload's digest if the
+    caller already has it, saves hashing it again.
+    """
+    info = None
+    for info, body in iter_chunks(buffers, payload_id, chunk_bytes, digest):
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers=info.to_headers(),
+            message_id=f"{payload_id}:{info.index}",
+            user_id=user_id,
+            content_type="application/x-fedq",
+        )
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        if progress is not None:
+            progress(info)
+    assert info is not None  # iter_chunks always yields at least one chunk
+    return info
+
+
+class Publisher:
+    """A confirming channel on ``link``, and what fedq's processes publish through it."""
+
+    def __init__(self, link: Link, *, declare_topology: bool = False):
+        self.channel = link.channel()
+        if declare_topology:
+            declare_shared_topology(self.channel)
+        self.channel.confirm_delivery()
+
+    # -- the coordinator's ------------------------------------------------------------------------
+
+    def snapshot(self, buffers: list[memoryview], payload_id: str, digest: str) -> None:
+        """Write a snapshot's chunks to the stream."""
+        publish_payload(self.channel, SNAPSHOTS, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
+
+    def announcement(self, announcement: Announcement) -> None:
+        """Tell every site's latest-only queue of a version. Not mandatory: before any site has
+        declared its queue, nobody needs to hear it."""
+        publish_payload(self.channel, ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id(), mandatory=False)
+
+    def refusal(self, body: bytes | list[bytes], headers: dict | None, reason: str, user_id: str | None) -> None:
+        """Dead-letter a message that cannot be used (whole, or as the frames it came in), with the reason
+        and the broker-verified user in its headers."""
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
+        )
+        self.channel.basic_publish(REJECTED, "", b"".join(body) if isinstance(body, list) else body, properties)
+
+    def status(self, status: Status) -> None:
+        """Replace the status on the broker with ``status``."""
+        publish_payload(self.channel, STATUS, "", encode_payload(status, []), new_id(), mandatory=False)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each watched queue."""
+        return queue_depths(self.channel)
+
+    # -- a site's ---------------------------------------------------------------------------------
+
+    def update(self, buffers: list[memoryview], payload_id: str, user_id: str,
+               progress: Callable[[ChunkInfo], None] | None = None) -> ChunkInfo:
+        """Send an update (or a hello) to the coordinator, as ``user_id``, which the broker checks
+        against the connection's user."""
+        return publish_payload(self.channel, UPDATES, UPDATE_KEY, buffers, payload_id, user_id=user_id,
+                               progress=progress)

@@ -1,0 +1,139 @@
+"""Reading one chunked snapshot from the snapshot stream.
+
+The coordinator announces a snapshot before it writes its chunks, so a reader attaches at the
+announced time and collects the chunks of that payload id, skipping the other snapshots stored near
+it. AMQP 0-9-1 does not tell a publisher the stream offset of what it published, so the time is the
+only address there is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from shared.chunking import ChunkInfo, Reassembly
+from shared.progress import Throttle, megabytes
+from shared.protocol import Announcement, ProtocolError
+from shared.transport.connection import Link
+from shared.transport.frames import cancel_stream_consumer, deliver_fragments
+from shared.transport.topology import SNAPSHOTS
+
+# Gives up a read that has not completed in this long; the site then waits for the next version.
+READ_TIMEOUT = 300.0
+# A read that hears nothing from the stream for this long, not a frame, attaches again. RabbitMQ
+# 3.10's streams (osiris 1.3) can miss telling a reader of a chunk committed just as it attached:
+# the reader would sit until the next write, which in synchronous rounds never comes (seen here: 4
+# of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good). Frames count,
+# not whole messages: over a slow link one 4 MiB chunk takes many seconds.
+STALL_SECONDS = 1.0
+# Chunks the broker may send a reader ahead of its acknowledgements.
+PREFETCH = 16
+
+
+class SnapshotUnavailable(TimeoutError):
+    """The snapshot did not arrive in time; the message says how far the read got."""
+
+
+def stream_offset_at(timestamp: float) -> datetime:
+    """The x-stream-offset that starts a stream reader at a point in time (whole seconds)."""
+    return datetime.fromtimestamp(int(timestamp) - 1, tz=timezone.utc)
+
+
+class SnapshotReader:
+    """Reads the snapshot ``announcement`` names into ``buffer``, one attachment to the stream at a
+    time: at the announced time first, then, after each silence of ``STALL_SECONDS``, just past the
+    last message heard. ``superseded()`` ends the read early, when a newer version was announced.
+
+    Its progress goes to ``log``, each line starting with ``who``.
+    """
+
+    def __init__(self, link: Link, announcement: Announcement, buffer: memoryview, *,
+                 superseded: Callable[[], bool], log: logging.Logger, who: str):
+        self.link, self.announcement, self.buffer = link, announcement, buffer
+        self.superseded, self.log, self.who = superseded, log, who
+        self.reassembly: Reassembly | None = None
+        self.payload: memoryview | None = None
+        self.error: ProtocolError | None = None
+        #: The stream offset just past the last message heard, where a new attachment starts.
+        self.next_offset: int | None = None
+        #: How many times this read attached to the stream (more than once after a stall).
+        self.attachments = 0
+        self._attached_at = time.monotonic()
+        self._progress, self._stalls = Throttle(), Throttle()
+
+    @property
+    def chunks_in(self) -> int:
+        return self.reassembly.received if self.reassembly is not None else 0
+
+    def read(self) -> memoryview | None:
+        """The whole payload, digest-checked; None if a newer version was announced first.
+
+        Raises ProtocolError for chunks that do not add up, SnapshotUnavailable after READ_TIMEOUT.
+        """
+        started = time.monotonic()
+        self._channel = self.link.channel()
+        self._frames = deliver_fragments(self._channel)  # copied into the buffer without pika's join first
+        self._channel.basic_qos(prefetch_count=PREFETCH)
+        self._attach()
+        try:
+            while (self.payload is None and self.error is None and not self.superseded()
+                   and time.monotonic() - started < READ_TIMEOUT):
+                self.link.serve(min(1.0, STALL_SECONDS / 2))
+                if self.payload is None and self._stalled():
+                    self._attach_again()
+        finally:
+            cancel_stream_consumer(self._channel, self._tag)
+            self._channel.close()
+        if self.error is not None:
+            raise self.error
+        if self.payload is None and not self.superseded():
+            raise SnapshotUnavailable(
+                f"it did not arrive from stream {SNAPSHOTS} within {READ_TIMEOUT:.0f} s: {self.chunks_in} of "
+                f"{self.announcement.chunks} chunks came, the reader attached {self.attachments} times, last at "
+                f"offset {self.next_offset}; if this repeats, check that the stream's retention keeps at least one "
+                "whole snapshot"
+            )
+        return self.payload
+
+    def _attach(self) -> None:
+        offset = self.next_offset if self.next_offset is not None else stream_offset_at(self.announcement.published_at)
+        self._attached_at = time.monotonic()
+        self.attachments += 1
+        self._tag = self._channel.basic_consume(SNAPSHOTS, self._on_chunk, arguments={"x-stream-offset": offset})
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - max(self._attached_at, self._frames.last_frame) > STALL_SECONDS
+
+    def _attach_again(self) -> None:
+        cancel_stream_consumer(self._channel, self._tag)
+        self._attach()
+        # Rare on a healthy broker: said the first time and then every few seconds, so a read that
+        # stays stuck shows in the log how it tried.
+        if self.attachments == 2 or self._stalls.due():
+            self.log.info("%s: nothing from the stream for %.1f s while reading version %d (%d of %d chunks); "
+                          "attached again at offset %s (%d attachments)", self.who, STALL_SECONDS,
+                          self.announcement.version, self.chunks_in, self.announcement.chunks, self.next_offset,
+                          self.attachments)
+
+    def _on_chunk(self, channel, method, properties, body: list[bytes]) -> None:
+        channel.basic_ack(method.delivery_tag)
+        headers = properties.headers or {}
+        if isinstance(headers.get("x-stream-offset"), int):
+            self.next_offset = headers["x-stream-offset"] + 1
+        if self.payload is not None or headers.get("fedq-payload") != self.announcement.payload_id:
+            return  # another snapshot stored near this one in the stream
+        try:
+            info = ChunkInfo.from_headers(headers, self.announcement.size)
+            if self.reassembly is None:
+                self.reassembly = Reassembly(info, self.buffer)
+            if self.reassembly.add(info, body):
+                self.payload = self.reassembly.payload()
+            elif self._progress.due():
+                received = self.reassembly.received
+                self.log.info("%s: receiving snapshot version %d: %d of %d chunks (%s of %s)", self.who,
+                              self.announcement.version, received, info.count,
+                              megabytes(min(received * info.chunk_bytes, info.size)), megabytes(info.size))
+        except ProtocolError as exc:
+            self.error = exc

@@ -1,0 +1,82 @@
+"""The broker objects fedq uses: their names and arguments, and declaring them.
+
+The names and arguments below must match ``broker_config/definitions.json`` exactly (a test checks
+it): RabbitMQ refuses a redeclaration with different arguments, so drift would stop the system.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingChannel
+
+SNAPSHOTS = "fedq.snapshots"  # exchange and stream queue
+SNAPSHOT_KEY = "snapshot"
+ANNOUNCEMENTS = "fedq.announcements"  # fanout exchange; one latest-only queue per site
+UPDATES = "fedq.updates"  # exchange and quorum queue
+UPDATE_KEY = "update"
+REJECTED = "fedq.rejected"  # exchange and queue for messages the coordinator refused, with the reason
+STATUS = "fedq.status"  # exchange and latest-only queue: the coordinator's state for fedq status
+
+EXCHANGES: dict[str, str] = {
+    SNAPSHOTS: "direct", ANNOUNCEMENTS: "fanout", UPDATES: "direct", REJECTED: "fanout", STATUS: "fanout",
+}
+QUEUES: dict[str, dict[str, Any]] = {
+    # A stream stores each snapshot once however many sites read it, and lets a reader attach at
+    # any point in time; retention is bounded by a policy (broker_config/definitions.json).
+    SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
+    # Replicated and durable: a confirmed update survives a broker restart. Messages that keep
+    # failing are dead-lettered instead of looping forever.
+    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED, "x-delivery-limit": 20},
+    REJECTED: {"x-queue-type": "classic"},
+    # Only the newest status matters; readers take it and put it back for the next reader.
+    STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
+}
+BINDINGS: list[tuple[str, str, str]] = [
+    (SNAPSHOTS, SNAPSHOTS, SNAPSHOT_KEY), (UPDATES, UPDATES, UPDATE_KEY), (REJECTED, REJECTED, ""), (STATUS, STATUS, ""),
+]
+# Queues whose depth the coordinator reports.
+WATCHED_QUEUES = (UPDATES, REJECTED)
+# Only the newest announcement matters to a site that was away; older ones are dropped at the broker.
+SITE_QUEUE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
+
+
+def site_queue(site: str) -> str:
+    """The site's own announcement queue."""
+    return f"fedq.site.{site}.announcements"
+
+
+def declare_shared_topology(channel: BlockingChannel) -> None:
+    """Declare the exchanges, queues and bindings every fedq deployment has (idempotent)."""
+    for name, kind in EXCHANGES.items():
+        channel.exchange_declare(name, kind, durable=True)
+    for name, arguments in QUEUES.items():
+        channel.queue_declare(name, durable=True, arguments=arguments)
+    for exchange, queue, key in BINDINGS:
+        channel.queue_bind(queue, exchange, routing_key=key)
+
+
+def declare_site_queue(channel: BlockingChannel, site: str) -> str:
+    """Declare and bind a site's latest-only announcement queue; returns its name."""
+    name = site_queue(site)
+    channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    channel.queue_bind(name, ANNOUNCEMENTS)
+    return name
+
+
+def queue_depths(channel: BlockingChannel) -> dict[str, int]:
+    """Messages ready in each watched queue (a passive declare: nothing is created)."""
+    return {name: channel.queue_declare(name, passive=True).method.message_count for name in WATCHED_QUEUES}
+
+
+def declare_definitions(channel: BlockingChannel, definitions: dict[str, list[dict[str, Any]]]) -> None:
+    """Declare the exchanges, queues and bindings of a definitions.json vhost section, as they are
+    written there (for a broker whose management API cannot load them)."""
+    for e in definitions["exchanges"]:
+        channel.exchange_declare(e["name"], e["type"], durable=e["durable"], auto_delete=e["auto_delete"],
+                                 internal=e["internal"], arguments=e["arguments"])
+    for q in definitions["queues"]:
+        channel.queue_declare(q["name"], durable=q["durable"], auto_delete=q["auto_delete"], arguments=q["arguments"])
+    for b in definitions["bindings"]:
+        bind = channel.queue_bind if b["destination_type"] == "queue" else channel.exchange_bind
+        bind(b["destination"], b["source"], routing_key=b["routing_key"], arguments=b["arguments"])
