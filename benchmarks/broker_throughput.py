@@ -85,7 +85,7 @@ from torch import nn
 
 from coordinator.server import Coordinator
 from shared import transport
-from shared.chunking import chunk_count, iter_chunks
+from shared.chunking import SITE_HEADER, chunk_count, iter_chunks
 from shared.codecs import encode_tensors, get_codec
 from shared.protocol import (
     MAX_CHUNK_BYTES,
@@ -277,7 +277,8 @@ def publish_updates(url: str, exchange: str, routing_key: str, parameters: int, 
     go.wait()
     started = time.time()
     for update_id, buffers in payloads:
-        transport.publish_payload(channel, exchange, routing_key, buffers, update_id, user_id=user)
+        transport.publish_payload(channel, exchange, routing_key, buffers, update_id, user_id=user,
+                                  headers={SITE_HEADER: SITE})
     reports.put(("done", started, time.time()))
     connection.close()
 
@@ -291,6 +292,7 @@ def read_snapshot_as_worker(url: str, site: str, parameters: int, state_dir: Pat
     settings = load_settings(WorkerSettings, broker_url=url, site=site, state_dir=state_dir)
     worker = SiteWorker(settings, LinearStack(parameters))
     connection = transport.connect(url, settings.heartbeat, f"bench-reader-{site}")
+    transport.bind_site_queue(connection.channel(), site)  # a worker's hello would have the coordinator do it
     transport.Announcements(connection, site, worker.on_announcement)
     reports.put(("ready",))
     deadline = time.monotonic() + MEASUREMENT_TIMEOUT
@@ -472,7 +474,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
                     all_applied.set()
 
             coordinator.runlog.applied_update = applied_update
-            helpers.start(publish_updates, url, transport.UPDATES, transport.UPDATE_KEY, case.parameters, case.codec,
+            helpers.start(publish_updates, url, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()

@@ -138,10 +138,14 @@ class _CoordinateWise(BufferAggregator):
 
 @AGGREGATORS.register("trimmed-mean")
 class TrimmedMean(_CoordinateWise):
-    """Coordinate-wise mean without the trim_fraction largest and smallest values; resists hostile sites."""
+    """Coordinate-wise mean without the trim_fraction largest and smallest values; resists hostile sites.
+
+    A buffer closed at its deadline with fewer updates still trims at least one from each side
+    while that leaves one in the middle, and takes the median where it would not."""
 
     def __init__(self, buffer_size: int, trim_fraction: float):
         super().__init__(buffer_size, trim_fraction)
+        self.trim_fraction = trim_fraction
         self.trim = math.floor(trim_fraction * buffer_size)
         if not 1 <= self.trim < buffer_size / 2:
             raise ValueError(
@@ -150,7 +154,9 @@ class TrimmedMean(_CoordinateWise):
             )
 
     def statistic(self, stacked):
-        return trimmed_mean(stacked, self.trim)
+        held = stacked.shape[0]
+        trim = min(max(1, math.floor(self.trim_fraction * held)), (held - 1) // 2)
+        return trimmed_mean(stacked, trim) if trim >= 1 else coordinate_median(stacked)
 
 
 @AGGREGATORS.register("median")

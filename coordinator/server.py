@@ -18,17 +18,18 @@ from typing import Any
 import torch
 
 from coordinator.checkpoint import Checkpoint, CheckpointFiles
-from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Senders, Verdict
+from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Verdict
 from coordinator.ledger import Ledger
 from coordinator.memory import keep_freed_memory
 from coordinator.metrics import serve_metrics
 from coordinator.runlog import RunLog
+from coordinator.senders import Senders
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import FederationState
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import STRATEGIES, Strategy
 from coordinator.upload_spool import UploadSpool
-from coordinator.uploads import Refusal, Upload, Uploads
+from coordinator.uploads import Budget, Refusal, Upload, Uploads
 from shared import transport
 from shared.chunking import BufferPool, chunk_count, payload_digest
 from shared.codecs import Layout, encode_tensors, get_codec
@@ -75,17 +76,21 @@ class Coordinator:
             raise SettingsError(f"fedq cannot start: {exc}. Fix FEDQ_STRATEGY and its settings, then start again.") from None
         self.strategy.prepare(params)
         self.runlog = RunLog(settings.run_dir)
+        self.senders = Senders(frozenset(settings.any_site_users), settings.site_users)
         self.ingest = Ingest(
-            self.state, self.strategy, self.runlog,
-            senders=Senders(frozenset(settings.any_site_users), settings.site_users),
+            self.state, self.strategy, self.runlog, senders=self.senders,
             norm_bound=None if settings.update_norm_bound is None else NormBound(settings.update_norm_bound,
                                                                                    settings.update_norm_action),
+            max_num_samples=settings.max_num_samples,
         )
         self.checkpoints = CheckpointFiles(settings.run_dir)
         # Keeps the buffer of one dense update (model plus header room) for the next upload.
         self.buffers = BufferPool(self.state.layout.total * 4 + MAX_CHUNK_BYTES)
-        self.uploads = Uploads(UploadSpool(settings.run_dir / "uploads"), self.buffers,
-                               max_bytes=settings.max_update_bytes, window=self._window)
+        self.uploads = Uploads(
+            UploadSpool(settings.run_dir / "uploads"), self.buffers, self.senders, max_bytes=settings.max_update_bytes,
+            window=self._window,
+            budget=Budget(settings.sender_uploads, settings.sender_upload_bytes or settings.max_update_bytes),
+        )
         self.announcement: Announcement | None = None
         self.last_metrics: dict[str, float] = {}
         self._scored_version: int | None = None  # the version last_metrics are of
@@ -99,6 +104,7 @@ class Coordinator:
         self.status: Status | None = None
         self._last_status = 0.0
         self.metrics_url: str | None = None
+        self._link: transport.Link | None = None
 
     # The federation's state, as tests and embedding code read it.
 
@@ -173,6 +179,7 @@ class Coordinator:
                 self._release()  # the newest version again, in case the outage lost it
             while self.stop_reason is None:
                 self._serve()
+                self._flush_if_due()
                 self._check_limits()
                 self._expire_uploads()
                 self._settle()
@@ -195,11 +202,13 @@ class Coordinator:
             return
         if not self.runlog.curve:
             # Scored before the clock starts: loading the evaluation data is not the federation's time.
-            self._score()
+            lost = self._score()
             self.runlog.start_clock()
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
-                              settings=self.settings.model_dump(mode="json"))
+                              settings=self.settings.public())
             self.runlog.evaluation(self.version, self.last_metrics)
+            if lost is not None:
+                raise lost
         self._release()
 
     def _wait_for_sites(self) -> None:
@@ -238,7 +247,7 @@ class Coordinator:
         self.status = build_status(
             self.runlog, run_id=self.run_id, strategy=s.strategy, version=self.version, metrics=self.last_metrics,
             queue_depths=self._publisher.queue_depths(), ingest=self.ingest_times, every=s.status_seconds,
-            site_of_user=lambda user: s.site_users.get(user, user),
+            site_of_user=self.senders.site_of_user,
         )
         self._publisher.status(self.status)
         if self.runlog.curve:
@@ -252,6 +261,17 @@ class Coordinator:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop(f"received {signal.Signals(signum).name}")
+
+    def _flush_if_due(self) -> None:
+        """Close a buffer or round that has waited past its deadline with the updates it holds."""
+        outcome = self.strategy.flush(self.params, time.monotonic())
+        if outcome is None:
+            return
+        if outcome.new_version:
+            self.state.version += 1
+        log.info("closed a buffer of %d updates at its deadline of %g s: version %d", outcome.flushed,
+                 self.settings.buffer_deadline, self.version)
+        self.runlog.event("flushed", updates=outcome.flushed, version=self.version)
 
     def _check_limits(self) -> None:
         s = self.settings
@@ -345,7 +365,15 @@ class Coordinator:
             self._release()
 
     def _on_delivery(self, delivery: transport.Delivery) -> None:
-        placed = self.uploads.add(delivery.tag, delivery.headers, delivery.user_id, delivery.body)
+        try:
+            placed = self.uploads.add(delivery.tag, delivery.headers, delivery.user_id, delivery.body)
+        except Exception as exc:  # noqa: BLE001 - as in the ingest stages: this delivery's end, not the process's
+            log.error("placing a chunk from %s raised %s; it is refused and the coordinator goes on. This is a gap in "
+                      "fedq's checks: please report it with this trace", delivery.user_id or "unknown user",
+                      type(exc).__name__, exc_info=True)
+            self.runlog.stage_failed("uploads", exc)
+            placed = Refusal([delivery.tag], f"uploads failed: {type(exc).__name__}: {exc}", delivery.body,
+                             delivery.headers, delivery.user_id)
         if isinstance(placed, Refusal):
             self._refuse(placed)
         elif isinstance(placed, Upload):
@@ -367,6 +395,12 @@ class Coordinator:
             # Nothing refers to the payload any more: strategies copy what they keep.
             self.buffers.give(upload.reassembly.storage)
         if verdict.outcome == GREETED:
+            refused = self._publisher.welcome(verdict.site)  # its queue hears every version from now on
+            if refused is not None:
+                log.warning("site %s said hello, but its announcement queue cannot be bound (%s); it will hear no "
+                            "version until it declares %s as fedq's worker does", verdict.site, refused,
+                            transport.site_queue(verdict.site))
+                self.runlog.event("unwelcome", site=verdict.site, reason=refused)
             self._announce()
         self._hold(upload.tags)
         self._settle()
@@ -413,15 +447,28 @@ class Coordinator:
         self._checked_version = self.version
 
     def _evaluate(self) -> None:
-        self._score()
+        lost = self._score()
         self.runlog.evaluation(self.version, self.last_metrics)
+        if lost is not None:
+            raise lost
 
-    def _score(self) -> None:
-        metrics = self.task.evaluate(self.model)
+    def _score(self) -> BaseException | None:
+        """Evaluate the model, on a thread of its own while this one keeps the connection alive: an
+        evaluation longer than two heartbeats once cost the connection after every version, and the
+        unacknowledged deliveries crept towards the queue's delivery limit. Deliveries that arrive
+        meanwhile wait in the inbox; nothing changes the model until the evaluation is done. Returns
+        the connection failure met meanwhile, for the caller to raise once the result is recorded."""
+        evaluate = lambda: self.task.evaluate(self.model)  # noqa: E731
+        lost = None
+        if self._link is not None and self._link.is_open:
+            metrics, lost = self._link.run_while_serving(evaluate, "fedq-evaluate")
+        else:  # resuming, before the first connection
+            metrics = evaluate()
         if self.strategy.privacy is not None:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
         self._scored_version = self.version
+        return lost
 
     @property
     def _unreleased(self) -> bool:

@@ -35,6 +35,13 @@ class CoordinatorSettings(CommonSettings):
         "median resist hostile sites."
     )
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="Trimmed mean: fraction cut from each side.")
+    buffer_deadline: Optional[float] = Field(
+        600.0, gt=0, description="FedBuff and FedAvg: a buffer or round that has held updates this many seconds "
+        "closes with those it has, so sites that stop answering never stall the run (empty: wait for all)."
+    )
+    round_quorum: float = Field(
+        1.0, gt=0, le=1, description="FedAvg: the fraction of the sites whose updates close a round."
+    )
     update_norm_bound: Optional[float] = Field(
         None, gt=0, description="Largest L2 norm an update may have (empty: no bound)."
     )
@@ -75,6 +82,18 @@ class CoordinatorSettings(CommonSettings):
         "more chunks than 7/8 of this is refused, and this much memory may wait in the coordinator's socket buffer."
     )
     max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")
+    sender_uploads: int = Field(
+        2, ge=1, description="Uploads one sender (a broker user, for one site) may have in flight at once; a site "
+        "sends one at a time. More are refused at their first chunk."
+    )
+    sender_upload_bytes: Optional[int] = Field(
+        None, ge=1024, description="Bytes one sender's uploads in flight may claim together, and so hold in memory "
+        "and in the upload spool (empty: max_update_bytes)."
+    )
+    max_num_samples: int = Field(
+        100_000_000, ge=1, description="Most samples an update may claim (its weight in FedBuff's mean and FedAvg); "
+        "an update claiming more is refused."
+    )
     run_dir: Path = Field(Path("runs/latest"), description="Where the run log, summary and checkpoint are written.")
     resume: bool = Field(True, description="Resume from run_dir's checkpoint if there is one.")
     checkpoint_seconds: float = Field(

@@ -6,7 +6,10 @@ Lifecycle, as the coordinator drives it for every update that passed validation:
    first update does not pay for fresh memory;
 1. ``admit(update, staleness)`` returns a reason to drop the update, or None to take it;
 2. ``submit(params, update, staleness)`` folds it in and says whether the global model changed,
-   in which case the coordinator bumps the version, evaluates and publishes a snapshot.
+   in which case the coordinator bumps the version, evaluates and publishes a snapshot;
+3. between updates, ``flush(params, now)``: a strategy that holds updates back (a buffer, a round)
+   closes it with what it has once it has waited past its deadline, so that sites that stopped
+   answering, or whose updates are refused, never stall the run.
 
 ``staleness`` is the current version minus the version the site trained from. Updates are
 differences to their base snapshot, so mixing one in never needs the old snapshot itself.
@@ -17,6 +20,8 @@ itself from the coordinator's settings (``from_settings``): a new strategy is on
 
 from __future__ import annotations
 
+import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -47,10 +52,12 @@ class Update:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What ``submit`` did: whether a new version exists, and the weight the update got."""
+    """What ``submit`` or ``flush`` did: whether a new version exists, the weight the update got,
+    and, for a flush, how many updates the closed buffer held."""
 
     new_version: bool
     weight: float
+    flushed: int = 0
 
 
 class Strategy(ABC):
@@ -90,6 +97,11 @@ class Strategy(ABC):
         ``update.delta`` may be a view of the received payload, whose memory receives the next
         payload once this returns: copy what must outlive the call.
         """
+
+    def flush(self, params: Tensors, now: float) -> Outcome | None:
+        """Close what is held back if its deadline has passed (``now`` is time.monotonic()); the
+        outcome if it did. A strategy that holds nothing back never flushes."""
+        return None
 
     def state(self) -> tuple[dict[str, Tensors], dict]:
         """What a checkpoint must keep besides the model: named tensor groups and plain values."""
@@ -147,13 +159,17 @@ class FedBuff(Strategy):
 
     The aggregate is the buffer aggregator's (``coordinator.aggregators``): by default the sample-
     and staleness-weighted mean, with which K = number of sites, zero staleness and SGD at lr 1
-    are FedAvg; trimmed mean and median resist hostile sites.
+    are FedAvg; trimmed mean and median resist hostile sites. A buffer that has held updates for
+    ``deadline`` seconds steps with the ones it has (with privacy, the noise is calibrated to
+    their number): where each site may hold one place, fewer than K live sites would otherwise
+    never fill it.
     """
 
     uses_server_optimizer = True
 
     def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None,
-                 aggregation: str | BufferAggregator = "mean", trim_fraction: float = 0.2, **kwargs):
+                 aggregation: str | BufferAggregator = "mean", trim_fraction: float = 0.2,
+                 deadline: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.aggregator = (AGGREGATORS[aggregation](buffer_size, trim_fraction) if isinstance(aggregation, str)
                            else aggregation)
@@ -161,14 +177,17 @@ class FedBuff(Strategy):
             raise ValueError(f"differential privacy is calibrated for the mean, not the {self.aggregator.name}")
         self.buffer_size = buffer_size
         self.optimizer = optimizer or ServerSGD(1.0)
+        self.deadline = deadline
         self.samples = 0
         self.sites: list[str] = []
+        self._opened = 0.0  # time.monotonic() of the buffer's first update
 
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.buffer_size, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
-                   settings.aggregation, settings.trim_fraction, staleness_weight=staleness_from(settings),
-                   max_staleness=settings.max_staleness, privacy=privacy_from(settings))
+                   settings.aggregation, settings.trim_fraction, settings.buffer_deadline,
+                   staleness_weight=staleness_from(settings), max_staleness=settings.max_staleness,
+                   privacy=privacy_from(settings))
 
     @property
     def sum(self) -> FlatTensors:
@@ -191,17 +210,31 @@ class FedBuff(Strategy):
         share = 1 if self.privacy is not None else update.num_samples
         self.aggregator.prepare(params)
         self.aggregator.add(update.delta, weight, share)
+        if not self.sites:
+            self._opened = time.monotonic()
         self.samples += share
         self.sites.append(update.site)
         if len(self.sites) < self.buffer_size:
             return Outcome(False, weight)
+        self._step(params)
+        return Outcome(True, weight)
+
+    def flush(self, params, now):
+        if not self.sites or self.deadline is None or now - self._opened < self.deadline:
+            return None
+        held = len(self.sites)
+        self._step(params)
+        return Outcome(True, 0.0, flushed=held)
+
+    def _step(self, params: Tensors) -> None:
+        """Step the server optimizer along the buffer's aggregate, and empty the buffer."""
         aggregate = self.aggregator.aggregate(self.samples)
         if self.privacy is not None:
-            self.privacy.release(aggregate, sensitivity=1.0 / self.buffer_size)
+            # One update changes a uniform mean of n by at most C / n: n is the number taken, K or fewer.
+            self.privacy.release(aggregate, sensitivity=1.0 / len(self.sites))
         self.optimizer.step(params, aggregate)
         self.aggregator.reset()
         self.samples, self.sites = 0, []
-        return Outcome(True, weight)
 
     def state(self):
         buffers = self.aggregator.state(len(self.sites))
@@ -209,6 +242,7 @@ class FedBuff(Strategy):
 
     def restore(self, tensors, values):
         self.samples, self.sites = int(values["samples"]), list(values["sites"])
+        self._opened = time.monotonic()  # a resumed buffer's deadline counts from the resume
         self.aggregator.restore(tensors, len(self.sites))
         self.optimizer.load_state_dict(tensors)  # it takes its own groups and leaves the buffer's
 
@@ -217,19 +251,22 @@ class FedBuff(Strategy):
 class FedAvgSync(FedBuff):
     """Synchronous FedAvg rounds, the baseline: every site trains on the same version once.
 
-    The round closes when all of them have answered, and sites wait for the next version instead
-    of retraining."""
+    The round closes when ``quorum`` of the ``sites`` have answered (all, by default), or once it
+    has waited ``deadline`` seconds since its first update, with those that answered; sites wait for
+    the next version instead of retraining, and an update that comes after its round closed is
+    dropped with the reason."""
 
     retrain = False
 
-    def __init__(self, sites: int, optimizer: ServerOptimizer | None = None, privacy: GaussianPrivacy | None = None):
-        super().__init__(buffer_size=sites, optimizer=optimizer, staleness_weight=constant, max_staleness=0,
-                         privacy=privacy)
+    def __init__(self, sites: int, optimizer: ServerOptimizer | None = None, privacy: GaussianPrivacy | None = None,
+                 quorum: float = 1.0, deadline: float | None = None):
+        super().__init__(buffer_size=max(1, math.ceil(quorum * sites)), optimizer=optimizer, deadline=deadline,
+                         staleness_weight=constant, max_staleness=0, privacy=privacy)
 
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.sites, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
-                   privacy=privacy_from(settings))
+                   privacy=privacy_from(settings), quorum=settings.round_quorum, deadline=settings.buffer_deadline)
 
     def admit(self, update, staleness):
         if staleness > 0:

@@ -1,8 +1,13 @@
-"""Updates arriving chunk by chunk: reassembled, refused when they cannot fit, forgotten when idle,
-kept on disk when unfinished uploads fill the window of unacknowledged deliveries.
+"""Updates arriving chunk by chunk: reassembled, refused when they cannot be taken, forgotten when
+idle, kept on disk when unfinished uploads fill the window of unacknowledged deliveries.
 
-Broker-free: deliveries come in as (tag, headers, user, body), and what must be acknowledged, held
-or refused goes back to the caller, which owns the connection.
+Every chunk names the site it speaks for (``fedq-site``), and the broker names the user that sent
+it; a sender is a user speaking for one site (a site's own user speaks for no other). The first
+chunk of an upload is checked before anything of it is held: its user must be allowed to speak for
+that site, and the sender must be within its budget of uploads in flight and of bytes they claim.
+Later chunks of the upload must come from the same user. Broker-free: deliveries come in as
+(tag, headers, user, body), and what must be acknowledged, held or refused goes back to the caller,
+which owns the connection.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from coordinator.senders import Senders
 from coordinator.upload_spool import UploadSpool
-from shared.chunking import BufferPool, ChunkInfo, Reassembly
+from shared.chunking import SITE_HEADER, BufferPool, ChunkInfo, Reassembly
 from shared.protocol import ProtocolError
 
 log = logging.getLogger("fedq.coordinator")
@@ -23,12 +29,14 @@ class Upload:
     """An update still arriving chunk by chunk, and the deliveries to settle once it is handled."""
 
     reassembly: Reassembly
-    tags: list[int] = field(default_factory=list)
     user_id: str | None = None
+    site: str | None = None
+    #: Deliveries of its chunks not yet acknowledged.
+    tags: list[int] = field(default_factory=list)
     first_chunk: float = field(default_factory=time.monotonic)
     last_chunk: float = field(default_factory=time.monotonic)
-    #: Whether its chunks so far are in the upload spool (and acknowledged).
-    spooled: bool = False
+    #: Chunks already in its spool file (acknowledged).
+    spooled: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,15 @@ class Refusal:
     user_id: str | None
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one sender's uploads in flight may hold: how many, and how many bytes they claim
+    (and so may take of the coordinator's memory and of its upload spool)."""
+
+    uploads: int = 2
+    bytes: int = 4 * 1024**3
+
+
 class Uploads:
     """The uploads in progress, keyed by payload id.
 
@@ -49,9 +66,10 @@ class Uploads:
     be whole at once, and is refused. ``buffers`` lends the reassembly buffers.
     """
 
-    def __init__(self, spool: UploadSpool, buffers: BufferPool, *, max_bytes: int, window: int):
-        self.spool, self.buffers = spool, buffers
-        self.max_bytes, self.window = max_bytes, window
+    def __init__(self, spool: UploadSpool, buffers: BufferPool, senders: Senders, *, max_bytes: int, window: int,
+                 budget: Budget = Budget()):
+        self.spool, self.buffers, self.senders = spool, buffers, senders
+        self.max_bytes, self.window, self.budget = max_bytes, window, budget
         self.arriving: dict[str, Upload] = {}
         # Spooled uploads handled since the last checkpoint: their files go once it is written.
         self._spool_done: list[str] = []
@@ -69,18 +87,12 @@ class Uploads:
         or None while chunks are missing."""
         try:
             info = ChunkInfo.from_headers(headers, self.max_bytes)
+            upload = self.arriving.get(info.payload_id) or self._begin(info, headers, user_id)
+            if upload.user_id != user_id:
+                raise ProtocolError(f"a chunk of payload {info.payload_id} came from user {user_id!r}, "
+                                    f"the upload's first from {upload.user_id!r}")
         except ProtocolError as exc:
             return Refusal([tag], str(exc), body, headers, user_id)
-        upload = self.arriving.get(info.payload_id)
-        if upload is None:
-            if info.count > self.window:
-                # Its chunks could never all be held unacknowledged at once: refused, not left to stall.
-                return Refusal([tag], (
-                    f"payload of {info.count} chunks ({info.size} bytes) exceeds the coordinator's window of "
-                    f"{self.window} chunks; raise FEDQ_PREFETCH on the coordinator or compress updates"
-                ), body, headers, user_id)
-            reassembly = Reassembly(info, self.buffers.take(info.size))
-            upload = self.arriving[info.payload_id] = Upload(reassembly, user_id=user_id)
         upload.tags.append(tag)
         upload.last_chunk = time.monotonic()
         try:
@@ -93,6 +105,30 @@ class Uploads:
             return upload
         return None
 
+    def _begin(self, info: ChunkInfo, headers: dict, user_id: str | None) -> Upload:
+        """A new upload, once its sender may send it; ProtocolError says why not."""
+        site = headers.get(SITE_HEADER)
+        if isinstance(site, bytes):
+            site = site.decode("utf-8", "replace")
+        self.senders.check(site, user_id)
+        if info.count > self.window:
+            # Its chunks could never all be held unacknowledged at once: refused, not left to stall.
+            raise ProtocolError(
+                f"payload of {info.count} chunks ({info.size} bytes) exceeds the coordinator's window of "
+                f"{self.window} chunks; raise FEDQ_PREFETCH on the coordinator or compress updates"
+            )
+        mine = [upload for upload in self.arriving.values() if (upload.user_id, upload.site) == (user_id, site)]
+        claimed = sum(upload.reassembly.size for upload in mine)
+        if len(mine) >= self.budget.uploads or claimed + info.size > self.budget.bytes:
+            raise ProtocolError(
+                f"user {user_id!r} already has {len(mine)} uploads for site {site!r} in flight, claiming {claimed} "
+                f"bytes; another of {info.size} bytes exceeds the budget of {self.budget.uploads} uploads and "
+                f"{self.budget.bytes} bytes (FEDQ_SENDER_UPLOADS, FEDQ_SENDER_UPLOAD_BYTES)"
+            )
+        reassembly = Reassembly(info, self.buffers.take(info.size))
+        upload = self.arriving[info.payload_id] = Upload(reassembly, user_id=user_id, site=site)
+        return upload
+
     def expire(self, idle_seconds: float) -> list[Upload]:
         """Forget the uploads no chunk has come for in ``idle_seconds``; returns them."""
         now = time.monotonic()
@@ -103,29 +139,32 @@ class Uploads:
 
     def spool_unfinished(self) -> list[int]:
         """The window is full of unfinished uploads, so nothing more would arrive to finish any:
-        write them to the spool; returns the deliveries now safe to acknowledge, so the rest can come."""
+        append the chunks they hold to the spool; returns the deliveries now safe to acknowledge."""
         partial = [upload for upload in self.arriving.values() if upload.tags]
         tags = [tag for upload in partial for tag in upload.tags]
         log.info("%d uploads arriving at once fill the window of %d chunks; keeping their %d chunks on disk",
                  len(partial), self.window, len(tags))
         for upload in partial:
-            self.spool.write(upload.reassembly, upload.user_id)
-            upload.spooled = True
+            new = upload.reassembly.seen - upload.spooled
+            self.spool.append(upload.reassembly, new, upload.user_id, upload.site)
+            upload.spooled |= new
             upload.tags.clear()
         return tags
 
     def take_spooled(self) -> None:
         """Go on with the uploads a stopped coordinator left in the spool."""
-        for reassembly, user_id in self.spool.read_all():
-            self.arriving[reassembly.payload_id] = Upload(reassembly, user_id=user_id, spooled=True)
+        for spooled in self.spool.read_all(self.buffers):
+            self.arriving[spooled.reassembly.payload_id] = Upload(
+                spooled.reassembly, user_id=spooled.user_id, site=spooled.site, spooled=spooled.spooled)
         if self.arriving:
             log.info("resumed %d unfinished uploads from %s", len(self.arriving), self.spool.folder)
 
     def reconnected(self) -> None:
         """Deliveries of the last connection come again: what they carried is either in the
         checkpoint (and the ledger skips it), in the spool, or redelivered in full. Only spooled
-        uploads are kept, without their unacknowledged chunks."""
-        self.arriving = {pid: Upload(u.reassembly, user_id=u.user_id, spooled=True)
+        uploads are kept (a chunk they hold that comes again is the same bytes, and is ignored)."""
+        self.arriving = {pid: Upload(u.reassembly, user_id=u.user_id, site=u.site, spooled=u.spooled,
+                                     first_chunk=u.first_chunk)
                          for pid, u in self.arriving.items() if u.spooled}
 
     def checkpointed(self) -> None:

@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import typing
 from pathlib import Path
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from shared import transport
+from shared.settings import redact_url
 from shared.transport import ManagementError, management_call
 
 # The development credentials from broker_config/definitions.json (stored there only as a hash).
@@ -464,17 +465,13 @@ def _split_credentials(url: str) -> tuple[urllib.parse.SplitResult, str, str]:
     return parts, user, password
 
 
-def _masked(url: str) -> str:
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
-
-
 def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
     parts, user, password = _split_credentials(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise RuntimeError(f"FEDQ_BROKER_URL={_masked(url)} is not an amqp://user:pass@host:port/vhost URL")
+        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} is not an amqp://user:pass@host:port/vhost URL")
     if (error := transport.probe(url)) is not None:
         raise RuntimeError(
-            f"FEDQ_BROKER_URL={_masked(url)} does not accept a connection ({error!r}); "
+            f"FEDQ_BROKER_URL={redact_url(url)} does not accept a connection ({error!r}); "
             "fix it, or unset it to let fedq find or start a broker"
         )
     management_url, management_auth = None, None
@@ -586,7 +583,7 @@ def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] 
     env_url = os.environ.get("FEDQ_BROKER_URL")
     if env_url:
         broker = _env_broker(env_url, os.environ.get("FEDQ_BROKER_MANAGEMENT_URL"), config_dir)
-        log(f"fedq broker: FEDQ_BROKER_URL is set: using {_masked(env_url)}")
+        log(f"fedq broker: FEDQ_BROKER_URL is set: using {redact_url(env_url)}")
         return broker
     no_docker = _docker_unavailable_reason()
     if no_docker is None:

@@ -2,7 +2,8 @@
 
 A site may declare and read its own announcement queue, read the snapshot stream, and write to the
 updates exchange. It cannot read updates (its own or anyone's), the dead-letter queue or another
-site's queue, cannot publish snapshots, and cannot declare anything else. RabbitMQ checks the
+site's queue, cannot publish snapshots, cannot declare anything else, and cannot bind anything it
+shares with others. RabbitMQ checks the
 ``user_id`` of every message against the connection's user, so a site cannot speak for another.
 """
 
@@ -20,14 +21,18 @@ COORDINATOR_PERMISSIONS = {"configure": r"^fedq\..*", "write": r"^fedq\..*", "re
 
 
 def site_permissions(site: str) -> dict[str, str]:
-    """The configure, write and read patterns of a site's user."""
+    """The configure, write and read patterns of a site's user.
+
+    Declaring its own queue needs configure on it; publishing updates, write on the updates
+    exchange; consuming, read on its own queue and on the snapshot stream. No exchange is readable
+    and no shared queue writable, so a site can bind nothing shared (the coordinator binds its
+    queue when it says hello).
+    """
     own = re.escape(transport.site_queue(site))
     return {
         "configure": f"^{own}$",
-        # Binding its queue needs write on the queue; publishing updates, write on the exchange.
-        "write": f"^({own}|{re.escape(transport.UPDATES)})$",
-        # Binding needs read on the announcements exchange; the snapshot stream is read as a queue.
-        "read": f"^({own}|{re.escape(transport.ANNOUNCEMENTS)}|{re.escape(transport.SNAPSHOTS)})$",
+        "write": f"^{re.escape(transport.UPDATE_EXCHANGE)}$",
+        "read": f"^({own}|{re.escape(transport.SNAPSHOTS)})$",
     }
 
 

@@ -18,6 +18,9 @@ from shared.protocol import MAX_CHUNK_BYTES, ProtocolError, new_digest
 
 # A reader refuses chunk sizes above what any broker accepts, whatever the sender claims.
 _LARGEST_CHUNK = 16 * 1024 * 1024
+# Every chunk of an update (or a hello) names the site it speaks for, so that the coordinator can
+# check its sender at the first chunk it sees, before it holds anything of the payload.
+SITE_HEADER = "fedq-site"
 
 
 @dataclass(frozen=True)
@@ -210,27 +213,17 @@ class Reassembly:
             self._digest.update(self._buffer[start : start + self.chunk_bytes])
             self._hashed += 1
 
-    def state(self) -> dict[str, Any]:
-        """Everything but the bytes (``storage[:size]``) that ``resume`` needs to go on later."""
-        return {"payload_id": self.payload_id, "size": self.size, "count": self.count, "chunk_bytes": self.chunk_bytes,
-                "digest": self.digest, "seen": sorted(self._seen)}
+    @property
+    def seen(self) -> frozenset[int]:
+        """The indices of the chunks in."""
+        return frozenset(self._seen)
 
-    @classmethod
-    def resume(cls, state: dict[str, Any], data: memoryview) -> "Reassembly":
-        """A reassembly that goes on from ``state`` and the ``data`` it had; ProtocolError if they disagree."""
-        try:
-            first = ChunkInfo(str(state["payload_id"]), 0, int(state["count"]), int(state["size"]), int(state["chunk_bytes"]))
-            seen = {int(index) for index in state["seen"]}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"an unfinished upload's state is damaged ({exc})") from None
-        if len(data) != first.size or not seen <= set(range(first.count)):
-            raise ProtocolError(f"an unfinished upload of {first.size} bytes has {len(data)} bytes "
-                                f"or chunks outside 0..{first.count - 1}")
-        reassembly = cls(first, data)  # the bytes read back are the buffer: no copy
-        reassembly._seen = seen
-        reassembly.digest = state.get("digest")
-        reassembly._hash_in_order()
-        return reassembly
+    def chunk(self, index: int) -> memoryview:
+        """The bytes of chunk ``index``, once it is in."""
+        if index not in self._seen:
+            raise KeyError(f"chunk {index} of payload {self.payload_id} has not arrived")
+        start = index * self.chunk_bytes
+        return self._buffer[start : start + min(self.chunk_bytes, self.size - start)]
 
     def prefix(self, limit: int) -> bytes:
         """The first ``limit`` bytes of a complete payload, to keep as evidence when it is refused."""

@@ -91,9 +91,10 @@ def _spec(name: str, shape: tuple[int, ...], codec: str, arrays: list[np.ndarray
 
 
 def _expect_parts(spec: TensorSpec, parts: list[np.ndarray], want: tuple[tuple[str, int], ...]) -> None:
-    got = tuple((p.dtype.name, p.size) for p in parts)
+    """The parts are flat arrays of these (dtype, length): a codec reads them as nothing else."""
+    got = tuple((p.dtype.name, p.size if p.ndim == 1 else p.shape) for p in parts)
     if got != want:
-        raise ProtocolError(f"tensor {spec.name!r} ({spec.codec}) has parts {got}, expected {want}")
+        raise ProtocolError(f"tensor {spec.name!r} ({spec.codec}) has parts {got}, expected flat parts {want}")
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:

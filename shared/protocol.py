@@ -17,6 +17,7 @@ import math
 import secrets
 import struct
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import blake3
@@ -25,7 +26,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 # 2: payload digests are BLAKE3 (were SHA-256), in fedq-digest headers and Announcement.digest.
-PROTOCOL_VERSION = 2
+# 3: every chunk on the updates queue names its site (fedq-site); headers are bounded (HeaderLimits).
+PROTOCOL_VERSION = 3
 
 
 def new_digest() -> Any:
@@ -45,7 +47,45 @@ PART_DTYPES = frozenset({"float32", "float16", "uint16", "int8", "uint8", "int16
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 _HEADER_LENGTH = struct.Struct("<I")
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+# Bounds every header is checked against before anything the size of its claims is made: numpy
+# refuses more than 64 dimensions (ValueError, not a protocol error), and a dimension past 2**48 or
+# a count past 2**53 (the last integer a float64 holds exactly) names nothing a model has.
+MAX_NDIM = 32
+MAX_DIM = 1 << 48
+MAX_COUNT = 1 << 53
+# Metrics a site reports with an update: a few named numbers, not a channel for data.
+MAX_METRICS = 64
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """How large a header may be before it is parsed: its bytes, and the entries of its largest
+    list or map (its tensors: one per model tensor for a dense update). Nesting is bounded by
+    msgpack itself (1024 levels)."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_items: int = 1 << 17
+
+    @classmethod
+    def for_model(cls, tensors: int) -> "HeaderLimits":
+        """The limits for payloads of a model of ``tensors`` tensors: a dense update lists each once
+        (a few hundred bytes apiece); 64 KiB and 256 entries are room for everything else."""
+        return cls(max_bytes=(64 << 10) + 2048 * tensors, max_items=256 + tensors)
+
+
+#: Headers from the broker, when the model is not known: generous, but bounded.
+WIRE_LIMITS = HeaderLimits()
+#: Headers of fedq's own files (checkpoints hold a ledger row per recent update): no item limit.
+FILE_LIMITS = HeaderLimits(max_bytes=1 << 31, max_items=-1)
+
+Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
+Shape = Annotated[tuple[Dim, ...], Field(max_length=MAX_NDIM)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Metrics = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(allow_inf_nan=False)]],
+    Field(max_length=MAX_METRICS),
+]
 
 
 # 64 random bits: no collision in any run's lifetime of updates, and half the bytes of a UUID,
@@ -63,7 +103,7 @@ class _Schema(BaseModel):
 
 class PartSpec(_Schema):
     dtype: str
-    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    shape: Shape
 
     @field_validator("dtype")
     @classmethod
@@ -79,15 +119,17 @@ class PartSpec(_Schema):
 
 class TensorSpec(_Schema):
     name: Annotated[str, Field(min_length=1, max_length=512)]
-    shape: tuple[Annotated[int, Field(ge=0)], ...]
+    shape: Shape
     codec: Annotated[str, Field(min_length=1, max_length=64)]
-    params: dict[str, Union[int, float, str, bool]] = Field(default_factory=dict)
-    parts: tuple[PartSpec, ...]
+    params: dict[Annotated[str, Field(max_length=64)], Union[int, float, Annotated[str, Field(max_length=256)], bool]] = (
+        Field(default_factory=dict, max_length=16))
+    parts: tuple[PartSpec, ...] = Field(max_length=8, fail_fast=True)
 
 
 class _PayloadHeader(_Schema):
     protocol: int
-    tensors: tuple[TensorSpec, ...] = ()
+    # fail_fast: a list of many bad entries costs one error, not one (of several fields) per entry.
+    tensors: tuple[TensorSpec, ...] = Field((), fail_fast=True)
 
     @field_validator("protocol")
     @classmethod
@@ -105,7 +147,7 @@ class SnapshotHeader(_PayloadHeader):
 
     kind: Literal["snapshot"] = "snapshot"
     run_id: Id
-    version: Annotated[int, Field(ge=0)]
+    version: Count
     created_at: float
 
 
@@ -117,10 +159,10 @@ class UpdateHeader(_PayloadHeader):
     #: The run of the snapshot this update was trained from; updates from other runs are dropped.
     run_id: Id
     site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
-    base_version: Annotated[int, Field(ge=0)]
-    num_samples: Annotated[int, Field(gt=0)]
-    train_seconds: Annotated[float, Field(ge=0)]
-    metrics: dict[str, float] = Field(default_factory=dict)
+    base_version: Count
+    num_samples: Annotated[int, Field(gt=0, le=MAX_COUNT)]
+    train_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    metrics: Metrics = Field(default_factory=dict)
 
 
 class Hello(_PayloadHeader):
@@ -143,10 +185,10 @@ class Announcement(_PayloadHeader):
 
     kind: Literal["announcement"] = "announcement"
     run_id: Id
-    version: Annotated[int, Field(ge=0)]
-    payload_id: str
-    chunks: Annotated[int, Field(ge=1)]
-    size: Annotated[int, Field(ge=0)]
+    version: Count
+    payload_id: Annotated[str, Field(min_length=1, max_length=64)]
+    chunks: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+    size: Count
     digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     published_at: float
     # Asynchronous strategies keep sites busy on the newest version even if they trained on it
@@ -207,7 +249,7 @@ class Status(_PayloadHeader):
     queue_depths: dict[str, int] = Field(default_factory=dict)
     staleness: Histogram
     ingest_seconds: Histogram
-    sites: tuple[SiteStatus, ...] = ()
+    sites: tuple[SiteStatus, ...] = Field((), fail_fast=True)
 
 
 Header = Annotated[
@@ -258,19 +300,23 @@ def payload_size(buffers: list[memoryview]) -> int:
     return sum(len(b) for b in buffers)
 
 
-def decode_header(payload: bytes | bytearray | memoryview) -> tuple[Any, int]:
-    """Parse and validate a payload's header; returns it and the offset where parts begin."""
+def decode_header(payload: bytes | bytearray | memoryview, limits: HeaderLimits = WIRE_LIMITS) -> tuple[Any, int]:
+    """Parse and validate a payload's header within ``limits``; returns it and the offset where parts begin."""
     view = memoryview(payload)
     if len(view) < _HEADER_LENGTH.size:
         raise ProtocolError(f"payload of {len(view)} bytes is too short to hold a header")
     (length,) = _HEADER_LENGTH.unpack_from(view)
-    if length > _MAX_HEADER_BYTES or _HEADER_LENGTH.size + length > len(view):
+    if _HEADER_LENGTH.size + length > len(view):
         raise ProtocolError(f"header length {length} does not fit a payload of {len(view)} bytes")
+    if length > limits.max_bytes:
+        raise ProtocolError(f"header of {length} bytes exceeds the limit of {limits.max_bytes} for this model")
     raw = view[_HEADER_LENGTH.size : _HEADER_LENGTH.size + length]
     try:
-        fields = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False)
+        fields = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=False, max_str_len=length,
+                                 max_bin_len=length, max_ext_len=0, max_array_len=limits.max_items,
+                                 max_map_len=limits.max_items)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+        raise ProtocolError(f"header is not valid msgpack within the limits ({type(exc).__name__}: {exc})") from None
     if not isinstance(fields, dict):
         raise ProtocolError(f"header is a msgpack {type(fields).__name__}, not a map")
     try:
@@ -280,15 +326,25 @@ def decode_header(payload: bytes | bytearray | memoryview) -> tuple[Any, int]:
     return header, _HEADER_LENGTH.size + length
 
 
-def decode_payload(payload: bytes | bytearray | memoryview) -> tuple[Any, list[list[np.ndarray]]]:
-    """Decode a whole payload into its header and, per tensor, its parts as zero-copy arrays."""
-    header, offset = decode_header(payload)
+def decode_payload(payload: bytes | bytearray | memoryview,
+                   limits: HeaderLimits = WIRE_LIMITS) -> tuple[Any, list[list[np.ndarray]]]:
+    """Decode a whole payload into its header and, per tensor, its parts as zero-copy arrays.
+
+    Every part's shape is checked against the payload's real length before numpy sees it: a part
+    with no elements still names dimensions, and numpy refuses some (their product overflowing)
+    with errors of its own.
+    """
+    header, offset = decode_header(payload, limits)
     view = memoryview(payload)
     tensors: list[list[np.ndarray]] = []
     for tensor in header.tensors:
         arrays = []
         for spec in tensor.parts:
-            offset = _aligned(offset, np.dtype(spec.dtype).itemsize)
+            itemsize = np.dtype(spec.dtype).itemsize
+            if math.prod(d for d in spec.shape if d) * itemsize > max(len(view), itemsize):
+                raise ProtocolError(f"tensor {tensor.name!r} declares a part of shape {spec.shape}, which no "
+                                    f"{len(view)}-byte payload can hold")
+            offset = _aligned(offset, itemsize)
             end = offset + spec.nbytes
             if end > len(view):
                 raise ProtocolError(

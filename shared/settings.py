@@ -8,14 +8,20 @@ that names the variable and says what would be accepted. What every process take
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FEDQ_"
 DEFAULT_TASK = "shared.digits_task:DigitsStraggler"
+
+
+def redact_url(url: str) -> str:
+    """An AMQP URL with its password replaced by ***, fit for logs and run logs."""
+    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 
 class SettingsError(SystemExit):
@@ -41,6 +47,12 @@ class CommonSettings(BaseSettings):
     torch_threads: Optional[int] = Field(
         None, ge=1, description="Threads PyTorch may use for training, merging and evaluation (default: PyTorch's)."
     )
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain values with every secret redacted: what a run log may keep."""
+        values = self.model_dump(mode="json")
+        values["broker_url"] = redact_url(self.broker_url)
+        return values
 
     def tls_files(self) -> dict[str, Optional[Path]]:
         """The TLS keyword arguments of shared.transport.connect."""

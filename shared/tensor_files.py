@@ -12,7 +12,7 @@ import torch
 
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.durable_files import read_durable, write_durable
-from shared.protocol import PROTOCOL_VERSION, ProtocolError, TensorFile, decode_payload, encode_payload
+from shared.protocol import FILE_LIMITS, PROTOCOL_VERSION, ProtocolError, TensorFile, decode_payload, encode_payload
 
 MAGIC = b"FEDQTNS2"  # 2: BLAKE3 digests
 
@@ -25,7 +25,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read what ``save_tensors`` wrote; ProtocolError if the file is damaged or not fedq's."""
-    header, parts = decode_payload(read_durable(path, MAGIC))
+    header, parts = decode_payload(read_durable(path, MAGIC), FILE_LIMITS)
     if not isinstance(header, TensorFile):
         raise ProtocolError(f"{path} holds a {header.kind} payload, not tensors")
     layout = Layout(tuple((spec.name, spec.shape) for spec in header.tensors))

@@ -15,6 +15,7 @@ import torch
 
 from coordinator.server import Coordinator
 from shared import transport
+from shared.chunking import SITE_HEADER
 from shared.codecs import encode_tensors, get_codec
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, encode_payload, new_id
 from coordinator.settings import CoordinatorSettings
@@ -88,10 +89,13 @@ class SiteClient:
         )
         return header.update_id, b"".join(encode_payload(header, parts))
 
-    def publish(self, payload: bytes, payload_id: str | None = None, user_id: str | None = "") -> None:
-        """Publish payload bytes as chunks; ``user_id=None`` sends none, "" sends this client's user."""
-        transport.publish_payload(self.channel, transport.UPDATES, transport.UPDATE_KEY, [memoryview(payload)], payload_id or new_id(),
-                             user_id=self.user if user_id == "" else user_id)
+    def publish(self, payload: bytes, payload_id: str | None = None, user_id: str | None = "",
+                site: str | None = None) -> None:
+        """Publish payload bytes as chunks, naming ``site`` (this client's by default); ``user_id=None``
+        sends none, "" sends this client's user."""
+        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, [memoryview(payload)],
+                                  payload_id or new_id(), user_id=self.user if user_id == "" else user_id,
+                                  headers={SITE_HEADER: site or self.site})
 
     def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:
         update_id, payload = self.update_payload(coordinator, base_version, delta, num_samples)

@@ -15,3 +15,13 @@ class ScaledDigits(DigitsStraggler):
             for param, before in zip(model.parameters(), start):
                 param.copy_(before + SCALE * (param - before))
         return result
+
+
+class NonFiniteDigits(DigitsStraggler):
+    """A broken site: every update it sends holds a NaN, so the coordinator refuses them all."""
+
+    def train(self, model, site):
+        result = super().train(model, site)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        return result

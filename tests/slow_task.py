@@ -21,3 +21,14 @@ class SlowDigitsWithProgress(DigitsStraggler):
             time.sleep(TRAIN_SECONDS / 4)
             site.progress(step / 5)
         return super().train(model, site)
+
+
+EVALUATE_SECONDS = 6.0
+
+
+class SlowlyScoredDigits(DigitsStraggler):
+    """An evaluation that outlasts three heartbeats of 2 s, as scoring a large test set does."""
+
+    def evaluate(self, model):
+        time.sleep(EVALUATE_SECONDS)
+        return super().evaluate(model)

@@ -14,10 +14,12 @@ import torch
 from coordinator.checkpoint import read_checkpoint
 from coordinator.server import Coordinator, ModelDiverged
 from shared import transport
-from shared.chunking import chunk_count, iter_chunks, payload_digest
+from shared.chunking import SITE_HEADER, chunk_count, iter_chunks, payload_digest
 from shared.codecs import encode_tensors, get_codec
 from fedq.federation import run_federation, site_names
-from shared.protocol import PROTOCOL_VERSION, Announcement, SnapshotHeader, encode_payload, new_id, now, payload_size
+from shared.protocol import (
+    PROTOCOL_VERSION, Announcement, SnapshotHeader, decode_header, encode_payload, new_id, now, payload_size,
+)
 from coordinator.settings import CoordinatorSettings
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
@@ -98,7 +100,7 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
         connection = transport.connect(broker_url, 30, "test-garbage")
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"\x00not a fedq message",
+        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"\x00not a fedq message",
                               pika.BasicProperties(headers={"x-anything": 1}))
 
         def rejected():
@@ -140,6 +142,21 @@ def _capture(fn, errors):
         errors.append(exc)
 
 
+def test_an_evaluation_of_three_heartbeats_keeps_the_coordinators_connection(broker_url, tmp_path, caplog):
+    """With a 2 s heartbeat the broker drops a connection left alone for about 4 s; evaluating takes 6 s."""
+    caplog.set_level("INFO", logger="shared.transport.connection")
+    client = SiteClient(broker_url)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", heartbeat=2,
+                             task="tests.slow_task:SlowlyScoredDigits") as coordinator:
+        for version in range(2):  # each update makes a version, evaluated for 6 s while the next one waits
+            event_for(tmp_path, client.send(coordinator, version, constant_delta(coordinator, 0.01)), timeout=30)
+        wait_for(lambda: [e for e in events(tmp_path, "evaluation") if e["version"] == 2], 30, "version 2 scored")
+        assert coordinator.version == 2
+    client.close()
+    assert "lost the broker" not in caplog.text, "the connection was kept through every evaluation"
+    assert [e["version"] for e in events(tmp_path, "evaluation")] == [0, 1, 2]
+
+
 def test_half_precision_snapshots_keep_a_full_precision_master(broker_url, tmp_path):
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", snapshot_codec="fp16") as coordinator:
         initial = {k: v.clone() for k, v in coordinator.params.items()}
@@ -162,7 +179,7 @@ def test_snapshot_larger_than_the_brokers_message_limit_arrives_verified(broker_
         channel.confirm_delivery()
         # The broker itself refuses the snapshot as one message: chunking is what carries it.
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
-            channel.basic_publish(transport.REJECTED, "", bytes(announcement.size))
+            channel.basic_publish(transport.REJECTED_EXCHANGE, "", bytes(announcement.size))
         assert refused.value.reply_code == 406 and "larger than configured max size" in refused.value.reply_text
         assert announcement.chunks >= 5
 
@@ -178,8 +195,9 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         update_id, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01))
-        transport.publish_payload(client.channel, transport.UPDATES, transport.UPDATE_KEY, [memoryview(payload)], update_id,
-                             user_id=client.user, chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
+        transport.publish_payload(client.channel, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, [memoryview(payload)], update_id,
+                                  user_id=client.user, headers={SITE_HEADER: client.site},
+                                  chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
         refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
                             15, "the refusal")
         assert "raise FEDQ_PREFETCH" in refusals[0]["reason"]
@@ -188,17 +206,23 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
     client.close()
 
 
-def publish_chunk(client: SiteClient, info, body: bytes) -> None:
-    client.channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, body, pika.BasicProperties(
-        delivery_mode=pika.DeliveryMode.Persistent, headers=info.to_headers(), user_id=client.user), mandatory=True)
+def publish_chunk(client: SiteClient, info, body: bytes, site: str) -> None:
+    client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(
+        delivery_mode=pika.DeliveryMode.Persistent, headers={**info.to_headers(), SITE_HEADER: site},
+        user_id=client.user), mandatory=True)
+
+
+def site_of(payload: bytes) -> str:
+    return decode_header(payload)[0].site
 
 
 def publish_interleaved(client: SiteClient, payloads: list[tuple[str, bytes]], chunk_bytes: int) -> None:
     """Publish the payloads' chunks in turn, one of each, as sites uploading at the same time do."""
-    streams = [iter_chunks([memoryview(payload)], payload_id, chunk_bytes) for payload_id, payload in payloads]
+    streams = [[(info, body, site_of(payload)) for info, body in iter_chunks([memoryview(payload)], payload_id, chunk_bytes)]
+               for payload_id, payload in payloads]
     for row in itertools.zip_longest(*streams):
-        for info, body in filter(None, row):
-            publish_chunk(client, info, body)
+        for info, body, site in filter(None, row):
+            publish_chunk(client, info, body, site)
 
 
 def test_uploads_that_fill_the_window_together_are_spooled_and_all_applied(broker_url, tmp_path, caplog):
@@ -224,14 +248,14 @@ def test_spooled_uploads_survive_a_coordinator_restart(broker_url, tmp_path):
                     for i in range(3)]
         chunked = [list(iter_chunks([memoryview(payload)], update_id, 8192)) for update_id, payload in payloads]
         for row in zip(*(chunks[:3] for chunks in chunked)):  # three of each five: nine, the window is 7
-            for info, body in row:
-                publish_chunk(client, info, body)
+            for (info, body), (_, payload) in zip(row, payloads):
+                publish_chunk(client, info, body, site_of(payload))
         wait_for(lambda: len(list((tmp_path / "uploads").glob("*.upload"))) == 3, 15, "three spooled uploads")
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         assert len(coordinator.uploads) == 3, "the restarted coordinator took the spooled uploads back"
-        for chunks in chunked:
+        for chunks, (_, payload) in zip(chunked, payloads):
             for info, body in chunks[3:]:
-                publish_chunk(client, info, body)
+                publish_chunk(client, info, body, site_of(payload))
         for update_id, _ in payloads:
             event_for(tmp_path, update_id)
         assert coordinator.version == 3
@@ -244,6 +268,7 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
         worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path / "site"),
                             load_task("shared.digits_task:DigitsStraggler"))
         connection = transport.connect(broker_url, 30, "test-superseded")
+        transport.bind_site_queue(connection.channel(), "site-1")  # as the coordinator does on a site's hello
         transport.Announcements(connection, "site-1", worker.on_announcement)
         # A snapshot announced but never written, as when the coordinator lost the broker mid-write.
         lost = coordinator.announcement.model_copy(update={"payload_id": new_id()})
@@ -277,7 +302,7 @@ def publish_snapshot_chunks(broker_url: str, buffers: list, announcement: Announ
     chunks = iter_chunks(buffers, announcement.payload_id, 8192, announcement.digest)
     for info, body in itertools.islice(chunks, count):
         time.sleep(pause)
-        client.channel.basic_publish(transport.SNAPSHOTS, transport.SNAPSHOT_KEY, body,
+        client.channel.basic_publish(transport.SNAPSHOT_EXCHANGE, transport.SNAPSHOT_KEY, body,
                                      pika.BasicProperties(headers=info.to_headers()), mandatory=True)
     client.close()
 

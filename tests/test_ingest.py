@@ -4,12 +4,15 @@
 import json
 import math
 import struct
+import time
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 
-from coordinator.ingest import APPLIED, DROPPED, GREETED, REFUSED, Ingest, NormBound, Senders
+from coordinator.ingest import APPLIED, DROPPED, GREETED, REFUSED, Ingest, NormBound
+from coordinator.senders import Senders
 from coordinator.privacy import GaussianPrivacy
 from coordinator.runlog import RunLog
 from coordinator.staleness import staleness_weight
@@ -17,7 +20,7 @@ from coordinator.state import FederationState
 from coordinator.strategies import FedAsync, FedBuff
 from shared.codecs import Layout, encode_tensors, get_codec
 from shared.protocol import (
-    PROTOCOL_VERSION, Hello, PartSpec, SnapshotHeader, TensorSpec, UpdateHeader, encode_payload, new_id, now,
+    PROTOCOL_VERSION, Hello, SnapshotHeader, UpdateHeader, encode_payload, new_id, now,
 )
 
 SHAPES = {"w": (4, 3), "b": (3,)}
@@ -70,19 +73,81 @@ def test_a_payload_of_another_kind_does_not_belong_on_the_updates_queue(tmp_path
     assert verdict.outcome == REFUSED and "a snapshot payload does not belong on the updates queue" in verdict.reason
 
 
-def test_an_error_no_check_foresaw_is_a_refusal_naming_the_stage_not_a_crash(tmp_path):
+def framed(fields: dict, parts: tuple[np.ndarray, ...] = ()) -> memoryview:
+    """A payload around any header, as a hostile sender would frame it (``encode_payload`` checks its input):
+    each part aligned to its item size."""
+    raw = msgpack.packb(fields, use_bin_type=True)
+    payload = bytearray(struct.pack("<I", len(raw)) + raw)
+    for part in parts:
+        payload += bytes(-len(payload) % part.itemsize) + part.tobytes()
+    return memoryview(payload)
+
+
+def update_fields(ingest, **changes) -> dict:
+    fields = {"protocol": PROTOCOL_VERSION, "kind": "update", "update_id": new_id(), "run_id": ingest.state.run_id,
+              "site": "site-1", "base_version": 0, "num_samples": 1, "train_seconds": 0.0, "metrics": {}, "tensors": []}
+    return {**fields, **changes}
+
+
+def part_entry(name, shape, dtype="float32", codec="fp32", parts=None):
+    return {"name": name, "shape": list(shape), "codec": codec, "params": {},
+            "parts": parts if parts is not None else [{"dtype": dtype, "shape": list(shape)}]}
+
+
+@pytest.mark.parametrize("entry, why", [
+    # numpy makes no array of 65 dimensions (a ValueError of its own, which once stopped the coordinator).
+    (part_entry("w", (1,) * 65), "at most 32 items"),
+    (part_entry("w", (0, 2**63)), "less than or equal to 281474976710656"),
+    # No dimension is too large, but their product is: no payload holds such a part.
+    (part_entry("w", (0, 2**40, 2**40)), "which no"),
+    # int8 parts of the right sizes (12 values and a scale), shaped as no codec writes them.
+    (part_entry("w", (4, 3), codec="int8", parts=[{"dtype": "int8", "shape": [3, 4]}, {"dtype": "float32", "shape": [1]}]),
+     "expected flat parts"),
+])
+def test_tensor_parts_shaped_to_break_numpy_are_refused_before_numpy_sees_them(tmp_path, entry, why):
     ingest = federation(tmp_path)
-    # numpy cannot make an array of 65 dimensions: decoding raises ValueError, not ProtocolError.
-    shape = (1,) * 65
-    spec = TensorSpec(name="w", shape=shape, codec="fp32", parts=(PartSpec(dtype="float32", shape=shape),))
-    header = UpdateHeader(protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=ingest.state.run_id, site="site-1",
-                          base_version=0, num_samples=1, train_seconds=0.0, tensors=(spec,))
-    raw = msgpack.packb(header.model_dump(mode="python"), use_bin_type=True)
-    framed = struct.pack("<I", len(raw)) + raw
-    payload = framed + bytes(-len(framed) % 4) + bytes(4)  # the part, aligned to its item size
-    verdict = ingest.take(memoryview(payload), "fedq")
-    assert verdict.outcome == REFUSED and verdict.reason.startswith("decode failed: ValueError")
-    assert unchanged(ingest)
+    bias = part_entry("b", (3,), codec=entry["codec"], parts=[{"dtype": "int8", "shape": [3]}, {"dtype": "float32", "shape": [1]}]
+                      if entry["codec"] == "int8" else None)
+    # What the int8 case's header declares; the others are refused before their parts are read.
+    parts = (np.zeros((3, 4), np.int8), np.ones(1, np.float32), np.zeros(3, np.int8), np.ones(1, np.float32))
+    verdict = ingest.take(framed(update_fields(ingest, tensors=[entry, bias]), parts), "fedq")
+    assert verdict.outcome == REFUSED and why in verdict.reason, verdict.reason
+    assert unchanged(ingest) and not ingest.runlog.stage_failures, "refused by a check, not by an accident"
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"num_samples": 2**64 - 1}, "num_samples"),
+    ({"base_version": 2**62}, "base_version"),
+    ({"train_seconds": math.inf}, "finite number"),
+    ({"metrics": {"loss": math.nan}}, "finite number"),
+    ({"metrics": {f"m{i}": 1.0 for i in range(65)}}, "at most 64 items"),
+    ({"metrics": {"nested": {"a": 1.0}}}, "metrics.nested"),
+])
+def test_header_values_out_of_bounds_are_refused(tmp_path, change, why):
+    ingest = federation(tmp_path)
+    verdict = ingest.take(framed(update_fields(ingest, **change)), "fedq")
+    assert verdict.outcome == REFUSED and why in verdict.reason, verdict.reason
+    assert unchanged(ingest) and not ingest.runlog.stage_failures
+
+
+def test_a_sample_count_over_the_setting_is_refused(tmp_path):
+    ingest = federation(tmp_path, max_num_samples=1000)
+    verdict = ingest.take(update(ingest, samples=1001)[1], "fedq")
+    assert verdict.outcome == REFUSED and "more than the 1000 an update may claim (FEDQ_MAX_NUM_SAMPLES)" in verdict.reason
+    assert ingest.take(update(ingest, samples=1000)[1], "fedq").outcome == APPLIED
+
+
+def test_a_header_of_many_empty_entries_is_refused_without_expanding(tmp_path):
+    ingest = federation(tmp_path)
+    # A quarter of a megabyte of empty maps: once 1.2 GB of validation errors.
+    bloated = framed(update_fields(ingest, tensors=[{}] * 250_000))
+    assert len(bloated) > 250_000
+    started = time.monotonic()
+    verdict = ingest.take(bloated, "fedq")
+    assert verdict.outcome == REFUSED and "exceeds the limit" in verdict.reason
+    fitting = framed(update_fields(ingest, tensors=[{}] * 200))  # within the limits: one error, not 200
+    assert ingest.take(fitting, "fedq").outcome == REFUSED
+    assert time.monotonic() - started < 1.0
 
 
 # -- identify ------------------------------------------------------------------------------------
@@ -237,3 +302,5 @@ def test_a_stage_that_fails_refuses_the_update_and_records_nothing(tmp_path):
     verdict = ingest.take(payload, "fedq")
     assert verdict.outcome == REFUSED and verdict.reason == "submit failed: RuntimeError: the strategy broke"
     assert update_id not in ingest.state.ledger and ingest.runlog.applied == 0 and unchanged(ingest)
+    assert ingest.runlog.stage_failures == {"submit": 1}, "a gap in fedq's checks is counted"
+    assert "the strategy broke" in events(tmp_path, "stage_failed")[0]["error"]

@@ -38,14 +38,14 @@ def _publish_update(url: str, body: bytes) -> None:
         channel.confirm_delivery()
         # mandatory + confirms: an unroutable or unconfirmed message raises instead of vanishing.
         channel.basic_publish(
-            "fedq.updates", "update", body, pika.BasicProperties(delivery_mode=2), mandatory=True
+            transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(delivery_mode=2), mandatory=True
         )
 
 
 def _get_update(url: str) -> bytes | None:
     with _connection(url) as connection:
         channel = connection.channel()
-        method, _, body = channel.basic_get("fedq.updates", auto_ack=True)
+        method, _, body = channel.basic_get(transport.UPDATES, auto_ack=True)
         return body if method is not None else None
 
 

@@ -47,7 +47,7 @@ def test_a_site_user_can_do_what_a_site_does(sites):
     channel = connection.channel()
     channel.confirm_delivery()
     queue = transport.declare_site_queue(channel, "site-1")
-    channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
+    channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
     stream = connection.channel()
     stream.basic_qos(prefetch_count=1)
     tag = stream.basic_consume(transport.SNAPSHOTS, lambda *a: None, arguments={"x-stream-offset": "first"})
@@ -60,7 +60,7 @@ def test_a_site_user_can_do_what_a_site_does(sites):
     ("consume the updates queue", lambda ch: ch.basic_consume(transport.UPDATES, lambda *a: None)),
     ("consume the dead-letter queue", lambda ch: ch.basic_consume(transport.REJECTED, lambda *a: None)),
     ("consume another site's queue", lambda ch: ch.basic_consume(transport.site_queue("site-2"), lambda *a: None)),
-    ("publish a snapshot", lambda ch: ch.basic_publish(transport.SNAPSHOTS, transport.SNAPSHOT_KEY, b"x",
+    ("publish a snapshot", lambda ch: ch.basic_publish(transport.SNAPSHOT_EXCHANGE, transport.SNAPSHOT_KEY, b"x",
                                                       pika.BasicProperties(user_id="site-1"))),
     ("announce a version", lambda ch: ch.basic_publish(transport.ANNOUNCEMENTS, "", b"x", pika.BasicProperties(user_id="site-1"))),
     ("declare a queue of another name", lambda ch: ch.queue_declare("fedq.site.site-1.other")),
@@ -76,9 +76,77 @@ def test_a_site_user_is_refused(sites, what, attempt):
     assert "ACCESS_REFUSED" in refused(sites["site-1"].broker_url, attempt)
 
 
+SHARED_QUEUES = (transport.SNAPSHOTS, transport.UPDATES, transport.REJECTED, transport.STATUS, transport.site_queue("site-2"))
+OWN_QUEUE = transport.site_queue("site-1")
+ALL_EXCHANGES = (*transport.EXCHANGES, "amq.direct", "amq.fanout", "amq.topic")
+
+
+def every_attempt_on_shared_objects():
+    """Every bind, unbind, declare, delete and purge a site could try on what it shares with others."""
+    for queue in (*SHARED_QUEUES, OWN_QUEUE):
+        for exchange in ALL_EXCHANGES:
+            for key in ("", transport.UPDATE_KEY, transport.SNAPSHOT_KEY):
+                yield f"bind queue {queue} to {exchange} by {key!r}", lambda ch, q=queue, x=exchange, k=key: ch.queue_bind(q, x, k)
+    for exchange, queue, key in [*transport.BINDINGS, (transport.ANNOUNCEMENTS, transport.site_queue("site-2"), "")]:
+        yield f"unbind queue {queue} from {exchange}", lambda ch, q=queue, x=exchange, k=key: ch.queue_unbind(q, x, k)
+    for destination in ALL_EXCHANGES:
+        for source in ALL_EXCHANGES:
+            if source != destination:
+                yield (f"bind exchange {destination} to {source}",
+                       lambda ch, d=destination, s=source: ch.exchange_bind(d, s, transport.UPDATE_KEY))
+    for name, kind in transport.EXCHANGES.items():
+        yield f"declare exchange {name}", lambda ch, n=name, k=kind: ch.exchange_declare(n, k, durable=True)
+        yield f"delete exchange {name}", lambda ch, n=name: ch.exchange_delete(n)
+    yield "declare a new exchange", lambda ch: ch.exchange_declare("fedq.x.mine", "fanout")
+    for queue in SHARED_QUEUES:
+        arguments = transport.QUEUES.get(queue, transport.SITE_QUEUE_ARGUMENTS)
+        yield f"declare queue {queue}", lambda ch, q=queue, a=arguments: ch.queue_declare(q, durable=True, arguments=a)
+        yield f"delete queue {queue}", lambda ch, q=queue: ch.queue_delete(q)
+        yield f"purge queue {queue}", lambda ch, q=queue: ch.queue_purge(q)
+
+
+def test_the_broker_refuses_every_bind_declare_delete_and_purge_a_site_could_try_on_shared_objects(
+        sites, broker, broker_url):
+    site2 = transport.connect(sites["site-2"].broker_url, 30, "test-site-2")
+    transport.declare_site_queue(site2.channel(), "site-2")
+    site2.close()
+    admin = transport.connect(sites["coordinator"].broker_url, 30, "test-coordinator")
+    transport.bind_site_queue(admin.channel(), "site-2")
+    transport.declare_site_queue(admin.channel(), "site-1")
+    admin.close()
+    vhost = broker_url.rsplit("/", 1)[1]
+
+    def bindings():
+        return sorted((b["source"], b["destination"], b["routing_key"])
+                      for b in broker.management_api("GET", f"/api/bindings/{vhost}"))
+
+    before = bindings()
+    attempts = list(every_attempt_on_shared_objects())
+    assert len(attempts) > 150
+    allowed, codes = [], []
+    site = transport.connect(sites["site-1"].broker_url, 30, "test-site-1")
+    for what, attempt in attempts:
+        if not site.is_open:  # a refusal the broker answers by closing the connection
+            site = transport.connect(sites["site-1"].broker_url, 30, "test-site-1")
+        channel = site.channel()
+        try:
+            attempt(channel)
+            allowed.append(what)
+        except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as exc:
+            assert exc.reply_code in (403, 540), f"{what}: {exc}"
+            codes.append(exc.reply_code)
+        finally:
+            if channel.is_open:
+                channel.close()
+    site.close()
+    assert not allowed, "the broker let a site " + "; ".join(allowed)
+    assert len(codes) == len(attempts), "every attempt was answered by the broker"
+    assert bindings() == before, "nothing was bound or unbound on the way"
+
+
 def test_a_site_user_cannot_claim_another_users_identity(sites):
     message = refused(sites["site-1"].broker_url, lambda ch: ch.basic_publish(
-        transport.UPDATES, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
+        transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
     assert "user_id property set to 'site-2' but authenticated user was 'site-1'" in message
 
 

@@ -61,3 +61,14 @@ def test_the_coordinator_clips_updates_and_reports_epsilon(broker_url, tmp_path)
         assert moved.norm().item() == pytest.approx(0.5, rel=1e-3), "clipped to dp_clip_norm"
         assert wait_for(lambda: coordinator.last_metrics.get("epsilon"), 10, "epsilon of the first release") > 0
     client.close()
+
+
+def test_a_buffer_closed_at_its_deadline_gets_noise_for_the_updates_it_held():
+    privacy = GaussianPrivacy(clip_norm=1.0, noise_multiplier=2.0, delta=1e-5, seed=0)
+    strategy = FedBuff(buffer_size=8, privacy=privacy, deadline=1.0)
+    params = {"w": torch.zeros(100_000)}
+    for i in range(2):
+        strategy.submit(params, Update(f"{i:016x}", f"site-{i}", 0, 1, {"w": torch.zeros(100_000)}), staleness=0)
+    assert strategy.flush(params, strategy._opened + 1.0).flushed == 2
+    # The mean of 2 moves by at most C / 2 when one update changes: noise of sigma * C / 2, not C / 8.
+    assert float(params["w"].std()) == pytest.approx(2.0 * 1.0 / 2, rel=0.02)

@@ -62,3 +62,18 @@ def test_robust_buffers_take_one_update_per_site():
     strategy.submit({"w": torch.zeros(1)}, first, staleness=0)
     assert "already has an update in this buffer" in strategy.admit(first, staleness=0)
     assert FedBuff(buffer_size=3).admit(first, staleness=0) is None, "the plain mean takes any number"
+
+
+def test_a_trimmed_mean_closed_early_still_trims_and_a_tiny_one_takes_the_median():
+    params = {"w": torch.zeros(1)}
+    strategy = FedBuff(buffer_size=5, aggregation="trimmed-mean", trim_fraction=0.2, deadline=1.0)
+    for u in updates([1.0, 2.0, 3.0, 400.0]):  # four of five: floor(0.2 * 4) is 0, but one is still trimmed
+        strategy.submit(params, u, staleness=0)
+    strategy.flush(params, strategy._opened + 1.0)
+    assert params["w"].item() == pytest.approx(2.5)
+    params = {"w": torch.zeros(1)}
+    strategy = FedBuff(buffer_size=5, aggregation="trimmed-mean", trim_fraction=0.2, deadline=1.0)
+    for u in updates([1.0, 500.0]):
+        strategy.submit(params, u, staleness=0)
+    strategy.flush(params, strategy._opened + 1.0)
+    assert params["w"].item() == pytest.approx(250.5), "two updates: their median, the mean of the middle pair"

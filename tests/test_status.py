@@ -93,7 +93,7 @@ def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
         for version in range(3):
             client.send(coordinator, version, constant_delta(coordinator, 0.0))
             wait_for(lambda: coordinator.version == version + 1, 10, f"version {version + 1}")
-        client.channel.basic_publish(transport.UPDATES, transport.UPDATE_KEY, b"junk", pika.BasicProperties(user_id=client.user))
+        client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"junk", pika.BasicProperties(user_id=client.user))
         wait_for(lambda: coordinator.status and coordinator.status.refused == 1 and coordinator.status.applied == 3,
                  10, "a status with 3 updates applied and 1 refused")
 

@@ -120,3 +120,36 @@ def test_fedbuff_keeps_one_running_sum_across_versions_and_checkpoints_it_only_w
     restored.restore(*strategy.state())
     restored.submit(p, update(4, [0.0, 2.0]), staleness=0)
     assert torch.equal(p["w"], torch.tensor([3.0, 5.0]))
+
+
+def test_a_buffer_that_waited_past_its_deadline_steps_with_what_it_holds():
+    p = params(0.0)
+    strategy = FedBuff(buffer_size=3, deadline=5.0)
+    strategy.submit(p, update(1, [1.0], n=1), staleness=0)
+    strategy.submit(p, update(2, [3.0], n=3), staleness=0)
+    opened = strategy._opened
+    assert strategy.flush(p, opened + 4.9) is None and p["w"].item() == 0.0, "not before its deadline"
+    outcome = strategy.flush(p, opened + 5.0)
+    assert outcome.new_version and outcome.flushed == 2
+    assert p["w"].item() == pytest.approx(2.5), "the sample-weighted mean of the two it held"
+    assert strategy.sites == [] and strategy.flush(p, opened + 60) is None, "an empty buffer never flushes"
+
+
+def test_without_a_deadline_a_buffer_waits_for_all():
+    p = params(0.0)
+    strategy = FedBuff(buffer_size=3, deadline=None)
+    strategy.submit(p, update(1, [1.0]), staleness=0)
+    assert strategy.flush(p, strategy._opened + 10**6) is None
+
+
+def test_a_fedavg_round_closes_at_its_quorum_or_deadline_and_later_answers_are_dropped():
+    p = params(0.0)
+    strategy = FedAvgSync(sites=4, quorum=0.75, deadline=30.0)
+    for site in (1, 2):
+        strategy.submit(p, update(site, [float(site)]), staleness=0)
+    assert strategy.submit(p, update(3, [3.0]), staleness=0).new_version, "three of four answered: the round closed"
+    assert p["w"].item() == pytest.approx(2.0)
+    assert "closed" in strategy.admit(update(4, [9.0]), staleness=1)
+    strategy.submit(p, update(1, [4.0]), staleness=0)
+    outcome = strategy.flush(p, strategy._opened + 30.0)
+    assert outcome.new_version and outcome.flushed == 1 and p["w"].item() == pytest.approx(6.0)

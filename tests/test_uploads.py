@@ -3,17 +3,29 @@
 import os
 import time
 
+from coordinator.senders import Senders
 from coordinator.upload_spool import UploadSpool
-from coordinator.uploads import Refusal, Upload, Uploads
-from shared.chunking import BufferPool, iter_chunks
+from coordinator.uploads import Budget, Refusal, Upload, Uploads
+from shared.chunking import SITE_HEADER, BufferPool, ChunkInfo, iter_chunks
 
 
-def uploads(tmp_path, window=7):
-    return Uploads(UploadSpool(tmp_path / "uploads"), BufferPool(1 << 20), max_bytes=1 << 20, window=window)
+def uploads(tmp_path, window=7, budget=Budget(2, 1 << 20)):
+    return Uploads(UploadSpool(tmp_path / "uploads"), BufferPool(1 << 20), Senders(frozenset({"fedq"})),
+                   max_bytes=2 << 30, window=window, budget=budget)
 
 
-def chunks(payload: bytes, payload_id: str, chunk_bytes: int = 100):
-    return list(iter_chunks([memoryview(payload)], payload_id, chunk_bytes))
+class Chunk:
+    """One chunk of a payload as a site's worker publishes it: its headers and body."""
+
+    def __init__(self, info, body, site):
+        self.info, self.body, self.site = info, body, site
+
+    def to_headers(self):
+        return {**self.info.to_headers(), SITE_HEADER: self.site}
+
+
+def chunks(payload: bytes, payload_id: str, chunk_bytes: int = 100, site: str = "site-1"):
+    return [(Chunk(info, body, site), body) for info, body in iter_chunks([memoryview(payload)], payload_id, chunk_bytes)]
 
 
 def test_chunks_in_any_order_make_one_upload_with_every_delivery_to_settle(tmp_path):
@@ -91,3 +103,59 @@ def test_a_new_connection_keeps_only_the_spooled_uploads(tmp_path):
     table.add(2, unspooled[0][0].to_headers(), "site-1", [unspooled[0][1]])
     table.reconnected()
     assert list(table.arriving) == ["kept"] and table.unfinished_chunks == 0
+
+
+def test_a_sender_that_may_not_speak_for_the_site_is_refused_at_its_first_chunk(tmp_path):
+    table = uploads(tmp_path)
+    (chunk, body), *_ = chunks(os.urandom(450), "p3", site="site-2")
+    refusal = table.add(1, chunk.to_headers(), "site-1", [body])
+    assert isinstance(refusal, Refusal) and "user 'site-1' may not send for site 'site-2'" in refusal.reason
+    unnamed = {k: v for k, v in chunk.to_headers().items() if k != SITE_HEADER}
+    refusal = table.add(2, unnamed, "site-2", [body])
+    assert isinstance(refusal, Refusal) and "names no site" in refusal.reason
+    assert len(table) == 0, "nothing of either is held"
+
+
+def test_a_chunk_from_another_user_is_refused_alone_and_the_upload_goes_on(tmp_path):
+    table = uploads(tmp_path)
+    payload = os.urandom(250)
+    (first, body0), (second, body1), (third, body2) = chunks(payload, "p4")
+    assert table.add(1, first.to_headers(), "site-1", [body0]) is None
+    refusal = table.add(2, second.to_headers(), "fedq", [bytes(100)])  # a trusted user, but not this upload's
+    assert isinstance(refusal, Refusal) and refusal.tags == [2] and "came from user 'fedq'" in refusal.reason
+    assert table.add(3, second.to_headers(), "site-1", [body1]) is None
+    upload = table.add(4, third.to_headers(), "site-1", [body2])
+    assert isinstance(upload, Upload) and bytes(upload.reassembly.payload()) == payload and upload.tags == [1, 3, 4]
+
+
+def test_a_senders_uploads_in_flight_stay_within_its_budget(tmp_path):
+    table = uploads(tmp_path, budget=Budget(uploads=2, bytes=1000))
+    first, second, third = (chunks(os.urandom(450), f"p{i}")[0] for i in range(3))
+    assert table.add(1, first[0].to_headers(), "site-1", [first[1]]) is None
+    assert table.add(2, second[0].to_headers(), "site-1", [second[1]]) is None
+    refusal = table.add(3, third[0].to_headers(), "site-1", [third[1]])
+    assert isinstance(refusal, Refusal) and "exceeds the budget of 2 uploads" in refusal.reason
+    other_site = chunks(os.urandom(450), "p9", site="site-2")[0]
+    assert table.add(4, other_site[0].to_headers(), "site-2", [other_site[1]]) is None, "another sender's own budget"
+    large = chunks(os.urandom(1001), "big", chunk_bytes=1000, site="site-3")[0]
+    refusal = table.add(5, large[0].to_headers(), "site-3", [large[1]])
+    assert isinstance(refusal, Refusal) and "1000 bytes" in refusal.reason, "a claim alone can exceed the bytes"
+    table.expire(0.0)
+    assert table.add(6, third[0].to_headers(), "site-1", [third[1]]) is None, "forgotten uploads free the budget"
+
+
+def test_spooling_writes_each_chunk_that_arrived_once_whatever_the_upload_claims(tmp_path):
+    table = uploads(tmp_path, window=2 << 30, budget=Budget(2, 2 << 30))
+    # The last chunk, one byte, of an upload that claims 1.5 GB: spooled, it costs what arrived.
+    claim = ChunkInfo("huge", 1_610_612_735, 1_610_612_736, 1_610_612_736, 1, "0" * 64)
+    assert table.add(1, {**claim.to_headers(), SITE_HEADER: "site-1"}, "site-1", [b"x"]) is None
+    pieces = chunks(os.urandom(1000), "honest")
+    for tag, (chunk, body) in enumerate(pieces[:4], start=2):
+        table.add(tag, chunk.to_headers(), "site-1", [body])
+    assert sorted(table.spool_unfinished()) == [1, 2, 3, 4, 5]
+    after_first = table.spool.bytes_written
+    assert 401 <= after_first < 401 + 2000, "the bytes that arrived and a little framing, not 1.5 GB"
+    for tag, (chunk, body) in enumerate(pieces[4:6], start=6):
+        table.add(tag, chunk.to_headers(), "site-1", [body])
+    table.spool_unfinished()
+    assert 200 <= table.spool.bytes_written - after_first < 200 + 200, "only the new chunks are appended"

@@ -10,7 +10,6 @@ the broker has confirmed it. Lost connections are re-made with backoff; no finis
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -25,6 +24,7 @@ from shared.progress import Throttle, megabytes
 from shared.protocol import (
     PROTOCOL_VERSION,
     Announcement,
+    HeaderLimits,
     Hello,
     ProtocolError,
     SnapshotHeader,
@@ -174,7 +174,7 @@ class SiteWorker:
                 log.info("site %s: version %d was superseded before it arrived; reading the newer announcement",
                          site, announcement.version)
                 return False
-            header, parts = decode_payload(payload)
+            header, parts = decode_payload(payload, HeaderLimits.for_model(len(self.layout.shapes)))
             if not isinstance(header, SnapshotHeader):
                 raise ProtocolError(f"the stream holds a {header.kind} payload under its id")
             tensors = decode_tensors(header.tensors, parts, self.layout)
@@ -272,29 +272,11 @@ class SiteWorker:
 
         Returns the result and the connection failure met meanwhile, if any.
         """
-        outcome: dict = {}
-
-        def work():
-            try:
-                outcome["result"] = self.task.train(self.model, context)
-            except BaseException as exc:  # re-raised on the main thread below
-                outcome["error"] = exc
-            finally:
-                link.wake()  # the loop below goes on now, not at its time limit
-
-        thread = threading.Thread(target=work, name=f"train-{context.site}", daemon=True)
-        thread.start()
-        lost = None
-        while thread.is_alive() and lost is None:
-            try:
-                link.serve(1.0)
-            except transport.RECOVERABLE as exc:
-                log.warning("site %s: lost the broker during training (%s); training goes on", context.site, exc)
-                lost = exc
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        result = outcome["result"]
+        result, lost = link.run_while_serving(
+            lambda: self.task.train(self.model, context), f"train-{context.site}",
+            on_lost=lambda exc: log.warning("site %s: lost the broker during training (%s); training goes on",
+                                            context.site, exc),
+        )
         if not isinstance(result, TrainResult) or result.num_samples <= 0:
             raise ValueError(f"task {self.settings.task} train() must return a TrainResult with num_samples > 0, got {result!r}")
         return result, lost
@@ -308,4 +290,4 @@ class SiteWorker:
                          info.index + 1, info.count, megabytes(info.offset + info.length),
                          megabytes(info.size))
 
-        return publisher.update(buffers, payload_id, self.user, progress)
+        return publisher.update(buffers, payload_id, self.user, self.settings.site, progress)

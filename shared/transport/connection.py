@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TLSSetupError(RuntimeError):
@@ -61,6 +63,39 @@ class Link:
         while not ready() and (deadline is None or time.monotonic() < deadline):
             self.serve(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
         return ready()
+
+    def run_while_serving(self, work: Callable[[], T], name: str,
+                          on_lost: Callable[[BaseException], None] = lambda exc: None) -> tuple[T, BaseException | None]:
+        """Run ``work`` on a thread of its own while this thread drives the connection, so that work
+        of any length (training, evaluation) costs no heartbeat.
+
+        Returns the work's result and the connection failure met meanwhile, if any (told to
+        ``on_lost`` as it happens): the work still finishes, and the caller decides when to raise the
+        failure. The work's own exception is raised here.
+        """
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = work()
+            except BaseException as exc:  # re-raised on the connection's thread below
+                outcome["error"] = exc
+            finally:
+                self.wake()  # the loop below goes on now, not at its time limit
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        lost = None
+        while thread.is_alive() and lost is None:
+            try:
+                self.serve(1.0)
+            except RECOVERABLE as exc:
+                lost = exc
+                on_lost(exc)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"], lost
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` while the connection stays alive."""

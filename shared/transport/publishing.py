@@ -11,13 +11,14 @@ from typing import Callable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import ChannelClosedByBroker
 
-from shared.chunking import ChunkInfo, iter_chunks
+from shared.chunking import SITE_HEADER, ChunkInfo, iter_chunks
 from shared.protocol import MAX_CHUNK_BYTES, Announcement, Status, encode_payload, new_id
 from shared.transport.connection import Link
 from shared.transport.topology import (
-    ANNOUNCEMENTS, REJECTED, SNAPSHOT_KEY, SNAPSHOTS, STATUS, UPDATE_KEY, UPDATES, declare_shared_topology,
-    queue_depths,
+    ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, STATUS_EXCHANGE, UPDATE_EXCHANGE, UPDATE_KEY,
+    bind_site_queue, declare_shared_topology, queue_depths,
 )
 
 
@@ -29,6 +30,7 @@ def publish_payload(
     payload_id: str,
     *,
     user_id: str | None = None,
+    headers: dict[str, str] | None = None,
     mandatory: bool = True,
     chunk_bytes: int = MAX_CHUNK_BYTES,
     progress: Callable[[ChunkInfo], None] | None = None,
@@ -36,14 +38,15 @@ def publish_payload(
 ) -> ChunkInfo:
     """Publish a payload as persistent chunks on a confirming channel; returns the last chunk's info.
 
-    ``progress`` is called after each confirmed chunk; ``digest``, the payload's digest if the
+    Each chunk carries its place in the payload and ``headers``. ``progress`` is called after each
+    confirmed chunk; ``digest``, the payload's digest if the
     caller already has it, saves hashing it again.
     """
     info = None
     for info, body in iter_chunks(buffers, payload_id, chunk_bytes, digest):
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
-            headers=info.to_headers(),
+            headers={**info.to_headers(), **(headers or {})},
             message_id=f"{payload_id}:{info.index}",
             user_id=user_id,
             content_type="application/x-fedq",
@@ -59,6 +62,7 @@ class Publisher:
     """A confirming channel on ``link``, and what fedq's processes publish through it."""
 
     def __init__(self, link: Link, *, declare_topology: bool = False):
+        self.link = link
         self.channel = link.channel()
         if declare_topology:
             declare_shared_topology(self.channel)
@@ -68,12 +72,26 @@ class Publisher:
 
     def snapshot(self, buffers: list[memoryview], payload_id: str, digest: str) -> None:
         """Write a snapshot's chunks to the stream."""
-        publish_payload(self.channel, SNAPSHOTS, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
+        publish_payload(self.channel, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
 
     def announcement(self, announcement: Announcement) -> None:
         """Tell every site's latest-only queue of a version. Not mandatory: before any site has
         declared its queue, nobody needs to hear it."""
         publish_payload(self.channel, ANNOUNCEMENTS, "", encode_payload(announcement, []), new_id(), mandatory=False)
+
+    def welcome(self, site: str) -> str | None:
+        """Bind a site's announcement queue (declaring it if the site has not yet), so that it hears
+        every version from now on; returns the broker's refusal, if it refused (a queue the site
+        declared with other arguments), which costs only the channel opened for it."""
+        channel = self.link.channel()
+        try:
+            bind_site_queue(channel, site)
+        except ChannelClosedByBroker as exc:
+            return f"{exc.reply_code} {exc.reply_text}"
+        finally:
+            if channel.is_open:
+                channel.close()
+        return None
 
     def refusal(self, body: bytes | list[bytes], headers: dict | None, reason: str, user_id: str | None) -> None:
         """Dead-letter a message that cannot be used (whole, or as the frames it came in), with the reason
@@ -82,11 +100,11 @@ class Publisher:
             delivery_mode=pika.DeliveryMode.Persistent,
             headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or ""},
         )
-        self.channel.basic_publish(REJECTED, "", b"".join(body) if isinstance(body, list) else body, properties)
+        self.channel.basic_publish(REJECTED_EXCHANGE, "", b"".join(body) if isinstance(body, list) else body, properties)
 
     def status(self, status: Status) -> None:
         """Replace the status on the broker with ``status``."""
-        publish_payload(self.channel, STATUS, "", encode_payload(status, []), new_id(), mandatory=False)
+        publish_payload(self.channel, STATUS_EXCHANGE, "", encode_payload(status, []), new_id(), mandatory=False)
 
     def queue_depths(self) -> dict[str, int]:
         """Messages ready in each watched queue."""
@@ -94,9 +112,9 @@ class Publisher:
 
     # -- a site's ---------------------------------------------------------------------------------
 
-    def update(self, buffers: list[memoryview], payload_id: str, user_id: str,
+    def update(self, buffers: list[memoryview], payload_id: str, user_id: str, site: str,
                progress: Callable[[ChunkInfo], None] | None = None) -> ChunkInfo:
-        """Send an update (or a hello) to the coordinator, as ``user_id``, which the broker checks
-        against the connection's user."""
-        return publish_payload(self.channel, UPDATES, UPDATE_KEY, buffers, payload_id, user_id=user_id,
-                               progress=progress)
+        """Send an update (or a hello) of ``site`` to the coordinator, as ``user_id``, which the broker
+        checks against the connection's user."""
+        return publish_payload(self.channel, UPDATE_EXCHANGE, UPDATE_KEY, buffers, payload_id, user_id=user_id,
+                               headers={SITE_HEADER: site}, progress=progress)

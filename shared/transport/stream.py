@@ -77,15 +77,14 @@ class SnapshotReader:
         self._frames = deliver_fragments(self._channel)  # copied into the buffer without pika's join first
         self._channel.basic_qos(prefetch_count=PREFETCH)
         self._attach()
-        try:
-            while (self.payload is None and self.error is None and not self.superseded()
-                   and time.monotonic() - started < READ_TIMEOUT):
-                self.link.serve(min(1.0, STALL_SECONDS / 2))
-                if self.payload is None and self._stalled():
-                    self._attach_again()
-        finally:
-            cancel_stream_consumer(self._channel, self._tag)
-            self._channel.close()
+        # A lost connection raises out of here as it is: its channel and consumer are gone with it.
+        while (self.payload is None and self.error is None and not self.superseded()
+               and time.monotonic() - started < READ_TIMEOUT):
+            self.link.serve(min(1.0, STALL_SECONDS / 2))
+            if self.payload is None and self._stalled():
+                self._attach_again()
+        cancel_stream_consumer(self._channel, self._tag)
+        self._channel.close()
         if self.error is not None:
             raise self.error
         if self.payload is None and not self.superseded():

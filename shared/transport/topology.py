@@ -10,16 +10,27 @@ from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
 
-SNAPSHOTS = "fedq.snapshots"  # exchange and stream queue
+# Exchanges and queues never share a name. A site may write to the updates exchange and read the
+# snapshot stream; RabbitMQ checks write on the queue and read on the exchange for queue.bind, and
+# write on the destination and read on the source for exchange.bind. With shared names, a site could
+# bind the updates queue to the snapshot exchange; with these, the only bind open to it is of its
+# own queue to an exchange of its own. Sites do not bind their announcement queues either: the
+# coordinator binds a site's queue when the site says hello, so sites need no read on any exchange.
+SNAPSHOT_EXCHANGE = "fedq.x.snapshots"
 SNAPSHOT_KEY = "snapshot"
-ANNOUNCEMENTS = "fedq.announcements"  # fanout exchange; one latest-only queue per site
-UPDATES = "fedq.updates"  # exchange and quorum queue
+SNAPSHOTS = "fedq.snapshots"  # stream queue
+ANNOUNCEMENTS = "fedq.x.announcements"  # fanout exchange; one latest-only queue per site
+UPDATE_EXCHANGE = "fedq.x.updates"
 UPDATE_KEY = "update"
-REJECTED = "fedq.rejected"  # exchange and queue for messages the coordinator refused, with the reason
-STATUS = "fedq.status"  # exchange and latest-only queue: the coordinator's state for fedq status
+UPDATES = "fedq.updates"  # quorum queue
+REJECTED_EXCHANGE = "fedq.x.rejected"
+REJECTED = "fedq.rejected"  # messages the coordinator refused, each with the reason
+STATUS_EXCHANGE = "fedq.x.status"
+STATUS = "fedq.status"  # latest-only queue: the coordinator's state for fedq status
 
 EXCHANGES: dict[str, str] = {
-    SNAPSHOTS: "direct", ANNOUNCEMENTS: "fanout", UPDATES: "direct", REJECTED: "fanout", STATUS: "fanout",
+    SNAPSHOT_EXCHANGE: "direct", ANNOUNCEMENTS: "fanout", UPDATE_EXCHANGE: "direct", REJECTED_EXCHANGE: "fanout",
+    STATUS_EXCHANGE: "fanout",
 }
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
@@ -27,13 +38,14 @@ QUEUES: dict[str, dict[str, Any]] = {
     SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
     # Replicated and durable: a confirmed update survives a broker restart. Messages that keep
     # failing are dead-lettered instead of looping forever.
-    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED, "x-delivery-limit": 20},
+    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": 20},
     REJECTED: {"x-queue-type": "classic"},
     # Only the newest status matters; readers take it and put it back for the next reader.
     STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
 }
 BINDINGS: list[tuple[str, str, str]] = [
-    (SNAPSHOTS, SNAPSHOTS, SNAPSHOT_KEY), (UPDATES, UPDATES, UPDATE_KEY), (REJECTED, REJECTED, ""), (STATUS, STATUS, ""),
+    (SNAPSHOT_EXCHANGE, SNAPSHOTS, SNAPSHOT_KEY), (UPDATE_EXCHANGE, UPDATES, UPDATE_KEY), (REJECTED_EXCHANGE, REJECTED, ""),
+    (STATUS_EXCHANGE, STATUS, ""),
 ]
 # Queues whose depth the coordinator reports.
 WATCHED_QUEUES = (UPDATES, REJECTED)
@@ -57,9 +69,16 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
 
 
 def declare_site_queue(channel: BlockingChannel, site: str) -> str:
-    """Declare and bind a site's latest-only announcement queue; returns its name."""
+    """Declare a site's latest-only announcement queue (a site may declare its own); returns its name."""
     name = site_queue(site)
     channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    return name
+
+
+def bind_site_queue(channel: BlockingChannel, site: str) -> str:
+    """Declare a site's announcement queue and bind it to the announcements (the coordinator's, and
+    the development user's, to do); returns its name."""
+    name = declare_site_queue(channel, site)
     channel.queue_bind(name, ANNOUNCEMENTS)
     return name
 

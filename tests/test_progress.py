@@ -1,0 +1,34 @@
+"""Runs end: a site that never answers, or whose every update is refused, does not stall a round or a buffer."""
+
+import pytest
+
+from fedq.federation import run_federation, site_names
+from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
+
+pytestmark = pytest.mark.broker
+
+
+def test_fedavg_with_a_site_whose_every_update_is_refused_still_closes_rounds_and_reaches_090(broker_url, tmp_path):
+    summary = run_federation(
+        broker_url, tmp_path, site_names(10),
+        coordinator={"strategy": "fedavg", "sites": 10, "buffer_deadline": 2.0, "stop_at_accuracy": 0.90,
+                     "max_seconds": 150},
+        site_settings={"site-9": {"task": "tests.hostile_task:NonFiniteDigits"}},
+    )
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert summary["rejected_per_user"].get("fedq", 0) >= 1 and "site-9" not in summary["applied_per_site"]
+    closed = [e["updates"] for e in events(tmp_path, "flushed")]
+    assert closed and max(closed) == 9, "rounds closed at their deadline with the nine that answered"
+
+
+def test_fedbuff_with_a_trimmed_mean_and_one_live_site_too_few_still_makes_versions(broker_url, tmp_path):
+    clients = [SiteClient(broker_url, f"site-{i}") for i in range(3)]
+    with running_coordinator(broker_url, tmp_path, strategy="fedbuff", buffer_size=4, aggregation="trimmed-mean",
+                             trim_fraction=0.25, buffer_deadline=2.0) as coordinator:
+        for client, value in zip(clients, (0.01, 0.02, 5.0)):
+            event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, value)))
+        assert coordinator.version == 0, "three of four: the buffer waits for its deadline"
+        wait_for(lambda: coordinator.version == 1, 10, "the buffer closed at its deadline")
+        assert [e["updates"] for e in events(tmp_path, "flushed")] == [3]
+    for client in clients:
+        client.close()
