@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from shared.chunking import Reassembly, iter_chunks
-from shared.codecs import CODEC_NAMES, Layout, decode_tensors, encode_tensors, get_codec
+from shared.codecs import CODECS, Layout, decode_tensors, encode_tensors, get_codec
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, decode_payload, encode_payload, new_id, payload_size
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     update = update_of(args.parameters)
-    rows = [measure(name, update, args.repeats) for name in CODEC_NAMES]
+    rows = [measure(name, update, args.repeats) for name in CODECS.names]
     wire = measure_wire_sides(update, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "codec_speed.json").write_text(json.dumps(

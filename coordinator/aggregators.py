@@ -31,7 +31,7 @@ class BufferAggregator(ABC):
     supports_privacy = False
 
     def __init__(self, buffer_size: int, trim_fraction: float):
-        self.buffer_size = buffer_size
+        """For a buffer of ``buffer_size`` updates; ``trim_fraction`` is the trimmed mean's."""
 
     def prepare(self, params: Tensors) -> None:
         """Allocate what ``add`` needs for a model of these tensors."""

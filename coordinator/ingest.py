@@ -17,6 +17,8 @@ It goes through these stages in order; each either lets it go on or gives the ve
 12. ``submit``: folded into the model or the buffer; a new version if the strategy made one;
 13. ``record``: the ledger and the run log.
 
+Between payloads, ``flush`` lets the strategy close a buffer or round that waited past its deadline.
+
 A ProtocolError's message is the refusal's reason. Any other exception in a stage is a gap in
 fedq's own checks: it is logged with its trace and counted (the run log's ``stage_failed``), and
 the payload is refused with a reason naming the stage and the error. No payload stops the
@@ -95,6 +97,17 @@ class NormBound:
 Stage = Callable[[Arrival], "Verdict | None"]
 
 
+def report_gap(runlog: RunLog, stage: str, error: Exception, user: str | None) -> str:
+    """An error no check foresaw, in ``stage`` on a payload from ``user``: a check fedq lacks, or a
+    bug. Logged loudly with its trace and counted; returns the refusal's reason, for it is still
+    only that payload's end."""
+    log.error("ingest stage %s raised %s on a payload from %s; the payload is refused and the coordinator goes on. "
+              "This is a gap in fedq's checks: please report it with this trace", stage, type(error).__name__,
+              user or "unknown user", exc_info=error)
+    runlog.stage_failed(stage, error)
+    return f"{stage} failed: {type(error).__name__}: {error}"
+
+
 class Ingest:
     """Takes payloads into ``state`` through ``strategy``, recording them in ``runlog``."""
 
@@ -108,6 +121,16 @@ class Ingest:
             self.validate, self.bound, self.privacy, self.admit, self.submit, self.record,
         )
 
+    def flush(self, now: float) -> Outcome | None:
+        """Have the strategy close a buffer or round that waited past its deadline (``now`` is
+        time.monotonic()); the outcome if it did, the model then at its new version."""
+        outcome = self.strategy.flush(self.state.params, now)
+        if outcome is not None:
+            if outcome.new_version:
+                self.state.version += 1
+            self.runlog.event("flushed", updates=outcome.flushed, version=self.state.version)
+        return outcome
+
     def take(self, payload: memoryview, user: str | None, first_chunk: float | None = None) -> Verdict:
         """The verdict on one payload from ``user``, every stage it passed having had its effect."""
         arrival = Arrival(payload, user, time.monotonic() if first_chunk is None else first_chunk)
@@ -117,12 +140,7 @@ class Ingest:
             except ProtocolError as exc:
                 return self._refused(arrival, str(exc))
             except Exception as exc:  # noqa: BLE001 - a stage's failure is the payload's refusal, never a crash
-                # A check fedq lacks, or a bug: loud, with the trace, and counted; still only this payload's end.
-                log.error("ingest stage %s raised %s on a payload from %s; the payload is refused and the coordinator "
-                          "goes on. This is a gap in fedq's checks: please report it with this trace",
-                          stage.__name__, type(exc).__name__, user or "unknown user", exc_info=True)
-                self.runlog.stage_failed(stage.__name__, exc)
-                return self._refused(arrival, f"{stage.__name__} failed: {type(exc).__name__}: {exc}")
+                return self._refused(arrival, report_gap(self.runlog, stage.__name__, exc, user))
             if verdict is not None:
                 return verdict
         raise AssertionError("the record stage gives every payload that reaches it its verdict")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from coordinator.checkpoint import Checkpoint, CheckpointFiles
-from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Verdict
+from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Verdict, report_gap
 from coordinator.ledger import Ledger
 from coordinator.memory import keep_freed_memory
 from coordinator.metrics import serve_metrics
@@ -263,15 +263,12 @@ class Coordinator:
         self.stop(f"received {signal.Signals(signum).name}")
 
     def _flush_if_due(self) -> None:
-        """Close a buffer or round that has waited past its deadline with the updates it holds."""
-        outcome = self.strategy.flush(self.params, time.monotonic())
-        if outcome is None:
-            return
-        if outcome.new_version:
-            self.state.version += 1
-        log.info("closed a buffer of %d updates at its deadline of %g s: version %d", outcome.flushed,
-                 self.settings.buffer_deadline, self.version)
-        self.runlog.event("flushed", updates=outcome.flushed, version=self.version)
+        """Close a buffer or round that has waited past its deadline with the updates it holds; the
+        version it makes is released by the next ``_serve``."""
+        outcome = self.ingest.flush(time.monotonic())
+        if outcome is not None:
+            log.info("closed a buffer of %d updates at its deadline of %g s: version %d", outcome.flushed,
+                     self.settings.buffer_deadline, self.version)
 
     def _check_limits(self) -> None:
         s = self.settings
@@ -368,11 +365,7 @@ class Coordinator:
         try:
             placed = self.uploads.add(delivery.tag, delivery.headers, delivery.user_id, delivery.body)
         except Exception as exc:  # noqa: BLE001 - as in the ingest stages: this delivery's end, not the process's
-            log.error("placing a chunk from %s raised %s; it is refused and the coordinator goes on. This is a gap in "
-                      "fedq's checks: please report it with this trace", delivery.user_id or "unknown user",
-                      type(exc).__name__, exc_info=True)
-            self.runlog.stage_failed("uploads", exc)
-            placed = Refusal([delivery.tag], f"uploads failed: {type(exc).__name__}: {exc}", delivery.body,
+            placed = Refusal([delivery.tag], report_gap(self.runlog, "uploads", exc, delivery.user_id), delivery.body,
                              delivery.headers, delivery.user_id)
         if isinstance(placed, Refusal):
             self._refuse(placed)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.aggregators import AGGREGATORS, BufferAggregator
+from coordinator.aggregators import AGGREGATORS
 from coordinator.privacy import GaussianPrivacy
 from coordinator.running_sum import FlatTensors
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer, ServerSGD
@@ -168,11 +168,10 @@ class FedBuff(Strategy):
     uses_server_optimizer = True
 
     def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None,
-                 aggregation: str | BufferAggregator = "mean", trim_fraction: float = 0.2,
+                 aggregation: str = "mean", trim_fraction: float = 0.2,
                  deadline: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.aggregator = (AGGREGATORS[aggregation](buffer_size, trim_fraction) if isinstance(aggregation, str)
-                           else aggregation)
+        self.aggregator = AGGREGATORS[aggregation](buffer_size, trim_fraction)
         if self.privacy is not None and not self.aggregator.supports_privacy:
             raise ValueError(f"differential privacy is calibrated for the mean, not the {self.aggregator.name}")
         self.buffer_size = buffer_size

@@ -453,7 +453,6 @@ class TopKInt8(TopK):
     values = "int8"
 
 
-CODEC_NAMES = CODECS.names
 SNAPSHOT_CODECS = tuple(name for name in CODECS if CODECS[name].for_snapshots)
 
 

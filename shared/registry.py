@@ -62,7 +62,3 @@ class Registry(Generic[T]):
         """The first line of the plug-in's docstring, without its final full stop."""
         doc = inspect.getdoc(self._entries[name]) or ""
         return doc.split("\n\n")[0].replace("\n", " ").rstrip(".")
-
-    def describe(self) -> str:
-        """Every name with its summary: "a (does this), b (does that)", for settings and help text."""
-        return ", ".join(f"{name} ({self.summary(name)})" for name in self._entries)

@@ -304,3 +304,15 @@ def test_a_stage_that_fails_refuses_the_update_and_records_nothing(tmp_path):
     assert update_id not in ingest.state.ledger and ingest.runlog.applied == 0 and unchanged(ingest)
     assert ingest.runlog.stage_failures == {"submit": 1}, "a gap in fedq's checks is counted"
     assert "the strategy broke" in events(tmp_path, "stage_failed")[0]["error"]
+
+
+def test_a_buffer_closed_at_its_deadline_moves_the_model_to_a_new_version(tmp_path):
+    ingest = federation(tmp_path, FedBuff(buffer_size=3, deadline=1.0))
+    for site in ("site-1", "site-2"):
+        assert ingest.take(update(ingest, 0.3, site=site)[1], "fedq").new_version is False
+    opened = ingest.strategy._opened
+    assert ingest.flush(opened + 0.5) is None and unchanged(ingest)
+    outcome = ingest.flush(opened + 1.0)
+    assert outcome.flushed == 2 and ingest.state.version == 1
+    assert torch.allclose(ingest.state.params["b"], torch.full((3,), 0.3))
+    assert events(tmp_path, "flushed") == [{**events(tmp_path, "flushed")[0], "updates": 2, "version": 1}]
