@@ -6,9 +6,9 @@ It goes through these stages in order; each either lets it go on or gives the ve
 1. ``decode``: the header and its tensor parts; only hellos and updates belong here;
 2. ``identify``: the broker-verified user may speak for the site the payload names;
 3. ``greet``: a hello ends here: the site is up;
-4. ``receive``: the update's bytes count against its site;
-5. ``current_run``: an update trained in another run is dropped;
-6. ``replay``: an update the ledger counted already is refused;
+4. ``replay``: an update the ledger counted already is a duplicate (a redelivery, or a replay), set aside;
+5. ``receive``: the update's bytes count against its site;
+6. ``current_run``: an update trained in another run is dropped;
 7. ``staleness``: how many versions old its base is (a base from the future is refused);
 8. ``validate``: its claimed sample count, and its tensors against the model: names, shapes, finite values;
 9. ``bound``: the update norm bound (clip, or refuse);
@@ -45,14 +45,15 @@ from shared.validation import check_matches_model
 
 log = logging.getLogger("fedq.coordinator")
 
-APPLIED, DROPPED, REFUSED, GREETED = "applied", "dropped", "refused", "greeted"
+APPLIED, DROPPED, REFUSED, GREETED, DUPLICATE = "applied", "dropped", "refused", "greeted", "duplicate"
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What became of a payload: ``applied`` (``new_version`` if the model moved on), ``dropped``
     (counted, without effect: stale, or from another run), ``refused`` (to be dead-lettered with
-    ``reason``) or ``greeted`` (a site's hello)."""
+    ``reason``), ``greeted`` (a site's hello) or ``duplicate`` (counted already: acknowledged and
+    set aside, for at-least-once delivery brings honest sites' updates twice)."""
 
     outcome: str
     reason: str | None = None
@@ -117,7 +118,7 @@ class Ingest:
         self.senders, self.norm_bound, self.max_num_samples = senders, norm_bound, max_num_samples
         self.limits = HeaderLimits.for_model(len(state.layout.shapes))
         self.stages: tuple[Stage, ...] = (
-            self.decode, self.identify, self.greet, self.receive, self.current_run, self.replay, self.staleness,
+            self.decode, self.identify, self.greet, self.replay, self.receive, self.current_run, self.staleness,
             self.validate, self.bound, self.privacy, self.admit, self.submit, self.record,
         )
 
@@ -164,6 +165,16 @@ class Ingest:
         self.runlog.seen(site)
         return Verdict(GREETED, site=site)
 
+    def replay(self, arrival: Arrival) -> Verdict | None:
+        header = arrival.header
+        if header.update_id not in self.state.ledger:
+            return None
+        log.info("update %s from %s was counted already (redelivered or replayed): set aside", header.update_id,
+                 header.site)
+        self.runlog.duplicate(header.site, header.update_id)
+        return Verdict(DUPLICATE, f"update {header.update_id} was counted already", site=header.site,
+                       update_id=header.update_id)
+
     def receive(self, arrival: Arrival) -> None:
         self.state.sites_seen.add(arrival.header.site)
         self.runlog.received_update(arrival.header.site, len(arrival.payload))
@@ -173,10 +184,6 @@ class Ingest:
         if run_id != self.state.run_id:
             return self._dropped(arrival, f"trained in run {run_id}, not the current run {self.state.run_id}", None)
         return None
-
-    def replay(self, arrival: Arrival) -> None:
-        if arrival.header.update_id in self.state.ledger:
-            raise ProtocolError(f"update {arrival.header.update_id} was already counted (redelivered or replayed)")
 
     def staleness(self, arrival: Arrival) -> None:
         arrival.staleness = self.state.version - arrival.header.base_version

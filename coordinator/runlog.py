@@ -32,6 +32,8 @@ class RunLog:
         self.applied_per_site: Counter[str] = Counter()
         self.dropped_per_site: Counter[str] = Counter()
         self.rejected_per_user: Counter[str] = Counter()
+        # Updates that came again once counted: redeliveries, which at-least-once delivery makes normal.
+        self.duplicates_per_site: Counter[str] = Counter()
         # Ingest stages that raised something other than a protocol error: fedq's own gaps.
         self.stage_failures: Counter[str] = Counter()
         self.received = 0
@@ -78,6 +80,10 @@ class RunLog:
         self.rejected += 1
         self.rejected_per_user[user or ""] += 1
 
+    def duplicate(self, site: str, update_id: str) -> None:
+        self.duplicates_per_site[site] += 1
+        self.event("duplicate", site=site, update_id=update_id)
+
     def stage_failed(self, stage: str, error: BaseException) -> None:
         self.stage_failures[stage] += 1
         self.event("stage_failed", stage=stage, error=f"{type(error).__name__}: {error}")
@@ -109,6 +115,7 @@ class RunLog:
             "applied_per_site": dict(sorted(self.applied_per_site.items())),
             "dropped_per_site": dict(sorted(self.dropped_per_site.items())),
             "rejected_per_user": dict(sorted(self.rejected_per_user.items())),
+            "duplicates_per_site": dict(sorted(self.duplicates_per_site.items())),
             "stage_failures": dict(sorted(self.stage_failures.items())),
             "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
             "curve": self.curve,
@@ -124,6 +131,7 @@ class RunLog:
             "staleness": {str(k): v for k, v in self.staleness.items()}, "bytes_in": dict(self.bytes_in),
             "applied_per_site": dict(self.applied_per_site), "dropped_per_site": dict(self.dropped_per_site),
             "rejected_per_user": dict(self.rejected_per_user), "stage_failures": dict(self.stage_failures),
+            "duplicates_per_site": dict(self.duplicates_per_site),
             "bytes_out": self.bytes_out,
             "last_seen": self.last_seen, "last_base": self.last_base, "last_staleness": self.last_staleness,
         }
@@ -136,7 +144,9 @@ class RunLog:
         self.applied_per_site = Counter(counters["applied_per_site"])
         self.dropped_per_site = Counter(counters["dropped_per_site"])
         self.rejected_per_user = Counter(counters["rejected_per_user"])
-        self.stage_failures = Counter(counters.get("stage_failures", {}))  # absent from older checkpoints
+        # Absent from older checkpoints:
+        self.stage_failures = Counter(counters.get("stage_failures", {}))
+        self.duplicates_per_site = Counter(counters.get("duplicates_per_site", {}))
         self.bytes_out = counters["bytes_out"]
         self.last_seen = dict(counters["last_seen"])
         self.last_base = dict(counters["last_base"])

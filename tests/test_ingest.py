@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.ingest import APPLIED, DROPPED, GREETED, REFUSED, Ingest, NormBound
+from coordinator.ingest import APPLIED, DROPPED, DUPLICATE, GREETED, REFUSED, Ingest, NormBound
 from coordinator.senders import Senders
 from coordinator.privacy import GaussianPrivacy
 from coordinator.runlog import RunLog
@@ -199,14 +199,19 @@ def test_an_update_from_another_run_is_dropped_and_counted_once(tmp_path):
     assert events(tmp_path, "dropped")[0]["update_id"] == update_id
 
 
-def test_an_update_counted_already_is_refused_as_a_replay(tmp_path):
+def test_an_update_counted_already_is_a_duplicate_not_a_refusal(tmp_path):
     ingest = federation(tmp_path)
     update_id, payload = update(ingest)
     assert ingest.take(payload, "fedq").outcome == APPLIED
     moved = {name: t.clone() for name, t in ingest.state.params.items()}
+    received = ingest.runlog.received
     verdict = ingest.take(payload, "fedq")
-    assert verdict.outcome == REFUSED and f"update {update_id} was already counted" in verdict.reason
+    assert verdict.outcome == DUPLICATE and f"update {update_id} was counted already" in verdict.reason
     assert all(torch.equal(moved[name], t) for name, t in ingest.state.params.items()) and ingest.state.version == 1
+    assert ingest.runlog.duplicates_per_site == {"site-1": 1} and ingest.runlog.rejected == 0
+    assert ingest.runlog.received == received, "a redelivery's bytes do not count against its site again"
+    assert events(tmp_path, "duplicate") == [{"t": events(tmp_path, "duplicate")[0]["t"], "event": "duplicate",
+                                              "site": "site-1", "update_id": update_id}]
 
 
 def test_a_base_from_the_future_is_refused_and_a_stale_one_is_weighted(tmp_path):
