@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,11 +49,29 @@ def test_topk_without_feedback_loses_what_feedback_keeps():
 def test_residual_survives_a_restart(tmp_path):
     path = tmp_path / "site-1.residual"
     feedback = ErrorFeedback(path, LAYOUT)
-    feedback.encode({name: torch.randn(shape) for name, shape in LAYOUT.shapes}, get_codec("topk", 0.01))
+    feedback.encode({name: torch.randn(shape) for name, shape in LAYOUT.shapes}, get_codec("topk", 0.01), "run-a")
     feedback.commit()
     restarted = ErrorFeedback(path, LAYOUT)
     assert all(torch.equal(restarted.residual[k], feedback.residual[k]) for k in feedback.residual)
-    assert any(t.abs().sum() > 0 for t in restarted.residual.values())
+    assert any(t.abs().sum() > 0 for t in restarted.residual.values()) and restarted.run_id == "run-a"
+
+
+def test_a_residual_left_by_another_run_is_not_folded_into_an_update(tmp_path, caplog):
+    path = tmp_path / "site-1.residual"
+    codec = get_codec("topk", 0.01)
+    earlier = ErrorFeedback(path, LAYOUT)
+    earlier.encode({name: torch.randn(shape) for name, shape in LAYOUT.shapes}, codec, "run-a")
+    earlier.commit()
+    feedback = ErrorFeedback(path, LAYOUT)
+    delta = {name: torch.randn(shape) for name, shape in LAYOUT.shapes}
+    _, expected = codec.encode({k: v.clone() for k, v in delta.items()})
+    with caplog.at_level(logging.INFO):
+        _, parts = feedback.encode(delta, codec, "run-b")
+    assert "belongs to run run-a" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(parts, expected, strict=True)), \
+        "the new run's update is its own, with nothing of run-a's residual"
+    feedback.commit()
+    assert ErrorFeedback(path, LAYOUT).run_id == "run-b"
 
 
 def test_residual_for_other_shapes_is_dropped_with_a_warning(tmp_path, caplog):

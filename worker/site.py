@@ -222,7 +222,7 @@ class SiteWorker:
         delta = {name: tensor.sub_(self.base[name]) for name, tensor in self.params.items()}
         dense = sum(t.numel() * 4 for t in delta.values())
         if self.feedback is not None:
-            specs, parts = self.feedback.encode(delta, self.codec)
+            specs, parts = self.feedback.encode(delta, self.codec, self.base_run)
         else:
             specs, parts = encode_tensors(delta, self.codec)
         header = UpdateHeader(
