@@ -75,6 +75,8 @@ class Coordinator:
         except ValueError as exc:
             raise SettingsError(f"fedq cannot start: {exc}. Fix FEDQ_STRATEGY and its settings, then start again.") from None
         self.strategy.prepare(params)
+        if self.strategy.privacy is not None:
+            self._cover_trainable()
         self.runlog = RunLog(settings.run_dir)
         self.senders = Senders(frozenset(settings.any_site_users), settings.site_users)
         self.ingest = Ingest(
@@ -105,6 +107,15 @@ class Coordinator:
         self._last_status = 0.0
         self.metrics_url: str | None = None
         self._link: transport.Link | None = None
+
+    def _cover_trainable(self) -> None:
+        trainable = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+        kept = self.strategy.privacy.cover(self.state.layout, trainable)
+        if kept:
+            log.warning("differential privacy covers the model's trainable parameters only: %d other tensors (%s) keep "
+                        "the values the task's model starts with, for updates to them would leak site data outside the "
+                        "guarantee. A model that needs them learned (BatchNorm statistics) should use GroupNorm or "
+                        "LayerNorm under privacy", len(kept), ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
 
     # The federation's state, as tests and embedding code read it.
 

@@ -53,6 +53,14 @@ class CoordinatorSettings(CommonSettings):
     )
     dp_clip_norm: float = Field(1.0, gt=0, description="Differential privacy: every update is clipped to this L2 norm.")
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="Differential privacy: the delta epsilon is reported for.")
+    dp_neighbours: Literal["zero-out", "replace-one"] = Field(
+        "zero-out", description="Differential privacy: what neighbouring runs differ in, one site's updates zeroed "
+        "or replaced (epsilon is reported for it; see docs/security.md)."
+    )
+    dp_secure_noise: bool = Field(
+        False, description="Differential privacy: draw the noise from the operating system's CSPRNG instead of torch's "
+        "generator (slower; for production releases)."
+    )
     any_site_users: list[str] = Field(
         ["fedq"], description="Broker users that may send for any site (the development user; empty in production)."
     )

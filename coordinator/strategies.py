@@ -118,7 +118,8 @@ def privacy_from(settings) -> GaussianPrivacy | None:
     """Central differential privacy as the settings ask for it, or None when it is off."""
     if not settings.dp_noise_multiplier:
         return None
-    return GaussianPrivacy(settings.dp_clip_norm, settings.dp_noise_multiplier, settings.dp_delta)
+    return GaussianPrivacy(settings.dp_clip_norm, settings.dp_noise_multiplier, settings.dp_delta,
+                           neighbours=settings.dp_neighbours, secure=settings.dp_secure_noise)
 
 
 def staleness_from(settings) -> StalenessWeight:

@@ -25,3 +25,12 @@ class NonFiniteDigits(DigitsStraggler):
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
         return result
+
+
+class BatchNormDigits(DigitsStraggler):
+    """Digits with a BatchNorm layer, whose running statistics are floating tensors that do not train."""
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128), torch.nn.ReLU(),
+                                   torch.nn.Linear(128, 10))
