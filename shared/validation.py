@@ -45,3 +45,23 @@ def non_finite_tensor(tensors: Tensors) -> str | None:
 def float_state(model: torch.nn.Module) -> Tensors:
     """The model's floating-point state (parameters and buffers), sharing storage with the model."""
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def master_state(model_tensors: Tensors) -> Tensors:
+    """float32 tensors of the model's values: the same storage where the model is float32, copies
+    where it is not. Updates are merged into these: in bfloat16 (8 bits of mantissa) an update
+    smaller than about 1/256 of a weight would round away, and many small updates make a model."""
+    return {name: t if t.dtype == torch.float32 else t.detach().to(torch.float32, copy=True)
+            for name, t in model_tensors.items()}
+
+
+def trained_delta(model_tensors: Tensors, base: Tensors) -> Tensors:
+    """What training moved, in float32: the model's values minus the ``base`` it was loaded from.
+
+    A float32 tensor is turned into its delta in place (a copy would be a third model's worth of
+    memory, and it is loaded from the base again before the next training). Another dtype's delta
+    is taken against the base as that dtype holds it, which is where training started, in a new
+    float32 tensor."""
+    return {name: t.sub_(base[name]) if t.dtype == torch.float32
+            else t.to(torch.float32).sub_(base[name].to(t.dtype).to(torch.float32))
+            for name, t in model_tensors.items()}

@@ -188,3 +188,4 @@ def test_finite_values_whose_sum_overflows_are_finite_and_one_bad_value_is_found
         tensor[2 * SCAN_BLOCK + 3] = bad
         assert not all_finite(tensor)
         assert not all_finite(tensor.view(-1, 1)[:, 0])  # also through a view
+

@@ -38,7 +38,7 @@ from shared.protocol import (
 )
 from worker.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
-from shared.validation import check_matches_model, float_state
+from shared.validation import check_matches_model, float_state, trained_delta
 from worker.error_feedback import ErrorFeedback
 from worker.outbox import Outbox
 
@@ -217,9 +217,7 @@ class SiteWorker:
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
         encoding = time.monotonic()
-        # The difference is taken in place: the model's tensors are reset from the base before the
-        # next training anyway, and a copy would be a third model's worth of memory.
-        delta = {name: tensor.sub_(self.base[name]) for name, tensor in self.params.items()}
+        delta = trained_delta(self.params, self.base)
         dense = sum(t.numel() * 4 for t in delta.values())
         if self.feedback is not None:
             specs, parts = self.feedback.encode(delta, self.codec, self.base_run)
