@@ -184,6 +184,10 @@ class Coordinator:
             self.uploads.reconnected()
             self.pending_acks.clear()
             self._publisher = transport.Publisher(self._link, declare_topology=True)
+            if self._publisher.find_stream_end() is None:
+                log.warning("could not read back a marker written to stream %s within %g s: sites will look for "
+                            "snapshots by time, which needs the coordinator's clock to agree with the broker's "
+                            "to within a second", transport.SNAPSHOTS, transport.MARKER_TIMEOUT)
             self._inbox = transport.UpdateInbox(self._link, s.prefetch)
             if self.announcement is None:
                 self._start()
@@ -509,7 +513,7 @@ class Coordinator:
         self.announcement = Announcement(
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
             chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, digest=digest, published_at=now(),
-            retrain=self.strategy.retrain,
+            stream_offset=self._publisher.stream_end, retrain=self.strategy.retrain,
         )
         self._announce()
         self._publisher.snapshot(buffers, self.announcement.payload_id, digest)

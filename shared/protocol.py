@@ -178,9 +178,11 @@ class Announcement(_PayloadHeader):
     It is published before the snapshot's chunks, so sites read while the coordinator writes; size,
     chunk count and digest are computed up front, and the digest is checked once all chunks are in.
 
-    AMQP 0-9-1 does not tell a publisher the stream offset of what it published, so the snapshot is
-    located by time: readers attach at ``published_at`` (whole seconds, rounded down) and skip the
-    few older chunks the broker may hand them by their version header.
+    Readers attach at ``stream_offset``, the stream offset of the snapshot's first chunk, which the
+    coordinator learns without any clock (``transport.Publisher.find_stream_end``). Only when it
+    could not (None) do they attach at ``published_at`` (whole seconds, rounded down, on the
+    coordinator's clock, which must then agree with the broker's), skipping the older chunks the
+    broker may hand them by their payload id.
     """
 
     kind: Literal["announcement"] = "announcement"
@@ -191,6 +193,7 @@ class Announcement(_PayloadHeader):
     size: Count
     digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     published_at: float
+    stream_offset: Count | None = None
     # Asynchronous strategies keep sites busy on the newest version even if they trained on it
     # already; a synchronous round wants exactly one update per site and version.
     retrain: bool = True

@@ -321,6 +321,39 @@ def fetch_as_worker(broker_url: str, tmp_path, site: str, announcement: Announce
         connection.close()
 
 
+def test_sites_find_each_snapshot_by_its_offset_whatever_the_coordinators_clock_says(broker_url, tmp_path, monkeypatch):
+    """Snapshots were once looked for by the coordinator's clock: one a second or more ahead of the
+    broker's hid every snapshot from the sites. Here it is a minute ahead."""
+    import coordinator.server as server_module
+
+    monkeypatch.setattr(server_module, "now", lambda: time.time() + 60)
+    monkeypatch.setattr(stream_module, "READ_TIMEOUT", 20.0)  # by time, the read would never find it
+    client = SiteClient(broker_url)
+    # Somebody else's message in the stream before the coordinator starts must not shift its count.
+    publish_snapshot_chunks(broker_url, *digits_snapshot(0)[1:], count=1)
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
+        announcements = [coordinator.announcement]
+        for version in range(2):
+            client.send(coordinator, version, constant_delta(coordinator, 0.01))
+            wait_for(lambda: coordinator.announcement.version == version + 1, 10, f"version {version + 1}")
+            announcements.append(coordinator.announcement)
+        worker, fetched = fetch_as_worker(broker_url, tmp_path, "site-1", announcements[-1])
+        assert fetched and worker.base_version == 2 and worker.stream_attachments == 1
+        assert all(torch.equal(worker.base[name], tensor) for name, tensor in coordinator.params.items())
+        # Each announced offset is that of its snapshot's first chunk, exactly.
+        channel = client.connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        for announcement in announcements:
+            heard = []
+            tag = channel.basic_consume(transport.SNAPSHOTS, lambda ch, m, p, b: heard.append(p.headers),
+                                        arguments={"x-stream-offset": announcement.stream_offset})
+            while not heard:
+                client.connection.serve(0.1)
+            transport.cancel_stream_consumer(channel, tag)
+            assert heard[0]["fedq-payload"] == announcement.payload_id and heard[0]["fedq-chunk"] == 0
+    client.close()
+
+
 def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
     """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
     attaches again after a silence. Here every pause between chunks is such a silence."""

@@ -6,7 +6,7 @@
 | ``topology`` | the exchanges and queues fedq uses, their arguments, declaring them |
 | ``publishing`` | publish with confirms: chunked payloads, snapshots, announcements, updates, refusals, status |
 | ``consuming`` | the coordinator's updates queue (manual acks, prefetch), a site's announcement queue |
-| ``stream`` | read one chunked snapshot from the stream: attach at a time, skip foreign payloads, attach again after a silence, give up with a report |
+| ``stream`` | read one chunked snapshot from the stream: attach at its offset (or time), skip foreign payloads, attach again after a silence, give up with a report |
 | ``status`` | read the coordinator's status |
 | ``frames`` | the pika internals fedq changes, each for a measured reason |
 | ``management`` | RabbitMQ's management HTTP API (provisioning, test brokers) |
@@ -32,7 +32,7 @@ from shared.transport.connection import (
 from shared.transport.consuming import Announcements, Delivery, UpdateInbox
 from shared.transport.frames import RECV_BYTES, cancel_stream_consumer, deliver_fragments
 from shared.transport.management import ManagementError, management_call
-from shared.transport.publishing import Publisher, publish_payload
+from shared.transport.publishing import MARKER_TIMEOUT, Publisher, publish_payload
 from shared.transport.status import StatusReader
 from shared.transport.stream import SnapshotReader, SnapshotUnavailable, stream_offset_at
 from shared.transport.topology import (
@@ -65,7 +65,7 @@ __all__ = [
     "REJECTED_EXCHANGE", "SITE_QUEUE_ARGUMENTS", "SNAPSHOTS", "SNAPSHOT_EXCHANGE", "SNAPSHOT_KEY", "STATUS",
     "STATUS_EXCHANGE", "UPDATES", "UPDATE_EXCHANGE", "UPDATE_KEY", "WATCHED_QUEUES", "bind_site_queue",
     "Announcements", "Backoff", "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError",
-    "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "UpdateInbox",
+    "MARKER_TIMEOUT", "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "UpdateInbox",
     "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
     "declare_shared_topology", "declare_site_queue", "deliver_fragments", "management_call", "probe",
     "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect", "site_queue", "stream_offset_at",

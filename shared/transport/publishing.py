@@ -16,10 +16,18 @@ from pika.exceptions import ChannelClosedByBroker
 from shared.chunking import SITE_HEADER, ChunkInfo, iter_chunks
 from shared.protocol import MAX_CHUNK_BYTES, Announcement, Status, encode_payload, new_id
 from shared.transport.connection import Link
+from shared.transport.frames import cancel_stream_consumer
 from shared.transport.topology import (
-    ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, STATUS_EXCHANGE, UPDATE_EXCHANGE, UPDATE_KEY,
-    bind_site_queue, declare_shared_topology, queue_depths,
+    ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, SNAPSHOTS, STATUS_EXCHANGE, UPDATE_EXCHANGE,
+    UPDATE_KEY, bind_site_queue, declare_shared_topology, queue_depths,
 )
+
+#: A marker is a message of the stream with this header and no payload: read back, it tells the
+#: coordinator where in the stream it is writing. Readers skip it, as they skip other payloads.
+MARKER_HEADER = "fedq-marker"
+# How long the coordinator waits to read its marker back before it falls back to locating
+# snapshots by time (a healthy local broker answers in milliseconds).
+MARKER_TIMEOUT = 5.0
 
 
 def publish_payload(
@@ -67,12 +75,52 @@ class Publisher:
         if declare_topology:
             declare_shared_topology(self.channel)
         self.channel.confirm_delivery()
+        #: The stream offset the next message written to the snapshot stream gets, or None while
+        #: unknown (see ``find_stream_end``).
+        self.stream_end: int | None = None
 
     # -- the coordinator's ------------------------------------------------------------------------
 
+    def find_stream_end(self) -> int | None:
+        """Learn where in the snapshot stream this publisher writes: attach a reader at the stream's
+        end, write a marker, and read it back. Returns (and keeps) the offset of the next message;
+        None, with the reason logged by the caller, if the marker did not come back in time.
+
+        AMQP 0-9-1 tells no publisher the offset of what it published, but the coordinator is the
+        stream's only writer, and a stream numbers its messages one by one: once one offset is
+        known, each snapshot's first chunk is the end before it is written. Sites then find a
+        snapshot by its offset, whatever the coordinator's clock says (a clock a second or more
+        ahead of the broker's once hid every snapshot from the sites that looked for it by time).
+        """
+        heard: list[int] = []
+        channel = self.link.channel()
+        try:
+            channel.basic_qos(prefetch_count=1)
+
+            def on_message(ch, method, properties, body):
+                offset = (properties.headers or {}).get("x-stream-offset")
+                if (properties.headers or {}).get(MARKER_HEADER) == marker and isinstance(offset, int):
+                    heard.append(offset)
+                ch.basic_ack(method.delivery_tag)
+
+            tag = channel.basic_consume(SNAPSHOTS, on_message, arguments={"x-stream-offset": "next"})
+            marker = new_id()
+            self.channel.basic_publish(SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, b"", pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent, headers={MARKER_HEADER: marker}), mandatory=True)
+            self.link.serve_until(lambda: bool(heard), MARKER_TIMEOUT)
+            cancel_stream_consumer(channel, tag)
+        finally:
+            if channel.is_open:
+                channel.close()
+        self.stream_end = heard[0] + 1 if heard else None
+        return self.stream_end
+
     def snapshot(self, buffers: list[memoryview], payload_id: str, digest: str) -> None:
         """Write a snapshot's chunks to the stream."""
-        publish_payload(self.channel, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
+        end, self.stream_end = self.stream_end, None  # unknown if the publish fails half-way
+        last = publish_payload(self.channel, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
+        if end is not None:
+            self.stream_end = end + last.count
 
     def announcement(self, announcement: Announcement) -> None:
         """Tell every site's latest-only queue of a version. Not mandatory: before any site has

@@ -1,9 +1,9 @@
 """Reading one chunked snapshot from the snapshot stream.
 
-The coordinator announces a snapshot before it writes its chunks, so a reader attaches at the
-announced time and collects the chunks of that payload id, skipping the other snapshots stored near
-it. AMQP 0-9-1 does not tell a publisher the stream offset of what it published, so the time is the
-only address there is.
+The coordinator announces a snapshot before it writes its chunks, with the stream offset its first
+chunk will have; a reader attaches there and collects the chunks of that payload id. An
+announcement without an offset (the coordinator could not learn where it writes) is read from the
+announced time instead, skipping the other snapshots stored near it.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def stream_offset_at(timestamp: float) -> datetime:
 
 class SnapshotReader:
     """Reads the snapshot ``announcement`` names into ``buffer``, one attachment to the stream at a
-    time: at the announced time first, then, after each silence of ``STALL_SECONDS``, just past the
-    last message heard. ``superseded()`` ends the read early, when a newer version was announced.
+    time: at the announced offset (or time) first, then, after each silence of ``STALL_SECONDS``,
+    just past the last message heard. ``superseded()`` ends the read early, when a newer version was announced.
 
     Its progress goes to ``log``, each line starting with ``who``.
     """
@@ -97,7 +97,10 @@ class SnapshotReader:
         return self.payload
 
     def _attach(self) -> None:
-        offset = self.next_offset if self.next_offset is not None else stream_offset_at(self.announcement.published_at)
+        offset = self.next_offset
+        if offset is None:
+            announced = self.announcement.stream_offset
+            offset = announced if announced is not None else stream_offset_at(self.announcement.published_at)
         self._attached_at = time.monotonic()
         self.attachments += 1
         self._tag = self._channel.basic_consume(SNAPSHOTS, self._on_chunk, arguments={"x-stream-offset": offset})
