@@ -71,6 +71,8 @@ class Arrival:
     #: When its first chunk came (time.monotonic()), for its ingest latency.
     first_chunk: float
     header: Any = None
+    #: Whether its sender may speak for the site it names.
+    identified: bool = False
     parts: list = field(default_factory=list)
     staleness: int = 0
     delta: Delta | None = None
@@ -155,6 +157,7 @@ class Ingest:
 
     def identify(self, arrival: Arrival) -> None:
         self.senders.check(arrival.header.site, arrival.user)
+        arrival.identified = True
 
     def greet(self, arrival: Arrival) -> Verdict | None:
         if not isinstance(arrival.header, Hello):
@@ -247,7 +250,19 @@ class Ingest:
         self.runlog.event("dropped", site=header.site, update_id=header.update_id, staleness=staleness, reason=reason)
         return Verdict(DROPPED, reason, site=header.site, update_id=header.update_id)
 
-    @staticmethod
-    def _refused(arrival: Arrival, reason: str) -> Verdict:
+    def _refused(self, arrival: Arrival, reason: str) -> Verdict:
+        """To be dead-lettered; a strategy waiting for this site's answer is told it was refused."""
         header = arrival.header
-        return Verdict(REFUSED, reason, site=getattr(header, "site", None), update_id=getattr(header, "update_id", None))
+        new_version = False
+        if arrival.identified and isinstance(header, UpdateHeader):
+            try:
+                outcome = self.strategy.excuse(self.state.params, header.site, self.state.version - header.base_version)
+            except Exception as exc:  # noqa: BLE001 - as in the stages: the refusal stands, the coordinator goes on
+                report_gap(self.runlog, "excuse", exc, arrival.user)
+                outcome = None
+            if outcome is not None and outcome.new_version:
+                self.state.version += 1
+                new_version = True
+                self.runlog.event("excused", site=header.site, updates=outcome.flushed, version=self.state.version)
+        return Verdict(REFUSED, reason, site=getattr(header, "site", None), update_id=getattr(header, "update_id", None),
+                       new_version=new_version)

@@ -8,6 +8,7 @@ FedAvg. FedAdam and FedYogi follow Reddi et al., "Adaptive Federated Optimizatio
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
@@ -18,6 +19,13 @@ Tensors = dict[str, torch.Tensor]
 
 class ServerOptimizer(ABC):
     """Applies an aggregated update to the global parameters, in place."""
+
+    #: The learning rate when FEDQ_SERVER_LR is left empty: each optimizer's own scale.
+    default_lr: ClassVar[float]
+
+    @classmethod
+    def lr_from(cls, settings) -> float:
+        return cls.default_lr if settings.server_lr is None else settings.server_lr
 
     @classmethod
     @abstractmethod
@@ -38,18 +46,24 @@ class ServerOptimizer(ABC):
 
 SERVER_OPTIMIZERS: Registry[type[ServerOptimizer]] = Registry("server optimizer")
 
+# FedAdam's and FedYogi's learning rate. On digits-straggler (FedBuff, K = 3) both reached 0.95
+# at 0.003 and 0.01 and neither at 0.1; see docs/strategies.md for the sweep.
+DEFAULT_ADAPTIVE_LR = 0.01
+
 
 @SERVER_OPTIMIZERS.register("sgd")
 class ServerSGD(ServerOptimizer):
     """x <- x + lr * m with m = momentum * m + update; at lr 1 without momentum, FedAvg's step."""
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.0):
+    default_lr = 1.0
+
+    def __init__(self, lr: float = default_lr, momentum: float = 0.0):
         self.lr, self.momentum = lr, momentum
         self.velocity: Tensors = {}
 
     @classmethod
     def from_settings(cls, settings):
-        return cls(settings.server_lr, settings.server_momentum)
+        return cls(cls.lr_from(settings), settings.server_momentum)
 
     def step(self, params, update):
         for name, delta in update.items():
@@ -67,16 +81,23 @@ class ServerSGD(ServerOptimizer):
 
 
 class _Adaptive(ServerOptimizer):
-    """Shared first moment and step of FedAdam and FedYogi; they differ in the second moment."""
+    """Shared first moment and step of FedAdam and FedYogi; they differ in the second moment.
 
-    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+    Their step is about ``lr`` per coordinate whatever the update's size (the moments' ratio is
+    near 1), so ``lr`` is a distance, not a fraction of the update as SGD's is: at SGD's 1.0 one
+    version moved digits-straggler's weights by about 50 times an update and the run diverged.
+    """
+
+    default_lr = DEFAULT_ADAPTIVE_LR
+
+    def __init__(self, lr: float = default_lr, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
         self.m: Tensors = {}
         self.v: Tensors = {}
 
     @classmethod
     def from_settings(cls, settings):
-        return cls(settings.server_lr, settings.server_beta1, settings.server_beta2, settings.server_tau)
+        return cls(cls.lr_from(settings), settings.server_beta1, settings.server_beta2, settings.server_tau)
 
     @abstractmethod
     def _second_moment(self, v: torch.Tensor, squared: torch.Tensor) -> None:

@@ -72,7 +72,10 @@ class CoordinatorSettings(CommonSettings):
         "sgd", description=f"Server optimizer for {' and '.join(n for n in STRATEGIES if STRATEGIES[n].uses_server_optimizer)}: "
         f"{', '.join(SERVER_OPTIMIZERS.names)}."
     )
-    server_lr: float = Field(1.0, gt=0, description="Server learning rate.")
+    server_lr: Optional[float] = Field(
+        None, gt=0, description="Server learning rate (empty: the optimizer's own, "
+        f"{', '.join(f'{name} {SERVER_OPTIMIZERS[name].default_lr:g}' for name in SERVER_OPTIMIZERS.names)})."
+    )
     server_momentum: float = Field(0.0, ge=0, lt=1, description="Server SGD momentum.")
     server_beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")

@@ -98,6 +98,11 @@ class Strategy(ABC):
         payload once this returns: copy what must outlive the call.
         """
 
+    def excuse(self, params: Tensors, site: str, staleness: int) -> Outcome | None:
+        """``site``'s update, trained ``staleness`` versions ago, was refused: a strategy that waits
+        for that site's answer stops waiting (the outcome, if that closed what it held back)."""
+        return None
+
     def flush(self, params: Tensors, now: float) -> Outcome | None:
         """Close what is held back if its deadline has passed (``now`` is time.monotonic()); the
         outcome if it did. A strategy that holds nothing back never flushes."""
@@ -262,6 +267,8 @@ class FedAvgSync(FedBuff):
                  quorum: float = 1.0, deadline: float | None = None):
         super().__init__(buffer_size=max(1, math.ceil(quorum * sites)), optimizer=optimizer, deadline=deadline,
                          staleness_weight=constant, max_staleness=0, privacy=privacy)
+        #: Sites whose answer to this round was refused: they count towards closing it, but add nothing.
+        self.excused: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings):
@@ -273,4 +280,42 @@ class FedAvgSync(FedBuff):
             return f"round {update.base_version} is closed (the model is {staleness} versions newer)"
         if update.site in self.sites:
             return f"site {update.site} already answered this round"
+        if update.site in self.excused:
+            return f"site {update.site}'s answer to this round was refused already"
         return None
+
+    def submit(self, params, update, staleness):
+        return self._close_if_answered(params, super().submit(params, update, staleness))
+
+    def excuse(self, params, site, staleness):
+        """A site whose update was refused does not train this version again (rounds do not
+        retrain), so the round would wait for it until its deadline: it counts as answered."""
+        if staleness > 0 or site in self.sites or site in self.excused:
+            return None
+        self.excused.add(site)
+        return self._close_if_answered(params, None)
+
+    def _close_if_answered(self, params, outcome: Outcome | None) -> Outcome | None:
+        if outcome is not None and outcome.new_version:
+            self.excused.clear()
+            return outcome
+        if self.sites and len(self.sites) + len(self.excused) >= self.buffer_size:
+            held = len(self.sites)
+            self._step(params)
+            self.excused.clear()
+            return Outcome(True, 0.0 if outcome is None else outcome.weight, flushed=held)
+        return outcome
+
+    def flush(self, params, now):
+        outcome = super().flush(params, now)
+        if outcome is not None:
+            self.excused.clear()
+        return outcome
+
+    def state(self):
+        tensors, values = super().state()
+        return tensors, {**values, "excused": sorted(self.excused)}
+
+    def restore(self, tensors, values):
+        super().restore(tensors, values)
+        self.excused = set(values.get("excused", ()))  # absent from older checkpoints

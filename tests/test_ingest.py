@@ -321,3 +321,19 @@ def test_a_buffer_closed_at_its_deadline_moves_the_model_to_a_new_version(tmp_pa
     assert outcome.flushed == 2 and ingest.state.version == 1
     assert torch.allclose(ingest.state.params["b"], torch.full((3,), 0.3))
     assert events(tmp_path, "flushed") == [{**events(tmp_path, "flushed")[0], "updates": 2, "version": 1}]
+
+
+def test_a_refused_answer_to_a_fedavg_round_counts_towards_closing_it(tmp_path):
+    from coordinator.strategies import FedAvgSync
+
+    ingest = federation(tmp_path, FedAvgSync(sites=2))
+    assert ingest.take(update(ingest, 0.3, site="site-1")[1], "fedq").outcome == APPLIED
+    broken = {name: torch.full(shape, math.nan) for name, shape in SHAPES.items()}
+    verdict = ingest.take(update(ingest, site="site-2", tensors=broken)[1], "fedq")
+    assert verdict.outcome == REFUSED and "NaN" in verdict.reason and verdict.new_version
+    assert ingest.state.version == 1 and torch.allclose(ingest.state.params["b"], torch.full((3,), 0.3))
+    assert events(tmp_path, "excused")[0]["site"] == "site-2"
+    # A sender that may not speak for the site it names excuses nobody.
+    ingest.take(update(ingest, 0.3, site="site-1")[1], "fedq")
+    assert ingest.take(update(ingest, site="site-2", tensors=broken)[1], "site-1").outcome == REFUSED
+    assert ingest.state.version == 1

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from coordinator.server_optimizers import FedAdam, FedYogi, ServerSGD
+from coordinator.server_optimizers import SERVER_OPTIMIZERS, FedAdam, FedYogi, ServerSGD
+from coordinator.settings import CoordinatorSettings
+from shared.settings import load_settings
 from coordinator.staleness import staleness_weight
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Update
 
@@ -102,6 +104,22 @@ def test_fedyogi_first_step_by_hand():
     assert p["w"].item() == pytest.approx(0.1 * m / (v**0.5 + 0.01), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["adam", "yogi"])
+def test_adaptive_server_optimizers_default_to_a_step_of_their_own_scale(name):
+    """Each coordinate of an adaptive step is about lr, whatever the update's size: at SGD's 1.0, one
+    step moved digits-straggler's weights about 50 times an update."""
+    settings = load_settings(CoordinatorSettings, strategy="fedbuff", server_optimizer=name)
+    optimizer = SERVER_OPTIMIZERS[name].from_settings(settings)
+    assert optimizer.lr == SERVER_OPTIMIZERS[name].default_lr < ServerSGD.default_lr
+    update = {"w": torch.full((1000,), 1e-3)}  # a typical small update
+    p = params(0.0)
+    p["w"] = torch.zeros(1000)
+    optimizer.step(p, update)
+    assert p["w"].abs().max().item() <= 2 * optimizer.lr
+    assert SERVER_OPTIMIZERS[name].from_settings(settings.model_copy(update={"server_lr": 0.5})).lr == 0.5
+    assert ServerSGD.from_settings(settings.model_copy(update={"server_optimizer": "sgd"})).lr == 1.0
+
+
 def test_fedbuff_keeps_one_running_sum_across_versions_and_checkpoints_it_only_when_it_holds_updates():
     p = params(0.0, 0.0)
     strategy = FedBuff(buffer_size=2)
@@ -153,3 +171,26 @@ def test_a_fedavg_round_closes_at_its_quorum_or_deadline_and_later_answers_are_d
     strategy.submit(p, update(1, [4.0]), staleness=0)
     outcome = strategy.flush(p, strategy._opened + 30.0)
     assert outcome.new_version and outcome.flushed == 1 and p["w"].item() == pytest.approx(6.0)
+
+
+def test_a_fedavg_round_counts_a_refused_answer_and_closes_without_it():
+    """Rounds do not retrain: a site whose update was refused would otherwise be waited for until the deadline."""
+    p = params(0.0)
+    strategy = FedAvgSync(sites=3)
+    strategy.submit(p, update(1, [1.0]), staleness=0)
+    assert strategy.excuse(p, "2", staleness=1) is None and not strategy.excused, "another round's refusal"
+    assert strategy.excuse(p, "2", staleness=0) is None, "two of three answered"
+    assert "was refused already" in strategy.admit(update(2, [5.0]), staleness=0)
+    tensors, values = strategy.state()
+    resumed = FedAvgSync(sites=3)
+    resumed.prepare(p)
+    resumed.restore(tensors, values)
+    assert resumed.excused == {"2"}
+    outcome = strategy.submit(p, update(3, [3.0]), staleness=0)
+    assert outcome.new_version and p["w"].item() == pytest.approx(2.0), "the mean of the two updates taken"
+    assert not strategy.excused, "the next round waits for every site again"
+    # The round's last answer may be the refused one.
+    strategy.submit(p, update(1, [2.0]), staleness=0)
+    strategy.submit(p, update(2, [2.0]), staleness=0)
+    outcome = strategy.excuse(p, "3", staleness=0)
+    assert outcome.new_version and outcome.flushed == 2 and p["w"].item() == pytest.approx(4.0)
