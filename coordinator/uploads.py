@@ -130,11 +130,15 @@ class Uploads:
         return upload
 
     def expire(self, idle_seconds: float) -> list[Upload]:
-        """Forget the uploads no chunk has come for in ``idle_seconds``; returns them."""
+        """Forget the uploads no chunk has come for in ``idle_seconds``; returns them. Their spool
+        files go at once: an expired upload changed nothing a checkpoint must hold first (left for
+        the next checkpoint, an idle coordinator kept them, and took them back on a restart)."""
         now = time.monotonic()
         expired = [upload for upload in self.arriving.values() if now - upload.last_chunk > idle_seconds]
         for upload in expired:
-            self._forget(upload.reassembly.payload_id)
+            self.arriving.pop(upload.reassembly.payload_id)
+            if upload.spooled:
+                self.spool.remove(upload.reassembly.payload_id)
         return expired
 
     def spool_unfinished(self) -> list[int]:

@@ -109,7 +109,12 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
 
         properties, body = wait_for(rejected, 15, "a dead-lettered message")
         assert properties.headers["fedq-reason"] == "message has no fedq chunk headers"
-        assert body == b"\x00not a fedq message"
+        assert body == b"\x00not a fedq message" and properties.headers["fedq-bytes"] == len(body)
+        # A large refused message is kept as evidence, not whole: dead-lettering a flood of them costs little.
+        large = bytes(range(256)) * 4096
+        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, large, pika.BasicProperties())
+        properties, body = wait_for(rejected, 15, "the large message dead-lettered")
+        assert body == large[: transport.EVIDENCE_BYTES] and properties.headers["fedq-bytes"] == len(large)
         assert coordinator.version == 0 and coordinator.stop_reason is None
         assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items())
         connection.close()

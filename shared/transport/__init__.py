@@ -32,7 +32,7 @@ from shared.transport.connection import (
 from shared.transport.consuming import Announcements, Delivery, UpdateInbox
 from shared.transport.frames import RECV_BYTES, cancel_stream_consumer, deliver_fragments
 from shared.transport.management import ManagementError, management_call
-from shared.transport.publishing import MARKER_TIMEOUT, Publisher, publish_payload
+from shared.transport.publishing import EVIDENCE_BYTES, MARKER_TIMEOUT, Publisher, publish_payload
 from shared.transport.status import StatusReader
 from shared.transport.stream import SnapshotReader, SnapshotUnavailable, stream_offset_at
 from shared.transport.topology import (
@@ -65,7 +65,7 @@ __all__ = [
     "REJECTED_EXCHANGE", "SITE_QUEUE_ARGUMENTS", "SNAPSHOTS", "SNAPSHOT_EXCHANGE", "SNAPSHOT_KEY", "STATUS",
     "STATUS_EXCHANGE", "UPDATES", "UPDATE_EXCHANGE", "UPDATE_KEY", "WATCHED_QUEUES", "bind_site_queue",
     "Announcements", "Backoff", "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError",
-    "MARKER_TIMEOUT", "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "UpdateInbox",
+    "EVIDENCE_BYTES", "MARKER_TIMEOUT", "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "UpdateInbox",
     "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
     "declare_shared_topology", "declare_site_queue", "deliver_fragments", "management_call", "probe",
     "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect", "site_queue", "stream_offset_at",
