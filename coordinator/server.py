@@ -28,6 +28,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.state import FederationState
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
 from coordinator.strategies import STRATEGIES, Strategy
+from coordinator.suspects import Suspects, deliveries
 from coordinator.upload_spool import UploadSpool
 from coordinator.uploads import Budget, Refusal, Upload, Uploads
 from shared import transport
@@ -87,6 +88,7 @@ class Coordinator:
             max_num_samples=settings.max_num_samples,
         )
         self.checkpoints = CheckpointFiles(settings.run_dir)
+        self.suspects = Suspects(settings.run_dir / "suspect.fedq")
         # Keeps the buffer of one dense update (model plus header room) for the next upload.
         self.buffers = BufferPool(self.state.layout.total * 4 + MAX_CHUNK_BYTES)
         self.uploads = Uploads(
@@ -390,11 +392,19 @@ class Coordinator:
 
     def _handle(self, upload: Upload, headers: dict | None) -> None:
         """Take a whole upload through the ingest stages and act on the verdict."""
+        payload_id, handed_over = upload.reassembly.payload_id, deliveries(headers)
         try:
-            try:
-                verdict = self.ingest.take(upload.reassembly.payload(), upload.user_id, upload.first_chunk)
-            except ProtocolError as exc:  # the digest does not match: the bytes are not what was sent
-                verdict = Verdict(REFUSED, str(exc))
+            stopped_us = self.suspects.refusal(payload_id, handed_over)
+            if stopped_us is not None:
+                verdict = Verdict(REFUSED, stopped_us)
+            else:
+                guarded = self.suspects.taking(payload_id, handed_over)
+                try:
+                    verdict = self.ingest.take(upload.reassembly.payload(), upload.user_id, upload.first_chunk)
+                except ProtocolError as exc:  # the digest does not match: the bytes are not what was sent
+                    verdict = Verdict(REFUSED, str(exc))
+                if guarded:
+                    self.suspects.taken()
             if verdict.outcome == REFUSED:
                 evidence = upload.reassembly.prefix(MAX_CHUNK_BYTES)
                 self._refuse(Refusal(upload.tags, verdict.reason, evidence, headers, upload.user_id))

@@ -120,3 +120,63 @@ def test_fedbuff_with_a_trimmed_mean_and_one_live_site_too_few_still_makes_versi
     flushes = events(tmp_path, "flushed")
     assert summary["final_version"] == 3 and len(flushes) == 3, summary["stop_reason"]
     assert all(flush["updates"] == 4 for flush in flushes), "each buffer closed at its deadline with one update per site"
+
+
+def test_a_payload_that_stops_the_coordinator_is_refused_after_the_restarts_that_guard_it(broker_url, tmp_path,
+                                                                                          monkeypatch):
+    """No delivery limit breaks a crash loop any more: a payload that ends the process (here: raises
+    SystemExit, which no stage catches) is marked before it is taken once it comes again, and
+    refused when it comes after that, with the reason; valid updates after it are applied."""
+    import threading
+
+    from coordinator.ingest import Ingest
+    from coordinator.server import Coordinator
+    from coordinator.settings import CoordinatorSettings
+    from coordinator.suspects import SUSPECT_AFTER
+    from shared.settings import load_settings
+    from shared.task import load_task
+    from tests.federation_helpers import constant_delta
+
+    client = SiteClient(broker_url)
+    take = Ingest.take
+    deadly: set[str] = set()
+
+    def take_or_stop(self, payload, user, first_chunk=None):
+        if bytes(payload[-8:]) in deadly:
+            raise SystemExit("a payload that ends the process")
+        return take(self, payload, user, first_chunk)
+
+    monkeypatch.setattr(Ingest, "take", take_or_stop)
+    settings = load_settings(CoordinatorSettings, broker_url=broker_url, run_dir=tmp_path, strategy="fedasync")
+    stops = 0
+    while True:
+        coordinator = Coordinator(settings, load_task(settings.task))
+        ended = []
+        thread = threading.Thread(target=lambda: ended.append(_run(coordinator)), daemon=True)
+        thread.start()
+        wait_for(lambda: coordinator.announcement is not None or ended, 30, "the coordinator serving")
+        if stops == 0:
+            _, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.5))
+            deadly.add(payload[-8:])
+            client.publish(payload)
+        thread.join(30)
+        if not isinstance(ended[0], SystemExit):
+            break
+        stops += 1
+        assert stops <= SUSPECT_AFTER + 1, "the crash loop ends"
+    assert stops == SUSPECT_AFTER + 1
+    refused = events(tmp_path, "rejected")
+    assert len(refused) == 1 and "the coordinator stopped while taking this payload" in refused[0]["reason"]
+    assert coordinator.version == 0 and not (tmp_path / "suspect.fedq").exists()
+
+
+def _run(coordinator):
+    """Serve until stopped (here, 3 s after it is up); the exception that ended it, or None."""
+    import threading
+
+    threading.Timer(3.0, lambda: coordinator.stop("test over")).start()
+    try:
+        coordinator.run()
+    except BaseException as exc:  # noqa: BLE001 - the test looks at how it ended
+        return exc
+    return None

@@ -32,13 +32,18 @@ EXCHANGES: dict[str, str] = {
     SNAPSHOT_EXCHANGE: "direct", ANNOUNCEMENTS: "fanout", UPDATE_EXCHANGE: "direct", REJECTED_EXCHANGE: "fanout",
     STATUS_EXCHANGE: "fanout",
 }
+DELIVERY_LIMIT = 1_000_000
+
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
     # any point in time; retention is bounded by a policy (broker_config/definitions.json).
     SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
-    # Replicated and durable: a confirmed update survives a broker restart. Messages that keep
-    # failing are dead-lettered instead of looping forever.
-    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": 20},
+    # Replicated and durable: a confirmed update survives a broker restart. No payload loops: every
+    # error it can cause is a refusal, and one that stopped the coordinator is refused when it comes
+    # again (coordinator/suspects.py). So the delivery limit is only a last resort, far above what
+    # lost connections count: each returns the whole prefetch window, and at RabbitMQ's 20 (4.x's
+    # default) a flaky link would dead-letter valid updates the coordinator never got to.
+    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": DELIVERY_LIMIT},
     REJECTED: {"x-queue-type": "classic"},
     # Only the newest status matters; readers take it and put it back for the next reader.
     STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
