@@ -307,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.transport import REFUSALS, TLSSetupError, refused_by_broker
+    from shared.transport import REFUSALS, TLSSetupError, TopologyMismatch, refused_by_broker
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SettingsError, TLSSetupError) as exc:
-        print(f"fedq: {exc}" if isinstance(exc, TLSSetupError) else exc, file=sys.stderr)
+    except (SettingsError, TLSSetupError, TopologyMismatch) as exc:
+        print(exc if isinstance(exc, SettingsError) else f"fedq: {exc}", file=sys.stderr)
         return 2
     except REFUSALS as exc:
         if refused_by_broker(exc):

@@ -72,3 +72,20 @@ def test_demo_runs_ten_sites_to_the_target_and_reports_it(broker_url, tmp_path):
 def test_report_of_a_folder_without_a_run_says_so(tmp_path):
     result = run("report", str(tmp_path))
     assert result.returncode == 2 and "events.jsonl does not exist" in result.stderr
+
+
+@pytest.mark.broker
+def test_a_queue_an_older_fedq_declared_otherwise_stops_the_coordinator_with_what_to_do(broker_url, tmp_path):
+    from shared import transport
+
+    link = transport.connect(broker_url, 30, "test-older-fedq")
+    channel = link.channel()
+    channel.queue_delete(transport.UPDATES)
+    channel.queue_declare(transport.UPDATES, durable=True, arguments={
+        "x-queue-type": "quorum", "x-dead-letter-exchange": transport.REJECTED_EXCHANGE, "x-delivery-limit": 20})
+    link.close()
+    result = run("coordinator", env={"FEDQ_BROKER_URL": broker_url, "FEDQ_RUN_DIR": str(tmp_path),
+                                     "FEDQ_METRICS_PORT": "", "FEDQ_MAX_SECONDS": "5"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the broker holds queue fedq.updates with other arguments" in result.stderr
+    assert "rabbitmqctl delete_queue fedq.updates" in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import ChannelClosedByBroker
 
 # Exchanges and queues never share a name. A site may write to the updates exchange and read the
 # snapshot stream; RabbitMQ checks write on the queue and read on the exchange for queue.bind, and
@@ -63,12 +64,28 @@ def site_queue(site: str) -> str:
     return f"fedq.site.{site}.announcements"
 
 
+class TopologyMismatch(RuntimeError):
+    """The broker holds a queue or exchange of fedq's name with other arguments; retrying will not help."""
+
+
 def declare_shared_topology(channel: BlockingChannel) -> None:
-    """Declare the exchanges, queues and bindings every fedq deployment has (idempotent)."""
-    for name, kind in EXCHANGES.items():
-        channel.exchange_declare(name, kind, durable=True)
-    for name, arguments in QUEUES.items():
-        channel.queue_declare(name, durable=True, arguments=arguments)
+    """Declare the exchanges, queues and bindings every fedq deployment has (idempotent);
+    TopologyMismatch if one exists with other arguments, as an older fedq declared it."""
+    declarations = [("exchange", name, lambda n=name, k=kind: channel.exchange_declare(n, k, durable=True))
+                    for name, kind in EXCHANGES.items()]
+    declarations += [("queue", name, lambda n=name, a=arguments: channel.queue_declare(n, durable=True, arguments=a))
+                     for name, arguments in QUEUES.items()]
+    for what, name, declare in declarations:
+        try:
+            declare()
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            raise TopologyMismatch(
+                f"the broker holds {what} {name} with other arguments than this fedq declares ({exc.reply_text}); an "
+                f"older fedq made it. Let the older coordinator take what it holds, then delete it (rabbitmqctl "
+                f"delete_{what} {name} -p <vhost>) or load broker_config/definitions.json, and start again"
+            ) from None
     for exchange, queue, key in BINDINGS:
         channel.queue_bind(queue, exchange, routing_key=key)
 
