@@ -10,7 +10,8 @@ It goes through these stages in order; each either lets it go on or gives the ve
 5. ``receive``: the update's bytes count against its site;
 6. ``current_run``: an update trained in another run is dropped;
 7. ``staleness``: how many versions old its base is (a base from the future is refused);
-8. ``validate``: its claimed sample count, and its tensors against the model: names, shapes, finite values;
+8. ``validate``: its claimed sample count, and its tensors against the model: names, shapes, finite
+   values of bounded magnitude;
 9. ``bound``: the update norm bound (clip, or refuse);
 10. ``privacy``: clipped to the privacy norm, under differential privacy;
 11. ``admit``: the strategy's say (too stale, a site already in the buffer);
@@ -39,8 +40,9 @@ from coordinator.senders import Senders
 from coordinator.state import FederationState
 from coordinator.strategies import Outcome, Strategy, Update
 from shared.codecs import decode_tensors
-from shared.deltas import Delta
+from shared.deltas import Delta, value_tensors
 from shared.protocol import HeaderLimits, Hello, ProtocolError, UpdateHeader, decode_payload
+from shared.scans import largest_magnitude
 from shared.validation import check_matches_model
 
 log = logging.getLogger("fedq.coordinator")
@@ -115,9 +117,11 @@ class Ingest:
     """Takes payloads into ``state`` through ``strategy``, recording them in ``runlog``."""
 
     def __init__(self, state: FederationState, strategy: Strategy, runlog: RunLog, *,
-                 senders: Senders = Senders(), norm_bound: NormBound | None = None, max_num_samples: int = 100_000_000):
+                 senders: Senders = Senders(), norm_bound: NormBound | None = None, max_num_samples: int = 100_000_000,
+                 max_update_value: float = 1e12):
         self.state, self.strategy, self.runlog = state, strategy, runlog
         self.senders, self.norm_bound, self.max_num_samples = senders, norm_bound, max_num_samples
+        self.max_update_value = max_update_value
         self.limits = HeaderLimits.for_model(len(state.layout.shapes))
         self.stages: tuple[Stage, ...] = (
             self.decode, self.identify, self.greet, self.replay, self.receive, self.current_run, self.staleness,
@@ -200,6 +204,12 @@ class Ingest:
                                 f"{self.max_num_samples} an update may claim (FEDQ_MAX_NUM_SAMPLES)")
         arrival.delta = decode_tensors(arrival.header.tensors, arrival.parts, self.state.layout, sparse=True)
         check_matches_model(self.state.params, arrival.delta)
+        # Finite is not enough: one update of 1e38s, merged, made the model infinite, which stops the
+        # coordinator before it checkpoints, and the update, left on the queue, stopped it again.
+        largest = max((largest_magnitude(t) for t in value_tensors(arrival.delta)), default=0.0)
+        if largest > self.max_update_value:
+            raise ProtocolError(f"the update holds a value of magnitude {largest:.3g}, more than the "
+                                f"{self.max_update_value:g} an update's values may reach (FEDQ_MAX_UPDATE_VALUE)")
 
     def bound(self, arrival: Arrival) -> None:
         if self.norm_bound is not None:

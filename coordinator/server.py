@@ -85,7 +85,7 @@ class Coordinator:
             self.state, self.strategy, self.runlog, senders=self.senders,
             norm_bound=None if settings.update_norm_bound is None else NormBound(settings.update_norm_bound,
                                                                                    settings.update_norm_action),
-            max_num_samples=settings.max_num_samples,
+            max_num_samples=settings.max_num_samples, max_update_value=settings.max_update_value,
         )
         self.checkpoints = CheckpointFiles(settings.run_dir)
         self.suspects = Suspects(settings.run_dir / "suspect.fedq")

@@ -105,6 +105,10 @@ class CoordinatorSettings(CommonSettings):
         100_000_000, ge=1, description="Most samples an update may claim (its weight in FedBuff's mean and FedAvg); "
         "an update claiming more is refused."
     )
+    max_update_value: float = Field(
+        1e12, gt=0, description="Largest magnitude any value of an update may have; an update holding a larger one is "
+        "refused (no training moves a weight that far, and merged, such values overflow the model)."
+    )
     run_dir: Path = Field(Path("runs/latest"), description="Where the run log, summary and checkpoint are written.")
     resume: bool = Field(True, description="Resume from run_dir's checkpoint if there is one.")
     checkpoint_seconds: float = Field(

@@ -25,3 +25,14 @@ def all_finite(tensor: torch.Tensor) -> bool:
             if not np.isfinite(values.sum()) and not np.isfinite(values).all():
                 return False
     return True
+
+
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """The largest |value| of a tensor of finite values (0 for an empty one), a block at a time."""
+    flat = tensor.detach().reshape(-1)
+    largest = 0.0
+    for start in range(0, flat.numel(), SCAN_BLOCK):
+        block = flat[start : start + SCAN_BLOCK]
+        values = (block.float() if block.dtype == torch.bfloat16 else block).numpy()
+        largest = max(largest, float(values.max()), -float(values.min()))
+    return largest

@@ -15,7 +15,7 @@ from fedq.federation import run_federation, site_names
 from shared import transport
 from shared.chunking import SITE_HEADER
 from shared.protocol import PROTOCOL_VERSION, new_id
-from tests.federation_helpers import SiteClient, events, running_coordinator, wait_for
+from tests.federation_helpers import SiteClient, constant_delta, events, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -34,7 +34,7 @@ def entry(name, shape, codec="fp32", parts=None):
             "parts": parts if parts is not None else [{"dtype": "float32", "shape": list(shape)}]}
 
 
-def triggers(coordinator) -> dict[str, tuple[bytes, str]]:
+def triggers(coordinator, client) -> dict[str, tuple[bytes, str]]:
     """Each message of issue 19's report, and a phrase of the reason it must be refused with."""
     def update(**changes):
         return {"protocol": PROTOCOL_VERSION, "kind": "update", "update_id": new_id(), "run_id": coordinator.run_id,
@@ -53,6 +53,9 @@ def triggers(coordinator) -> dict[str, tuple[bytes, str]]:
         "num_samples 2**64 - 1": (framed(update(num_samples=2**64 - 1)), "num_samples"),
         "num_samples 2**40": (framed(update(num_samples=2**40)), "FEDQ_MAX_NUM_SAMPLES"),
         "a 0.25 MB header of empty maps": (framed(update(metrics=[{}] * 250_000)), "header"),
+        # Found by benchmarks/fuzz_ingest.py: finite, and merged, it made the model infinite.
+        "finite values of 3e38": (client.update_payload(coordinator, 0, constant_delta(coordinator, 3e38))[1],
+                                  "FEDQ_MAX_UPDATE_VALUE"),
     }
 
 
@@ -61,7 +64,7 @@ def test_every_message_that_once_killed_the_coordinator_is_refused_once_and_chan
     messages = {}
     with running_coordinator(broker_url, tmp_path, strategy="fedasync") as coordinator:
         before = {name: t.clone() for name, t in coordinator.params.items()}
-        for label, (payload, why) in triggers(coordinator).items():
+        for label, (payload, why) in triggers(coordinator, client).items():
             payload_id = new_id()
             client.publish(payload, payload_id)
             messages[payload_id] = (label, why)
@@ -135,7 +138,6 @@ def test_a_payload_that_stops_the_coordinator_is_refused_after_the_restarts_that
     from coordinator.suspects import SUSPECT_AFTER
     from shared.settings import load_settings
     from shared.task import load_task
-    from tests.federation_helpers import constant_delta
 
     client = SiteClient(broker_url)
     take = Ingest.take

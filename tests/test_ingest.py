@@ -240,6 +240,16 @@ def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path, tensors, why):
     assert verdict.outcome == REFUSED and why in verdict.reason and unchanged(ingest)
 
 
+@pytest.mark.parametrize("codec", ["fp32", "topk"])
+def test_finite_values_too_large_to_merge_are_refused(tmp_path, codec):
+    """3e38 is finite, and once merged made the model infinite, which stopped the coordinator."""
+    ingest = federation(tmp_path)
+    verdict = ingest.take(update(ingest, 3e38, codec=codec)[1], "fedq")
+    assert verdict.outcome == REFUSED and "FEDQ_MAX_UPDATE_VALUE" in verdict.reason and "3e+38" in verdict.reason
+    assert unchanged(ingest)
+    assert ingest.take(update(ingest, 1e6, codec=codec)[1], "fedq").outcome == APPLIED, "large, not absurd"
+
+
 def test_a_sparse_update_goes_in_without_a_dense_copy_and_is_checked(tmp_path):
     ingest = federation(tmp_path)
     tensors = {"w": torch.zeros(4, 3), "b": torch.tensor([0.0, 2.0, 0.0])}
