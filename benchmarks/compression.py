@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_federation(
                     url, args.out / "runs" / f"compression-{label.replace(' ', '-').replace('%', 'pct')}", site_names(10),
                     coordinator={**COORDINATOR, "stop_at_accuracy": 0.95, "max_seconds": args.max_seconds}, worker=worker,
+                    fresh=True,
                 )
             finally:
                 broker.delete_vhost(vhost)

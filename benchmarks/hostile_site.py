@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     coordinator={"strategy": "fedbuff", "buffer_size": 5, "stop_at_accuracy": 0.90,
                                  "max_seconds": args.max_seconds, "max_staleness": 10_000, **defence},
                     site_settings={"site-0": {"task": "tests.hostile_task:ScaledDigits"}},
+                    fresh=True,
                 )
             finally:
                 broker.delete_vhost(vhost)

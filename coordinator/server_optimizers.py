@@ -46,9 +46,11 @@ class ServerOptimizer(ABC):
 
 SERVER_OPTIMIZERS: Registry[type[ServerOptimizer]] = Registry("server optimizer")
 
-# FedAdam's and FedYogi's learning rate. On digits-straggler (FedBuff, K = 3) both reached 0.95
-# at 0.003 and 0.01 and neither at 0.1; see docs/strategies.md for the sweep.
-DEFAULT_ADAPTIVE_LR = 0.01
+# FedAdam's and FedYogi's learning rate: a step of about 0.003 per coordinate and version. On
+# digits-straggler (FedBuff, K = 3; 2 cores shared with other work) time to 0.95 was, for Adam and
+# Yogi: at 0.001 48 and 54 s; at 0.003 10-22 and 15-20 s; at 0.01 58-64 and 16-30 s; at 0.1 neither
+# reached it (Adam diverged). docs/strategies.md has the table.
+DEFAULT_ADAPTIVE_LR = 0.003
 
 
 @SERVER_OPTIMIZERS.register("sgd")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,14 +54,19 @@ def run_federation(
     worker: dict[str, Any] | None = None,
     worker_broker_url: str | None = None,
     site_settings: dict[str, dict[str, Any]] | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run a coordinator and one worker per site until the coordinator stops; returns its summary.
 
     ``coordinator`` and ``worker`` are settings (as for the ``fedq`` flags) for each side, and
     ``site_settings`` adds settings for single sites; workers may reach the broker by another URL. Worker logs and state land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
-    the clock starts when the federation is complete, as a benchmark wants.
+    the clock starts when the federation is complete, as a benchmark wants. ``fresh`` empties
+    ``run_dir`` first, where a run of its own would otherwise resume the checkpoint of an earlier
+    one (and a benchmark time that run's remainder).
     """
     worker = worker or {}
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
     settings = load_settings(
         CoordinatorSettings,
         **{"broker_url": broker_url, "run_dir": run_dir, "wait_for_sites": len(sites), **(coordinator or {})},
