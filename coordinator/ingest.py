@@ -210,6 +210,11 @@ class Ingest:
         if largest > self.max_update_value:
             raise ProtocolError(f"the update holds a value of magnitude {largest:.3g}, more than the "
                                 f"{self.max_update_value:g} an update's values may reach (FEDQ_MAX_UPDATE_VALUE)")
+        if largest == 0:
+            # Taken (it moves nothing), but said loudly: a site that learned nothing is a bug or an attack.
+            log.warning("update %s from %s is exactly zero: its site's training changed nothing fedq can see",
+                        arrival.header.update_id, arrival.header.site)
+            self.runlog.event("zero_update", site=arrival.header.site, update_id=arrival.header.update_id)
 
     def bound(self, arrival: Arrival) -> None:
         if self.norm_bound is not None:

@@ -49,7 +49,7 @@ from shared.protocol import (
 )
 from shared.settings import SettingsError
 from shared.task import Task
-from shared.validation import check_matches_model, float_state, master_state, non_finite_tensor
+from shared.validation import check_matches_model, float_state, load_values, master_state, non_finite_tensor
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -68,9 +68,10 @@ class Coordinator:
         self.settings = settings
         self.task = task
         self.model = task.build_model()
-        self._model_tensors = float_state(self.model)
-        # Updates merge into a float32 master; where the model is float32 it is the model itself.
-        params = master_state(self._model_tensors)
+        # Updates merge into a float32 CPU master; where the model is float32 on the CPU, it is the
+        # model itself. The model is loaded from it by name before each evaluation (load_values).
+        params = master_state(float_state(self.model))
+        self.model.to(settings.torch_device)
         self.state = FederationState(run_id=new_id(), params=params, layout=Layout.of(params))
         try:
             self.strategy = make_strategy(settings)
@@ -477,9 +478,7 @@ class Coordinator:
         unacknowledged deliveries crept towards the queue's delivery limit. Deliveries that arrive
         meanwhile wait in the inbox; nothing changes the model until the evaluation is done. Returns
         the connection failure met meanwhile, for the caller to raise once the result is recorded."""
-        for name, tensor in self._model_tensors.items():
-            if tensor.data_ptr() != self.params[name].data_ptr():  # a model of another dtype: its own copy
-                tensor.copy_(self.params[name])
+        load_values(self.model, self.params)
         evaluate = lambda: self.task.evaluate(self.model)  # noqa: E731
         lost = None
         if self._link is not None and self._link.is_open:

@@ -69,13 +69,13 @@ class DigitsStraggler(Task):
         number = site_number(site.site)
         X_train, _, y_train, _ = dataset()
         idx = site_indices()[number]
-        X, y = torch.from_numpy(X_train[idx]), torch.from_numpy(y_train[idx]).long()
+        X, y = torch.from_numpy(X_train[idx]).to(site.device), torch.from_numpy(y_train[idx]).long().to(site.device)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
         total, steps = 0.0, 0
         for epoch in range(EPOCHS):
-            order = torch.randperm(len(idx))
+            order = torch.randperm(len(idx), device=site.device)
             for start in range(0, len(idx), BATCH_SIZE):
                 batch = order[start : start + BATCH_SIZE]
                 optimizer.zero_grad()
@@ -90,10 +90,11 @@ class DigitsStraggler(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         _, X_test, _, y_test = dataset()
+        device = next(model.parameters()).device
         model.eval()
         with torch.no_grad():
-            logits = model(torch.from_numpy(X_test))
-            target = torch.from_numpy(y_test).long()
+            logits = model(torch.from_numpy(X_test).to(device))
+            target = torch.from_numpy(y_test).long().to(device)
             loss = nn.functional.cross_entropy(logits, target).item()
             accuracy = (logits.argmax(1) == target).float().mean().item()
         return {"accuracy": accuracy, "loss": loss}

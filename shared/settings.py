@@ -47,6 +47,17 @@ class CommonSettings(BaseSettings):
     torch_threads: Optional[int] = Field(
         None, ge=1, description="Threads PyTorch may use for training, merging and evaluation (default: PyTorch's)."
     )
+    device: str = Field(
+        "auto", description="Where the task's model trains (worker) or is evaluated (coordinator): cpu, cuda, cuda:1, "
+        "mps ... (auto: cuda when PyTorch sees one, else cpu)."
+    )
+
+    @property
+    def torch_device(self) -> str:
+        """The device ``device`` names, with auto resolved."""
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
     def public(self) -> dict[str, Any]:
         """The settings as plain values with every secret redacted: what a run log may keep."""
@@ -63,6 +74,19 @@ class CommonSettings(BaseSettings):
     def _readable(cls, value: Optional[Path]) -> Optional[Path]:
         if value is not None and not value.is_file():
             raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value == "auto":
+            return value
+        import torch
+
+        try:
+            torch.device(value)
+        except RuntimeError as exc:
+            raise ValueError(f"is not a device PyTorch knows ({exc}); use auto, cpu, cuda or cuda:N") from None
         return value
 
     @field_validator("broker_url")

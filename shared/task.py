@@ -22,6 +22,8 @@ class SiteContext:
 
     site: str
     version: int
+    #: Where the worker put the model (FEDQ_DEVICE): put each batch there too.
+    device: str = "cpu"
     #: Call with the fraction done (0..1) so the worker can show training progress.
     progress: Callable[[float], None] = lambda fraction: None
 
@@ -45,12 +47,15 @@ class Task(ABC):
 
     @abstractmethod
     def train(self, model: nn.Module, site: SiteContext) -> TrainResult:
-        """Train ``model`` in place on ``site.site``'s local data; return how many samples it saw."""
+        """Train ``model`` in place on ``site.site``'s local data, on ``site.device`` (the model is
+        there already); return how many samples it saw. It may move or replace the model's tensors:
+        fedq reads the trained values by name afterwards."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Score the global model on the coordinator's held-out data; include "accuracy" and "loss"
-        where they make sense (the coordinator's stopping rule reads "accuracy")."""
+        where they make sense (the coordinator's stopping rule reads "accuracy"). The model is on the
+        coordinator's device (FEDQ_DEVICE); its parameters' own device says which."""
 
 
 def load_task(path: str) -> Task:

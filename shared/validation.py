@@ -47,21 +47,32 @@ def float_state(model: torch.nn.Module) -> Tensors:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def load_values(model: torch.nn.Module, values: Tensors) -> None:
+    """Copy ``values`` into the model's floating tensors by name, onto whatever device and dtype the
+    model holds them now. Read afresh: a task that moved its model (``model.to(device)``) gave it
+    new tensors, and values copied into the old ones would never reach it (training nothing)."""
+    for name, tensor in float_state(model).items():
+        value = values[name]
+        if tensor.device != value.device or tensor.data_ptr() != value.data_ptr():  # not the same storage
+            tensor.copy_(value)
+
+
 def master_state(model_tensors: Tensors) -> Tensors:
-    """float32 tensors of the model's values: the same storage where the model is float32, copies
-    where it is not. Updates are merged into these: in bfloat16 (8 bits of mantissa) an update
+    """float32 CPU tensors of the model's values: the same storage where the model holds float32
+    on the CPU, copies where it does not. Updates are merged into these: in bfloat16 (8 bits of mantissa) an update
     smaller than about 1/256 of a weight would round away, and many small updates make a model."""
-    return {name: t if t.dtype == torch.float32 else t.detach().to(torch.float32, copy=True)
-            for name, t in model_tensors.items()}
+    return {name: t if t.dtype == torch.float32 and t.device.type == "cpu"
+            else t.detach().to("cpu", torch.float32, copy=True) for name, t in model_tensors.items()}
 
 
 def trained_delta(model_tensors: Tensors, base: Tensors) -> Tensors:
-    """What training moved, in float32: the model's values minus the ``base`` it was loaded from.
+    """What training moved, as float32 CPU tensors: the model's values minus the ``base`` they were
+    loaded from.
 
-    A float32 tensor is turned into its delta in place (a copy would be a third model's worth of
-    memory, and it is loaded from the base again before the next training). Another dtype's delta
-    is taken against the base as that dtype holds it, which is where training started, in a new
-    float32 tensor."""
-    return {name: t.sub_(base[name]) if t.dtype == torch.float32
-            else t.to(torch.float32).sub_(base[name].to(t.dtype).to(torch.float32))
+    A float32 CPU tensor is turned into its delta in place (a copy would be a third model's worth of
+    memory, and it is loaded from the base again before the next training). Another dtype's or
+    device's delta is taken against the base as that dtype holds it, which is where training
+    started, in a new float32 CPU tensor."""
+    return {name: t.sub_(base[name]) if t.dtype == torch.float32 and t.device.type == "cpu"
+            else t.to("cpu", torch.float32).sub_(base[name].to(t.dtype).to(torch.float32))
             for name, t in model_tensors.items()}

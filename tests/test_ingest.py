@@ -347,3 +347,12 @@ def test_a_refused_answer_to_a_fedavg_round_counts_towards_closing_it(tmp_path):
     ingest.take(update(ingest, 0.3, site="site-1")[1], "fedq")
     assert ingest.take(update(ingest, site="site-2", tensors=broken)[1], "site-1").outcome == REFUSED
     assert ingest.state.version == 1
+
+
+def test_an_update_that_is_exactly_zero_is_taken_and_said_loudly(tmp_path, caplog):
+    ingest = federation(tmp_path)
+    update_id, payload = update(ingest, 0.0)
+    with caplog.at_level("WARNING"):
+        assert ingest.take(payload, "fedq").outcome == APPLIED
+    assert "is exactly zero" in caplog.text
+    assert events(tmp_path, "zero_update")[0]["update_id"] == update_id

@@ -38,7 +38,7 @@ from shared.protocol import (
 )
 from worker.settings import WorkerSettings
 from shared.task import SiteContext, Task, TrainResult
-from shared.validation import check_matches_model, float_state, trained_delta
+from shared.validation import check_matches_model, float_state, load_values, trained_delta
 from worker.error_feedback import ErrorFeedback
 from worker.outbox import Outbox
 
@@ -62,8 +62,8 @@ class SiteWorker:
         self.settings = settings
         self.task = task
         self.model = task.build_model()
-        self.params = float_state(self.model)
-        self.layout = Layout.of(self.params)
+        self.layout = Layout.of(float_state(self.model))
+        self.device = settings.torch_device
         self.user = transport.broker_user(settings.broker_url)
         self.announcement: Announcement | None = None
         self.base: dict[str, torch.Tensor] | None = None
@@ -180,7 +180,7 @@ class SiteWorker:
             tensors = decode_tensors(header.tensors, parts, self.layout)
             # Not checked for NaN here: the coordinator checks each version once before publishing
             # it, and the digest proves these are the bytes it published.
-            check_matches_model(self.params, tensors, finite=False)
+            check_matches_model(float_state(self.model), tensors, finite=False)
         except (ProtocolError, transport.SnapshotUnavailable) as exc:
             log.error("site %s: cannot use snapshot version %d (%s); waiting for the next version",
                       site, announcement.version, exc)
@@ -209,15 +209,21 @@ class SiteWorker:
         """
         assert self.base is not None and self.base_version is not None
         site, version = self.settings.site, self.base_version
-        for name, tensor in self.params.items():
-            tensor.copy_(self.base[name])
+        self.model.to(self.device)
+        load_values(self.model, self.base)
         started = time.monotonic()
-        context = SiteContext(site=site, version=version, progress=self._progress_reporter(version, started))
+        context = SiteContext(site=site, version=version, device=self.device,
+                              progress=self._progress_reporter(version, started))
         result, lost = self._train_in_background(link, context)
         train_seconds = time.monotonic() - started
         self.last_trained = (self.base_run, version)
         encoding = time.monotonic()
-        delta = trained_delta(self.params, self.base)
+        # By name, as the model holds them now: training may have moved or replaced its tensors.
+        delta = trained_delta(float_state(self.model), self.base)
+        if all(torch.count_nonzero(tensor) == 0 for tensor in delta.values()):
+            log.error("site %s: training on version %d changed nothing: the update is exactly zero. A task whose "
+                      "train() builds a new model or optimizes tensors other than the model's own learns nothing "
+                      "fedq can see; it is sent all the same, and the coordinator counts it", site, version)
         dense = sum(t.numel() * 4 for t in delta.values())
         if self.feedback is not None:
             specs, parts = self.feedback.encode(delta, self.codec, self.base_run)

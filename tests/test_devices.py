@@ -1,0 +1,52 @@
+"""Tasks that move their model (``model.to(device)``): fedq reads and loads the model's values by
+name, wherever the task left them, so nothing trains or scores a stale copy; the device setting."""
+
+import pytest
+import torch
+
+from shared.settings import SettingsError, load_settings
+from shared.validation import float_state, load_values, trained_delta
+from tests.moving_task import reallocate
+from worker.settings import WorkerSettings
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_values_loaded_by_name_reach_a_model_that_was_given_new_tensors():
+    net = model()
+    base = {name: torch.full_like(t, 0.5) for name, t in float_state(net).items()}
+    reallocate(net)  # what model.to("cuda") does to the tensors fedq would have kept
+    load_values(net, base)
+    assert all(torch.equal(t, base[name]) for name, t in float_state(net).items())
+    reallocate(net)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    delta = trained_delta(float_state(net), base)
+    assert torch.equal(delta["0.weight"], torch.ones(3, 4)) and torch.count_nonzero(delta["0.bias"]) == 0
+
+
+def test_the_device_setting_is_resolved_and_checked():
+    settings = load_settings(WorkerSettings, site="site-1")
+    assert settings.device == "auto"
+    assert settings.torch_device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert load_settings(WorkerSettings, site="site-1", device="cpu").torch_device == "cpu"
+    with pytest.raises(SettingsError, match="FEDQ_DEVICE"):
+        load_settings(WorkerSettings, site="site-1", device="toaster")
+
+
+@pytest.mark.broker
+def test_a_task_that_moves_its_model_trains_and_is_scored(broker_url, tmp_path):
+    """Once, every update of such a task was exactly zero and accuracy stayed at the initial 0.08."""
+    from fedq.federation import run_federation, site_names
+
+    task = "tests.moving_task:MovingDigits"
+    summary = run_federation(
+        broker_url, tmp_path, site_names(10),
+        coordinator={"task": task, "strategy": "fedbuff", "stop_at_accuracy": 0.90, "max_seconds": 90},
+        worker={"task": task},
+    )
+    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    assert "zero_update" not in (tmp_path / "events.jsonl").read_text()
