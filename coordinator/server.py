@@ -10,6 +10,7 @@ checkpoints, releases of new versions, evaluation, status and signals.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from coordinator import export
 from coordinator.checkpoint import Checkpoint, CheckpointFiles
 from coordinator.ingest import GREETED, REFUSED, Ingest, NormBound, Verdict, report_gap
 from coordinator.ledger import Ledger
@@ -90,6 +92,8 @@ class Coordinator:
         )
         self.checkpoints = CheckpointFiles(settings.run_dir)
         self.suspects = Suspects(settings.run_dir / "suspect.fedq")
+        # The accuracy of model-best.safetensors (a resumed run takes it from the file).
+        self._best_accuracy = -math.inf
         # Keeps the buffer of one dense update (model plus header room) for the next upload.
         self.buffers = BufferPool(self.state.layout.total * 4 + MAX_CHUNK_BYTES)
         self.uploads = Uploads(
@@ -168,6 +172,12 @@ class Coordinator:
             if metrics is not None:
                 metrics.shutdown()
                 metrics.server_close()
+        if self.announcement is not None:  # the run started: its final version is the model to take away
+            final = s.run_dir / export.FINAL_FILE
+            export.export_model(self.model, self.params, final, run_id=self.run_id, version=self.version,
+                                accuracy=self.last_metrics.get("accuracy") if self._scored_version == self.version else None)
+            log.info("the final model, version %d, is in %s (the best scored, in %s)", self.version, final,
+                     export.BEST_FILE)
         privacy = self.strategy.privacy
         log.info("coordinator done; peak resident memory %.2f GB", peak_resident_bytes() / 1e9)
         summary = self.runlog.summary(
@@ -356,6 +366,9 @@ class Coordinator:
         if self.strategy.privacy is not None:
             self.strategy.privacy.releases = checkpoint.run["dp_releases"]
         self.runlog.event("resume", run_id=self.run_id, version=self.version, ledger=len(self.state.ledger.entries))
+        best = export.exported_metadata(self.settings.run_dir / export.BEST_FILE)
+        if best.get("fedq_run_id") == self.run_id and "fedq_accuracy" in best:
+            self._best_accuracy = float(best["fedq_accuracy"])
         self._evaluate()
         log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
                  self.run_id, self.version, self.checkpoints.path, len(self.state.ledger.entries))
@@ -489,7 +502,17 @@ class Coordinator:
             metrics["epsilon"] = self.strategy.privacy.epsilon()
         self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
         self._scored_version = self.version
+        self._keep_if_best()
         return lost
+
+    def _keep_if_best(self) -> None:
+        """Export the version just scored if it is the best so far (the model is loaded with it)."""
+        accuracy = self.last_metrics.get("accuracy")
+        if accuracy is None or not math.isfinite(accuracy) or accuracy <= self._best_accuracy:
+            return
+        self._best_accuracy = accuracy
+        export.export_model(self.model, self.params, self.settings.run_dir / export.BEST_FILE, run_id=self.run_id,
+                            version=self.version, accuracy=accuracy)
 
     @property
     def _unreleased(self) -> bool:

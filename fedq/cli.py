@@ -159,6 +159,20 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from coordinator.export import export_run
+    from shared.protocol import ProtocolError
+
+    out = Path(args.out)
+    try:
+        version = export_run(Path(args.run_dir), out, args.version, args.task)
+    except (FileNotFoundError, ValueError, ProtocolError) as exc:
+        print(f"fedq export: {exc}", file=sys.stderr)
+        return 2
+    print(f"version {version} -> {out}")
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
     from coordinator.status import format_status
     from shared import transport
@@ -273,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="the coordinator's run folder (holds events.jsonl)")
     report.add_argument("--out", help="where to write the report (default: RUN_DIR)")
     report.set_defaults(handler=run_report)
+
+    export = commands.add_parser(
+        "export", help="write a run's model as safetensors", formatter_class=formatter,
+        description="Write a version of a run's global model as a safetensors file of the task's own state_dict "
+        "(frozen and trained parts together), which model.load_state_dict(safetensors.torch.load_file(PATH)) "
+        "loads. A run folder keeps its checkpointed version and its best scored one; the coordinator also leaves "
+        "model.safetensors (final) and model-best.safetensors in it.",
+        epilog="""examples:
+  fedq export runs/latest --out model.safetensors               # the checkpointed (newest) version
+  fedq export runs/latest --version 42 --out v42.safetensors    # the best scored, if it was version 42""",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the coordinator's run folder (holds checkpoint.fedq)")
+    export.add_argument("--out", required=True, help="the safetensors file to write")
+    export.add_argument("--version", type=int, help="the version to write (default: the checkpointed one)")
+    export.add_argument("--task", help="the task that builds the model, module:Class (default: the run's own)")
+    export.set_defaults(handler=run_export)
 
     status = commands.add_parser(
         "status", help="show the coordinator's state and every site's", epilog=EXAMPLES["status"], formatter_class=formatter,

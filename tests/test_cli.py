@@ -15,7 +15,7 @@ def run(*args, env=None, timeout=60):
     return subprocess.run([*FEDQ, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"], ["report"], ["provision"], ["status"]])
+@pytest.mark.parametrize("command", [[], ["coordinator"], ["worker"], ["demo"], ["report"], ["export"], ["provision"], ["status"]])
 def test_help_works_for_every_command(command):
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr
