@@ -545,7 +545,7 @@ class Coordinator:
         self.announcement = Announcement(
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
             chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, digest=digest, published_at=now(),
-            stream_offset=self._publisher.stream_end, retrain=self.strategy.retrain,
+            stream_offset=self._publisher.stream_end, retrain=self.strategy.retrain, config=self.settings.run_config,
         )
         self._announce()
         self._publisher.snapshot(buffers, self.announcement.payload_id, digest)

@@ -13,6 +13,7 @@ from coordinator.server_optimizers import SERVER_OPTIMIZERS
 from coordinator.staleness import STALENESS
 from coordinator.strategies import STRATEGIES
 from shared.codecs import SNAPSHOT_CODECS
+from shared.protocol import RunConfig
 from shared.settings import CommonSettings
 
 
@@ -108,6 +109,10 @@ class CoordinatorSettings(CommonSettings):
     max_update_value: float = Field(
         1e12, gt=0, description="Largest magnitude any value of an update may have; an update holding a larger one is "
         "refused (no training moves a weight that far, and merged, such values overflow the model)."
+    )
+    run_config: RunConfig = Field(
+        {}, description='Settings for the sites\' tasks, sent with every version, as JSON {"lr": 0.05, "local_epochs": 2}: '
+        "numbers, strings and booleans; a site's task reads them as site.config."
     )
     run_dir: Path = Field(Path("runs/latest"), description="Where the run log, summary and checkpoint are written.")
     resume: bool = Field(True, description="Resume from run_dir's checkpoint if there is one.")

@@ -70,11 +70,13 @@ class DigitsStraggler(Task):
         X_train, _, y_train, _ = dataset()
         idx = site_indices()[number]
         X, y = torch.from_numpy(X_train[idx]).to(site.device), torch.from_numpy(y_train[idx]).long().to(site.device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        # The central team may tune these per run (FEDQ_RUN_CONFIG); the benchmark's values otherwise.
+        epochs, lr = int(site.config.get("local_epochs", EPOCHS)), float(site.config.get("lr", LR))
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
         total, steps = 0.0, 0
-        for epoch in range(EPOCHS):
+        for epoch in range(epochs):
             order = torch.randperm(len(idx), device=site.device)
             for start in range(0, len(idx), BATCH_SIZE):
                 batch = order[start : start + BATCH_SIZE]
@@ -84,7 +86,7 @@ class DigitsStraggler(Task):
                 optimizer.step()
                 total += loss.item()
                 steps += 1
-            site.progress((epoch + 1) / EPOCHS)
+            site.progress((epoch + 1) / epochs)
         time.sleep(DELAYS[number])
         return TrainResult(num_samples=len(idx), metrics={"train_loss": total / max(steps, 1)})
 

@@ -88,6 +88,16 @@ Metrics = Annotated[
 ]
 
 
+# What the central team sends every site with each version (FEDQ_RUN_CONFIG): flat names to
+# numbers, strings and booleans, so that a task reads settings, never code or structures.
+RunConfig = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)],
+         Union[bool, Annotated[int, Field(ge=-MAX_COUNT, le=MAX_COUNT)], Annotated[float, Field(allow_inf_nan=False)],
+               Annotated[str, Field(max_length=1024)]]],
+    Field(max_length=MAX_METRICS),
+]
+
+
 # 64 random bits: no collision in any run's lifetime of updates, and half the bytes of a UUID,
 # which matters when a whole compressed update is a few hundred bytes.
 Id = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
@@ -194,6 +204,8 @@ class Announcement(_PayloadHeader):
     digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     published_at: float
     stream_offset: Count | None = None
+    #: The run's configuration for the sites' tasks (``SiteContext.config``).
+    config: RunConfig = Field(default_factory=dict)
     # Asynchronous strategies keep sites busy on the newest version even if they trained on it
     # already; a synchronous round wants exactly one update per site and version.
     retrain: bool = True

@@ -24,6 +24,9 @@ class SiteContext:
     version: int
     #: Where the worker put the model (FEDQ_DEVICE): put each batch there too.
     device: str = "cpu"
+    #: The run's configuration from the coordinator (FEDQ_RUN_CONFIG): names to numbers, strings
+    #: and booleans, so the central team can tune training without redeploying sites.
+    config: dict[str, float | int | str | bool] = field(default_factory=dict)
     #: Call with the fraction done (0..1) so the worker can show training progress.
     progress: Callable[[float], None] = lambda fraction: None
 

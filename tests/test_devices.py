@@ -50,3 +50,27 @@ def test_a_task_that_moves_its_model_trains_and_is_scored(broker_url, tmp_path):
     )
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     assert "zero_update" not in (tmp_path / "events.jsonl").read_text()
+
+
+def test_a_run_configuration_must_be_flat_numbers_strings_and_booleans():
+    from coordinator.settings import CoordinatorSettings
+
+    settings = load_settings(CoordinatorSettings, run_config={"lr": 0.05, "local_epochs": 1, "note": "x", "on": True})
+    assert settings.run_config == {"lr": 0.05, "local_epochs": 1, "note": "x", "on": True}
+    assert isinstance(settings.run_config["local_epochs"], int), "an integer stays one (range() takes it)"
+    for bad in ({"nested": {"a": 1}}, {"lr": float("nan")}, {"x": [1, 2]}):
+        with pytest.raises(SettingsError, match="FEDQ_RUN_CONFIG"):
+            load_settings(CoordinatorSettings, run_config=bad)
+
+
+@pytest.mark.broker
+def test_the_run_configuration_reaches_every_sites_task(broker_url, tmp_path):
+    import json
+
+    from fedq.federation import run_federation, site_names
+
+    run_federation(broker_url, tmp_path, site_names(3), worker={"task": "tests.config_task:ConfigDigits"},
+                   coordinator={"strategy": "fedasync", "max_versions": 6, "max_seconds": 60,
+                                "run_config": {"lr": 0.05, "local_epochs": 1, "note": "from the centre"}})
+    updates = [e for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines()) if e["event"] == "update"]
+    assert updates and all(e["metrics"]["config_lr"] == 0.05 and e["metrics"]["config_local_epochs"] == 1 for e in updates)

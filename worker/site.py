@@ -69,6 +69,8 @@ class SiteWorker:
         self.base: dict[str, torch.Tensor] | None = None
         self.base_version: int | None = None
         self.base_run: str | None = None
+        #: The run configuration announced with the base snapshot, for the task (SiteContext.config).
+        self.base_config: dict = {}
         self.started_at = now()
         self.last_trained: tuple[str | None, int] | None = None
         self.codec = get_codec(settings.codec, settings.topk_fraction)
@@ -190,6 +192,7 @@ class SiteWorker:
         finally:
             self.stream_attachments = reader.attachments
         self.base, self.base_version, self.base_run = tensors, header.version, header.run_id
+        self.base_config = dict(announcement.config)
         self.snapshots_fetched.append(header.version)
         log.info("site %s: snapshot version %d (%d bytes) in %.2f s", site, header.version, len(payload),
                  time.monotonic() - started)
@@ -212,7 +215,7 @@ class SiteWorker:
         self.model.to(self.device)
         load_values(self.model, self.base)
         started = time.monotonic()
-        context = SiteContext(site=site, version=version, device=self.device,
+        context = SiteContext(site=site, version=version, device=self.device, config=dict(self.base_config),
                               progress=self._progress_reporter(version, started))
         result, lost = self._train_in_background(link, context)
         train_seconds = time.monotonic() - started
