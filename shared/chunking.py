@@ -9,6 +9,7 @@ the reader computes as chunks arrive in order and checks once it has all.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,6 +22,9 @@ _LARGEST_CHUNK = 16 * 1024 * 1024
 # Every chunk of an update (or a hello) names the site it speaks for, so that the coordinator can
 # check its sender at the first chunk it sees, before it holds anything of the payload.
 SITE_HEADER = "fedq-site"
+# A payload's digest as the last chunk carries it: BLAKE3's 256 bits in lowercase hex (hexdigest()).
+# The coordinator's upload spool keeps it as those 32 bytes.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class ChunkInfo:
             raise ProtocolError(f"chunk index {info.index} is outside 0..{info.count - 1}")
         if info.is_last and info.digest is None:
             raise ProtocolError("the last chunk carries no fedq-digest header")
+        if info.digest is not None and not _DIGEST.fullmatch(info.digest):
+            raise ProtocolError(f"header fedq-digest is {info.digest[:80]!r}, not a digest (64 lowercase hex digits)")
         return info
 
 
