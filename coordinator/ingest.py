@@ -40,9 +40,8 @@ from coordinator.senders import Senders
 from coordinator.state import FederationState
 from coordinator.strategies import Outcome, Strategy, Update
 from shared.codecs import decode_tensors
-from shared.deltas import Delta, value_tensors
+from shared.deltas import Delta, update_magnitude
 from shared.protocol import HeaderLimits, Hello, ProtocolError, UpdateHeader, decode_payload
-from shared.scans import largest_magnitude
 from shared.validation import check_matches_model
 
 log = logging.getLogger("fedq.coordinator")
@@ -206,7 +205,7 @@ class Ingest:
         check_matches_model(self.state.params, arrival.delta)
         # Finite is not enough: one update of 1e38s, merged, made the model infinite, which stops the
         # coordinator before it checkpoints, and the update, left on the queue, stopped it again.
-        largest = max((largest_magnitude(t) for t in value_tensors(arrival.delta)), default=0.0)
+        largest = update_magnitude(arrival.delta)
         if largest > self.max_update_value:
             raise ProtocolError(f"the update holds a value of magnitude {largest:.3g}, more than the "
                                 f"{self.max_update_value:g} an update's values may reach (FEDQ_MAX_UPDATE_VALUE)")

@@ -364,6 +364,13 @@ class TopKEncoding:
         with np.errstate(invalid="ignore"):
             return bool(np.isfinite(self.scales).all()) and float(np.abs(self.scales).max(initial=0.0)) * 127 <= _FLOAT32_MAX
 
+    def largest_magnitude(self) -> float:
+        """The largest |value|; for int8 values, 127 times the largest scale, which an encoder that
+        scales each block by its own largest value (``quantize_int8``) makes exact."""
+        if self.scales is None:
+            return float(np.abs(self.values).max(initial=0.0))
+        return float(np.abs(self.scales).max(initial=0.0)) * 127
+
     def span(self) -> tuple[int, int]:
         """The first and last positions named ((0, -1) when none)."""
         return (int(self.gaps[0]) - 1, self.last) if self.gaps.size else (0, -1)

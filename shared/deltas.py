@@ -15,7 +15,7 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
-from shared.scans import all_finite
+from shared.scans import all_finite, largest_magnitude
 
 Tensors = dict[str, torch.Tensor]
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
@@ -37,6 +37,9 @@ class SparseEncoding(Protocol):
         """Positions (int64) and values (float32), as new tensors."""
 
     def all_finite(self) -> bool: ...
+
+    def largest_magnitude(self) -> float:
+        """At most the largest |value| (exactly it, where the values travel as floats)."""
 
     def gap_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         """(gaps, values, scales, scale_block), as ``coordinator.kernels.fold_at_gaps`` reads them."""
@@ -103,6 +106,10 @@ class SparseDelta:
         """No value is NaN or infinite, read from the encoding while there is one."""
         return self._encoding.all_finite() if self._encoding is not None else all_finite(self._values)
 
+    def largest_magnitude(self) -> float:
+        """The largest |value| (for an int8 encoding, at most it), read from the encoding while there is one."""
+        return self._encoding.largest_magnitude() if self._encoding is not None else largest_magnitude(self._values)
+
     def gap_form(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
         """(gaps, values, scales, scale_block), as ``coordinator.kernels.fold_at_gaps`` reads a delta: the
         encoding's own arrays, or gaps taken from the decoded positions."""
@@ -128,6 +135,13 @@ Delta = Union[Tensors, SparseDelta]
 def value_tensors(delta: Delta) -> list[torch.Tensor]:
     """The tensors holding the delta's values: its norm, clipping and finiteness are theirs."""
     return [delta.values] if isinstance(delta, SparseDelta) else list(delta.values())
+
+
+def update_magnitude(delta: Delta) -> float:
+    """The largest |value| of a delta of finite values; a sparse one read without decoding it."""
+    if isinstance(delta, SparseDelta):
+        return delta.largest_magnitude()
+    return max((largest_magnitude(tensor) for tensor in delta.values()), default=0.0)
 
 
 def add_scaled(target: Tensors, delta: Delta, alpha: float) -> None:

@@ -257,6 +257,23 @@ def test_a_sparse_update_goes_in_without_a_dense_copy_and_is_checked(tmp_path):
     assert ingest.state.params["b"][1].item() == pytest.approx(1.0) and torch.count_nonzero(ingest.state.params["w"]) == 0
 
 
+def test_a_top_k_update_reaches_the_strategy_still_encoded(tmp_path):
+    """Checks read the wire encoding (finite, largest value): FedBuff folds it in from its gaps
+    without unpacking positions and values first."""
+    seen = []
+
+    class Watching(FedBuff):
+        def submit(self, params, update, staleness):
+            seen.append(update.delta.encoding is not None)
+            return super().submit(params, update, staleness)
+
+    ingest = federation(tmp_path, Watching(buffer_size=2))
+    tensors = {"w": torch.zeros(4, 3), "b": torch.tensor([0.0, 2.0, 0.0])}
+    for codec in ("topk", "topk-int8"):
+        assert ingest.take(update(ingest, tensors=tensors, codec=codec)[1], "fedq").outcome == APPLIED
+    assert seen == [True, True]
+
+
 def test_the_norm_bound_refuses_or_clips(tmp_path):
     refusing = federation(tmp_path / "refuse", norm_bound=NormBound(1.0, "refuse"))
     verdict = refusing.take(update(refusing, 1.0)[1], "fedq")
