@@ -7,6 +7,10 @@ import sys
 
 import matplotlib.image
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from shared.task import load_task
 
 FEDQ = [sys.executable, "-m", "fedq"]
 
@@ -43,7 +47,7 @@ def test_list_and_map_flags_take_json():
 
 
 @pytest.mark.broker
-def test_demo_runs_ten_sites_to_the_target_and_reports_it(broker_url, tmp_path):
+def test_demo_runs_ten_sites_to_the_target_reports_it_and_leaves_a_model_that_loads(broker_url, tmp_path):
     result = run("demo", "--strategy", "fedasync", "--target", "0.9", "--run-dir", str(tmp_path),
                  env={"FEDQ_BROKER_URL": broker_url}, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,6 +71,29 @@ def test_demo_runs_ten_sites_to_the_target_and_reports_it(broker_url, tmp_path):
         assert image[..., :3].std() > 0.05, f"{name} is blank"
     page = (tmp_path / "report" / "report.html").read_text()
     assert all(f'src="{name}"' in page for name in ("accuracy.png", "staleness.png", "sites.png"))
+
+    # The model to take away loads into a fresh build_model() with torch alone and scores as the run said.
+    task = load_task("shared.digits_task:DigitsStraggler")
+
+    def score(path):
+        model = task.build_model()
+        model.load_state_dict(load_file(str(path)))  # strict: every name of the task's own state_dict
+        return task.evaluate(model)["accuracy"]
+
+    assert score(tmp_path / "model.safetensors") == pytest.approx(summary["final_accuracy"], abs=1e-6)
+    assert score(tmp_path / "model-best.safetensors") == pytest.approx(summary["best_accuracy"], abs=1e-6)
+    exported = run("export", str(tmp_path), "--out", str(tmp_path / "exported.safetensors"))
+    assert exported.returncode == 0 and exported.stdout.strip().startswith(f"version {summary['final_version']} -> ")
+    final = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(t, final[name]) for name, t in load_file(str(tmp_path / "exported.safetensors")).items())
+    missing = run("export", str(tmp_path), "--version", "100000", "--out", str(tmp_path / "nope.safetensors"))
+    assert missing.returncode == 2 and "version 100000 was not kept" in missing.stderr
+    assert f"version {summary['final_version']} (the checkpoint)" in missing.stderr
+    best_version = next(e["version"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+                        if e["event"] == "evaluation" and e.get("accuracy") == summary["best_accuracy"])
+    best = tmp_path / "best.safetensors"
+    assert run("export", str(tmp_path), "--version", str(best_version), "--out", str(best)).returncode == 0
+    assert score(best) == pytest.approx(summary["best_accuracy"], abs=1e-6)
 
 
 def test_report_of_a_folder_without_a_run_says_so(tmp_path):

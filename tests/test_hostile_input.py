@@ -103,9 +103,10 @@ def test_every_message_that_once_killed_the_coordinator_is_refused_once_and_chan
 def test_fedavg_with_a_site_whose_every_update_is_refused_still_closes_rounds_and_reaches_090(broker_url, tmp_path):
     """Rounds do not retrain: a refused answer was once waited for forever (now: until the deadline,
     which this test leaves at its default of ten minutes)."""
+    # Nine sites: without the 3-second straggler, rounds take about a second.
     summary = run_federation(
-        broker_url, tmp_path, site_names(10),
-        coordinator={"strategy": "fedavg", "sites": 10, "stop_at_accuracy": 0.90, "max_seconds": 150},
+        broker_url, tmp_path, site_names(9),
+        coordinator={"strategy": "fedavg", "sites": 9, "stop_at_accuracy": 0.90, "max_seconds": 150},
         site_settings={"site-0": {"task": "tests.hostile_task:NonFiniteDigits"}},
     )
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
