@@ -290,7 +290,7 @@ class FedAvgSync(FedBuff):
     def excuse(self, params, site, staleness):
         """A site whose update was refused does not train this version again (rounds do not
         retrain), so the round would wait for it until its deadline: it counts as answered."""
-        if staleness > 0 or site in self.sites or site in self.excused:
+        if staleness != 0 or site in self.sites or site in self.excused:
             return None
         self.excused.add(site)
         return self._close_if_answered(params, None)

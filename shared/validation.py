@@ -59,8 +59,9 @@ def load_values(model: torch.nn.Module, values: Tensors) -> None:
 
 def master_state(model_tensors: Tensors) -> Tensors:
     """float32 CPU tensors of the model's values: the same storage where the model holds float32
-    on the CPU, copies where it does not. Updates are merged into these: in bfloat16 (8 bits of mantissa) an update
-    smaller than about 1/256 of a weight would round away, and many small updates make a model."""
+    on the CPU, copies where it does not. Updates are merged into these: in bfloat16 (8 bits of
+    mantissa) an update smaller than about 1/256 of a weight would round away, and many small
+    updates make a model."""
     return {name: t if t.dtype == torch.float32 and t.device.type == "cpu"
             else t.detach().to("cpu", torch.float32, copy=True) for name, t in model_tensors.items()}
 

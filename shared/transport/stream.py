@@ -44,7 +44,8 @@ def stream_offset_at(timestamp: float) -> datetime:
 class SnapshotReader:
     """Reads the snapshot ``announcement`` names into ``buffer``, one attachment to the stream at a
     time: at the announced offset (or time) first, then, after each silence of ``STALL_SECONDS``,
-    just past the last message heard. ``superseded()`` ends the read early, when a newer version was announced.
+    just past the last message heard. ``superseded()`` ends the read early, when a newer version was
+    announced.
 
     Its progress goes to ``log``, each line starting with ``who``.
     """
