@@ -19,7 +19,7 @@ from tests.federation_helpers import SiteClient, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
 
-EXAMPLES = 200
+EXAMPLES = 150
 
 # Values of every kind a field may be changed to: wrong types, edges of each type, and the huge
 # (integers as msgpack can carry them).

@@ -32,7 +32,7 @@ BUDGET_UPLOADS = 2
 BUDGET_BYTES = 16 * CHUNK  # FEDQ_SENDER_UPLOAD_BYTES
 PREFETCH = 32  # a window of 28 chunks: the hostile site's repeats fill it, and its uploads are spooled
 UPLOAD_TIMEOUT = 6.0
-STREAM_SECONDS = 10.0
+STREAM_SECONDS = 6.0
 
 
 @pytest.fixture
