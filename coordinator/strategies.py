@@ -299,9 +299,11 @@ class FedAvgSync(FedBuff):
         if outcome is not None and outcome.new_version:
             self.excused.clear()
             return outcome
-        if self.sites and len(self.sites) + len(self.excused) >= self.buffer_size:
+        if len(self.sites) + len(self.excused) >= self.buffer_size:
             held = len(self.sites)
-            self._step(params)
+            if held:
+                self._step(params)
+            # Every answer refused: the same model again as a new version, so that sites train a new round.
             self.excused.clear()
             return Outcome(True, 0.0 if outcome is None else outcome.weight, flushed=held)
         return outcome

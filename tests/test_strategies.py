@@ -194,3 +194,8 @@ def test_a_fedavg_round_counts_a_refused_answer_and_closes_without_it():
     strategy.submit(p, update(2, [2.0]), staleness=0)
     outcome = strategy.excuse(p, "3", staleness=0)
     assert outcome.new_version and outcome.flushed == 2 and p["w"].item() == pytest.approx(4.0)
+    # A round whose every answer was refused starts again as a new version of the same model.
+    for site in ("1", "2"):
+        assert strategy.excuse(p, site, staleness=0) is None
+    outcome = strategy.excuse(p, "3", staleness=0)
+    assert outcome.new_version and outcome.flushed == 0 and p["w"].item() == pytest.approx(4.0)
