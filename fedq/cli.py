@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -123,10 +122,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from fedq.federation import run_federation, site_names
 
     _configure_logging("INFO")
-    run_dir = Path(args.run_dir)
-    if (run_dir / "events.jsonl").exists():
-        # A demo is a new run every time; resuming the last one's checkpoint would end it at once.
-        shutil.rmtree(run_dir)
     broker = find_broker(log=logging.getLogger("fedq.demo").info)
     try:
         summary = run_federation(
@@ -135,11 +130,13 @@ def run_demo(args: argparse.Namespace) -> int:
             site_names(10),
             coordinator={"strategy": args.strategy, "stop_at_accuracy": args.target, "max_seconds": args.max_seconds},
             worker={"codec": args.codec},
+            fresh=True,  # a demo is a new run every time; resuming the last one would end it at once
         )
     finally:
         broker.close()
     print(_describe(summary))
-    print(f"run log: {Path(args.run_dir) / 'events.jsonl'}; site logs: {Path(args.run_dir) / 'sites'}")
+    print(f"run log: {Path(args.run_dir) / 'events.jsonl'}; site logs: {Path(args.run_dir) / 'sites'}; "
+          f"model: {Path(args.run_dir) / 'model.safetensors'}")
     reached = (summary.get("best_accuracy") or 0) >= args.target
     if not reached:
         print(f"the demo did not reach {args.target} accuracy; the site logs above say what the workers saw")

@@ -60,13 +60,13 @@ def run_federation(
 
     ``coordinator`` and ``worker`` are settings (as for the ``fedq`` flags) for each side, and
     ``site_settings`` adds settings for single sites; workers may reach the broker by another URL. Worker logs and state land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
-    the clock starts when the federation is complete, as a benchmark wants. ``fresh`` empties
-    ``run_dir`` first, where a run of its own would otherwise resume the checkpoint of an earlier
-    one (and a benchmark time that run's remainder).
+    the clock starts when the federation is complete, as a benchmark wants. ``fresh`` removes an
+    earlier run's folder at ``run_dir`` first, where a run of its own would otherwise resume that
+    run's checkpoint (and a benchmark time its remainder).
     """
     worker = worker or {}
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if fresh and ((run_dir / "events.jsonl").exists() or (run_dir / "checkpoint.fedq").exists()):
+        shutil.rmtree(run_dir)  # a run folder, and only one: never a folder of something else
     settings = load_settings(
         CoordinatorSettings,
         **{"broker_url": broker_url, "run_dir": run_dir, "wait_for_sites": len(sites), **(coordinator or {})},
