@@ -11,17 +11,20 @@ pytestmark = pytest.mark.broker
 def test_fedavg_with_a_site_whose_every_update_is_refused_still_closes_rounds_and_reaches_090(broker_url, tmp_path):
     """Rounds do not retrain: a refused answer was once waited for forever (now: until the deadline,
     which this test leaves at its default of ten minutes)."""
-    # Nine sites: without the 3-second straggler, rounds take about a second.
+    # Nine sites: without the 3-second straggler, rounds take about a second. Their task moves its
+    # model as model.to(device) does (tests/test_devices.py), which once made every update zero.
+    moving = "tests.moving_task:MovingDigits"
     summary = run_federation(
         broker_url, tmp_path, site_names(9),
-        coordinator={"strategy": "fedavg", "sites": 9, "stop_at_accuracy": 0.90, "max_seconds": 150},
-        site_settings={"site-0": {"task": "tests.hostile_task:NonFiniteDigits"}},
+        coordinator={"strategy": "fedavg", "sites": 9, "stop_at_accuracy": 0.90, "max_seconds": 150, "task": moving},
+        worker={"task": moving}, site_settings={"site-0": {"task": "tests.hostile_task:NonFiniteDigits"}},
     )
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     assert summary["rejected_per_user"] and "site-0" not in summary["applied_per_site"]
     # A round waiting for the refused site would close only at the default deadline of 600 s,
     # past this run's 150: every round closed counting the refused answer.
     assert summary["final_version"] >= 2 and not events(tmp_path, "flushed")
+    assert not events(tmp_path, "zero_update"), "the moving task's updates are what it trained"
 
 
 def test_fedbuff_with_a_trimmed_mean_and_one_live_site_too_few_still_makes_versions(broker_url, tmp_path):
