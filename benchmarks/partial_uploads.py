@@ -96,16 +96,6 @@ def run_events(run_dir: Path, kind: str | None = None) -> list[dict]:
     return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
 class Sampler(threading.Thread):
     """Every 50 ms: the coordinator's resident memory, and the files in its upload spool."""
 
@@ -317,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared import transport
     from shared.protocol import MAX_CHUNK_BYTES
     from shared.task import load_task
+    from tests.federation_helpers import wait_for
 
     budget_bytes = args.sender_upload_bytes
     args.backlog = args.prefetch if args.backlog is None else args.backlog
