@@ -101,7 +101,7 @@ from coordinator.settings import CoordinatorSettings
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import Task
-from shared.validation import float_state
+from shared.model_state import trained_state
 from shared.transport.stream import PREFETCH as STREAM_PREFETCH
 from worker.site import SiteWorker
 
@@ -250,7 +250,7 @@ def _run_helper(target: Callable[..., None], args: tuple, reports, over) -> None
 def _update_payloads(parameters: int, codec: str, count: int, run_id: str, base_version: int) -> list[tuple[str, list[memoryview]]]:
     """``count`` updates (id, payload buffers), each of its own random delta, as ``count`` sites
     would send: identical deltas would let a coordinator's sum find the same positions in cache."""
-    tensors = float_state(LinearStack(parameters).build_model())
+    tensors = trained_state(LinearStack(parameters).build_model())
     generator = torch.Generator().manual_seed(1)
     encoder = get_codec(codec, TOPK_FRACTION)
     payloads = []
@@ -502,7 +502,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
 
 def snapshot_chunks(parameters: int) -> list[tuple[pika.BasicProperties, bytes]]:
     """A real snapshot of the model, cut and labelled as shared.transport.publish_payload does, for the bare loop."""
-    tensors = float_state(LinearStack(parameters).build_model())
+    tensors = trained_state(LinearStack(parameters).build_model())
     specs, parts = encode_tensors(tensors, get_codec("fp32"))
     header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=0, created_at=now(), tensors=specs)
     payload_id = new_id()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shared.validation import load_values
+from shared.model_state import load_values
 
 Tensors = dict[str, torch.Tensor]
 

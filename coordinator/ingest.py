@@ -165,8 +165,12 @@ class Ingest:
     def greet(self, arrival: Arrival) -> Verdict | None:
         if not isinstance(arrival.header, Hello):
             return None
-        site = arrival.header.site
+        site, frozen = arrival.header.site, arrival.header.frozen
         log.info("site %s said hello", site)
+        if frozen is not None and self.state.frozen is not None and frozen != self.state.frozen:
+            log.error("site %s's frozen weights (digest %s) are not this model's (%s): it will refuse to train until it "
+                      "builds the same task with the same pretrained weights", site, frozen[:12], self.state.frozen[:12])
+            self.runlog.event("frozen_mismatch", site=site, digest=frozen)
         self.state.sites_seen.add(site)
         self.runlog.seen(site)
         return Verdict(GREETED, site=site)

@@ -51,7 +51,8 @@ from shared.protocol import (
 )
 from shared.settings import SettingsError
 from shared.task import Task
-from shared.validation import check_matches_model, float_state, load_values, master_state, non_finite_tensor
+from shared.model_state import checked_names, frozen_digest, load_values, master_state, trained_state
+from shared.validation import check_matches_model, non_finite_tensor
 
 log = logging.getLogger("fedq.coordinator")
 
@@ -70,11 +71,15 @@ class Coordinator:
         self.settings = settings
         self.task = task
         self.model = task.build_model()
+        # Only the tensors that train travel and are merged; the frozen rest stays as build_model
+        # made it, here and at every site (the announcements carry its digest).
+        names = checked_names(self.model, task.trained_tensors(self.model), settings.task)
         # Updates merge into a float32 CPU master; where the model is float32 on the CPU, it is the
         # model itself. The model is loaded from it by name before each evaluation (load_values).
-        params = master_state(float_state(self.model))
+        params = master_state(trained_state(self.model, names))
+        self.state = FederationState(run_id=new_id(), params=params, layout=Layout.of(params),
+                                     frozen=frozen_digest(self.model, names))
         self.model.to(settings.torch_device)
-        self.state = FederationState(run_id=new_id(), params=params, layout=Layout.of(params))
         try:
             self.strategy = make_strategy(settings)
         except ValueError as exc:
@@ -546,6 +551,7 @@ class Coordinator:
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
             chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, digest=digest, published_at=now(),
             stream_offset=self._publisher.stream_end, retrain=self.strategy.retrain, config=self.settings.run_config,
+            frozen=self.state.frozen,
         )
         self._announce()
         self._publisher.snapshot(buffers, self.announcement.payload_id, digest)

@@ -17,9 +17,11 @@ class FederationState:
     """The run, the global model's version and tensors, the sites heard from, the updates counted."""
 
     run_id: str
-    #: The global model's floating-point tensors, sharing storage with the task's model.
+    #: The global model's tensors that travel (``Task.trained_tensors``), as float32 CPU tensors.
     params: Tensors
     layout: Layout
+    #: The digest of the model's tensors that do not travel (``shared.model_state.frozen_digest``).
+    frozen: str | None = None
     version: int = 0
     ledger: Ledger = field(default_factory=Ledger)
     sites_seen: set[str] = field(default_factory=set)

@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 # 2: payload digests are BLAKE3 (were SHA-256), in fedq-digest headers and Announcement.digest.
 # 3: every chunk on the updates queue names its site (fedq-site); headers are bounded (HeaderLimits).
-PROTOCOL_VERSION = 3
+# 4: only trained tensors travel (Announcement.frozen, Hello.frozen); sites score versions
+#    (Announcement.evaluate, EvalReport).
+PROTOCOL_VERSION = 4
 
 
 def new_digest() -> Any:
@@ -96,6 +98,17 @@ RunConfig = Annotated[
                Annotated[str, Field(max_length=1024)]]],
     Field(max_length=MAX_METRICS),
 ]
+
+
+# A site's score of a version: finite, and small enough that summing millions of them weighted by
+# sample counts stays far from overflow.
+MAX_SCORE = 1e12
+Scores = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)],
+         Annotated[float, Field(ge=-MAX_SCORE, le=MAX_SCORE, allow_inf_nan=False)]],
+    Field(max_length=MAX_METRICS),
+]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 # 64 random bits: no collision in any run's lifetime of updates, and half the bytes of a UUID,
@@ -180,6 +193,22 @@ class Hello(_PayloadHeader):
 
     kind: Literal["hello"] = "hello"
     site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    #: The digest of the site's frozen weights, so the coordinator can name a site that differs.
+    frozen: Digest | None = None
+
+
+class EvalReport(_PayloadHeader):
+    """A site's score of one version on its own held-out data (``Task.evaluate_site``)."""
+
+    kind: Literal["evaluation"] = "evaluation"
+    report_id: Id
+    run_id: Id
+    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    #: The evaluation round it answers (``Announcement.evaluate``) and the version it scored.
+    round: Count
+    version: Count
+    num_samples: Annotated[int, Field(gt=0, le=MAX_COUNT)]
+    metrics: Scores
 
 
 class Announcement(_PayloadHeader):
@@ -201,11 +230,17 @@ class Announcement(_PayloadHeader):
     payload_id: Annotated[str, Field(min_length=1, max_length=64)]
     chunks: Annotated[int, Field(ge=1, le=MAX_COUNT)]
     size: Count
-    digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    digest: Digest
     published_at: float
     stream_offset: Count | None = None
     #: The run's configuration for the sites' tasks (``SiteContext.config``).
     config: RunConfig = Field(default_factory=dict)
+    #: The digest of the model's frozen tensors (``shared.model_state.frozen_digest``): they never
+    #: travel, so a site must have built the same ones to train.
+    frozen: Digest | None = None
+    #: The current evaluation round, when sites score versions: the version it started at. A site
+    #: scores the first version at or after it that it fetches, once per round.
+    evaluate: Count | None = None
     # Asynchronous strategies keep sites busy on the newest version even if they trained on it
     # already; a synchronous round wants exactly one update per site and version.
     retrain: bool = True
@@ -268,7 +303,8 @@ class Status(_PayloadHeader):
 
 
 Header = Annotated[
-    Union[SnapshotHeader, UpdateHeader, Hello, Announcement, TensorFile, Status], Field(discriminator="kind")
+    Union[SnapshotHeader, UpdateHeader, Hello, EvalReport, Announcement, TensorFile, Status],
+    Field(discriminator="kind")
 ]
 _HEADER_ADAPTER: TypeAdapter[Any] = TypeAdapter(Header)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.settings import SettingsError, load_settings
-from shared.validation import float_state, load_values, trained_delta
+from shared.model_state import load_values, trained_delta, trained_state
 from tests.moving_task import reallocate
 from worker.settings import WorkerSettings
 
@@ -18,14 +18,14 @@ def model():
 
 def test_values_loaded_by_name_reach_a_model_that_was_given_new_tensors():
     net = model()
-    base = {name: torch.full_like(t, 0.5) for name, t in float_state(net).items()}
+    base = {name: torch.full_like(t, 0.5) for name, t in trained_state(net).items()}
     reallocate(net)  # what model.to("cuda") does to the tensors fedq would have kept
     load_values(net, base)
-    assert all(torch.equal(t, base[name]) for name, t in float_state(net).items())
+    assert all(torch.equal(t, base[name]) for name, t in trained_state(net).items())
     reallocate(net)
     with torch.no_grad():
         net[0].weight.add_(1.0)
-    delta = trained_delta(float_state(net), base)
+    delta = trained_delta(trained_state(net), base)
     assert torch.equal(delta["0.weight"], torch.ones(3, 4)) and torch.count_nonzero(delta["0.bias"]) == 0
 
 
@@ -50,13 +50,35 @@ def test_a_run_configuration_must_be_flat_numbers_strings_and_booleans():
 
 
 @pytest.mark.broker
-def test_the_run_configuration_reaches_every_sites_task(broker_url, tmp_path):
+def test_frozen_weights_stay_home_and_the_run_configuration_reaches_every_sites_task(broker_url, tmp_path):
+    """Sites of a frozen-backbone task, configured from the centre: updates and snapshots carry the
+    trained head alone, every site's task sees the run configuration, and a site that built other
+    frozen weights says so and stops instead of training."""
     import json
 
     from fedq.federation import run_federation, site_names
+    from tests.frozen_task import FrozenBackboneDigits
 
-    run_federation(broker_url, tmp_path, site_names(3), worker={"task": "tests.config_task:ConfigDigits"},
-                   coordinator={"strategy": "fedasync", "max_versions": 6, "max_seconds": 60,
-                                "run_config": {"lr": 0.05, "local_epochs": 1, "note": "from the centre"}})
-    updates = [e for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines()) if e["event"] == "update"]
+    task = "tests.frozen_task:FrozenBackboneDigits"
+    summary = run_federation(
+        broker_url, tmp_path, site_names(4), worker={"task": task},
+        site_settings={"site-3": {"task": "tests.frozen_task:OtherBackboneDigits"}},
+        coordinator={"task": task, "strategy": "fedasync", "max_versions": 6, "max_seconds": 60,
+                     "run_config": {"lr": 0.05, "local_epochs": 1, "note": "from the centre"}})
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    updates = [e for e in events if e["event"] == "update"]
     assert updates and all(e["metrics"]["config_lr"] == 0.05 and e["metrics"]["config_local_epochs"] == 1 for e in updates)
+
+    model = FrozenBackboneDigits().build_model()
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    assert frozen > 5 * trained
+    assert max(e["bytes"] for e in updates) <= 1.3 * trained, "an fp32 update carries the trained head alone"
+    snapshots = [e["bytes"] for e in events if e["event"] == "snapshot"]
+    assert snapshots and max(snapshots) <= 1.3 * trained
+
+    assert summary["worker_exit_codes"]["site-3"] == 2
+    assert {e["site"] for e in updates} == {"site-0", "site-1", "site-2"}
+    said = (tmp_path / "sites" / "site-3.log").read_text()
+    assert "cannot train: the frozen part of its model" in said and "same pretrained weights" in said
+    assert [e["site"] for e in events if e["event"] == "frozen_mismatch"] == ["site-3"]

@@ -27,7 +27,7 @@ from shared.task import load_task
 from tests.federation_helpers import (
     SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
 )
-from shared.validation import float_state
+from shared.model_state import trained_state
 from shared.transport import stream as stream_module
 from worker.site import SiteWorker
 
@@ -292,7 +292,7 @@ def test_a_site_reading_a_snapshot_moves_on_when_a_newer_one_is_announced(broker
 
 def digits_snapshot(version: int) -> tuple[dict[str, torch.Tensor], list, Announcement]:
     """The digits model as snapshot ``version`` in 8 KiB chunks: its tensors, payload and announcement."""
-    params = float_state(load_task("shared.digits_task:DigitsStraggler").build_model())
+    params = trained_state(load_task("shared.digits_task:DigitsStraggler").build_model())
     specs, parts = encode_tensors(params, get_codec("fp32"))
     header = SnapshotHeader(protocol=PROTOCOL_VERSION, run_id=new_id(), version=version, created_at=now(), tensors=specs)
     buffers = encode_payload(header, parts)

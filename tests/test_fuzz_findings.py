@@ -57,7 +57,7 @@ def hello_chunks(chunk_bytes):
 @pytest.mark.parametrize("digest", ["\x00", "ab", "g" * 64, "AB" * 32])
 def test_a_chunk_whose_digest_header_is_no_digest_is_refused_and_never_spooled(tmp_path, digest):
     uploads, ingest = coordinator_side(tmp_path)
-    (_, _), (second, body1), (last, body2) = hello_chunks(16)
+    (_, _), (second, body1), (last, body2) = hello_chunks(20)
     assert deliver(uploads, ingest, 2, second, "site-1", [body1]) is None
     refusal = deliver(uploads, ingest, 3, {**last, "fedq-digest": digest}, "site-1", [body2])
     assert isinstance(refusal, Refusal) and refusal.tags == [3]

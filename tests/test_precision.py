@@ -8,7 +8,7 @@ from shared.codecs import encode_tensors, get_codec
 from shared.protocol import PROTOCOL_VERSION, UpdateHeader, encode_payload, new_id
 from shared.settings import load_settings
 from shared.task import load_task
-from shared.validation import trained_delta
+from shared.model_state import trained_delta
 
 
 def test_a_bfloat16_model_merges_small_updates_into_a_float32_master(tmp_path):

@@ -37,8 +37,9 @@ from shared.protocol import (
     payload_size,
 )
 from worker.settings import WorkerSettings
-from shared.task import SiteContext, Task, TrainResult
-from shared.validation import check_matches_model, float_state, load_values, trained_delta
+from shared.model_state import checked_names, frozen_digest, load_values, trained_delta, trained_state
+from shared.task import SiteContext, Task, TaskMismatch, TrainResult
+from shared.validation import check_matches_model
 from worker.error_feedback import ErrorFeedback
 from worker.outbox import Outbox
 
@@ -62,7 +63,10 @@ class SiteWorker:
         self.settings = settings
         self.task = task
         self.model = task.build_model()
-        self.layout = Layout.of(float_state(self.model))
+        #: The tensors that travel; the rest is frozen, and must be the coordinator's (self.frozen).
+        self.names = checked_names(self.model, task.trained_tensors(self.model), settings.task)
+        self.frozen = frozen_digest(self.model, self.names)
+        self.layout = Layout.of(trained_state(self.model, self.names))
         self.device = settings.torch_device
         self.user = transport.broker_user(settings.broker_url)
         self.announcement: Announcement | None = None
@@ -112,7 +116,8 @@ class SiteWorker:
             transport.Announcements(link, s.site, self.on_announcement)
             self._flush_outbox(publisher)
             self.heard = False
-            self._publish(publisher, encode_payload(Hello(protocol=PROTOCOL_VERSION, site=s.site), []), new_id())
+            hello = Hello(protocol=PROTOCOL_VERSION, site=s.site, frozen=self.frozen)
+            self._publish(publisher, encode_payload(hello, []), new_id())
             log.info("site %s connected; waiting for a snapshot", s.site)
             # Whatever was announced while this site was away is waiting in its queue, and the hello
             # makes the coordinator say it again: hear it before training on older news.
@@ -124,6 +129,7 @@ class SiteWorker:
                 if announcement.final:
                     log.info("site %s: the coordinator ended the run at version %d", s.site, announcement.version)
                     break
+                self._check_frozen(announcement)
                 stale_base = (self.base_run, self.base_version) != (announcement.run_id, announcement.version)
                 if stale_base and not self.fetch_snapshot(link, announcement):
                     continue
@@ -132,6 +138,18 @@ class SiteWorker:
             return True
         finally:
             link.close()
+
+    def _check_frozen(self, announcement: Announcement) -> None:
+        """Refuse to train when this site's frozen weights are not the coordinator's: they never
+        travel, so an update trained on others would be merged into a model it was not made for."""
+        if announcement.frozen is not None and announcement.frozen != self.frozen:
+            frozen = len(self.model.state_dict()) - len(self.names)
+            raise TaskMismatch(
+                f"site {self.settings.site} cannot train: the frozen part of its model ({frozen} tensors that do not "
+                f"train, digest {self.frozen[:12]}) differs from the coordinator's (digest {announcement.frozen[:12]}). "
+                f"Frozen weights are never sent: every process builds them in build_model(). Run the same task "
+                f"({self.settings.task}) with the same pretrained weights, seeds and package versions as the "
+                f"coordinator, then start this site again")
 
     def _has_work(self) -> bool:
         a = self.announcement
@@ -182,7 +200,7 @@ class SiteWorker:
             tensors = decode_tensors(header.tensors, parts, self.layout)
             # Not checked for NaN here: the coordinator checks each version once before publishing
             # it, and the digest proves these are the bytes it published.
-            check_matches_model(float_state(self.model), tensors, finite=False)
+            check_matches_model(trained_state(self.model, self.names), tensors, finite=False)
         except (ProtocolError, transport.SnapshotUnavailable) as exc:
             log.error("site %s: cannot use snapshot version %d (%s); waiting for the next version",
                       site, announcement.version, exc)
@@ -222,7 +240,7 @@ class SiteWorker:
         self.last_trained = (self.base_run, version)
         encoding = time.monotonic()
         # By name, as the model holds them now: training may have moved or replaced its tensors.
-        delta = trained_delta(float_state(self.model), self.base)
+        delta = trained_delta(trained_state(self.model, self.names), self.base)
         if all(torch.count_nonzero(tensor) == 0 for tensor in delta.values()):
             log.error("site %s: training on version %d changed nothing: the update is exactly zero. A task whose "
                       "train() builds a new model or optimizes tensors other than the model's own learns nothing "
