@@ -3,20 +3,21 @@
 A payload arrives reassembled and digest-checked, with the user the broker verified as its sender.
 It goes through these stages in order; each either lets it go on or gives the verdict:
 
-1. ``decode``: the header and its tensor parts; only hellos and updates belong here;
+1. ``decode``: the header and its tensor parts; only hellos, updates and site evaluations belong here;
 2. ``identify``: the broker-verified user may speak for the site the payload names;
 3. ``greet``: a hello ends here: the site is up;
-4. ``replay``: an update the ledger counted already is a duplicate (a redelivery, or a replay), set aside;
-5. ``receive``: the update's bytes count against its site;
-6. ``current_run``: an update trained in another run is dropped;
-7. ``staleness``: how many versions old its base is (a base from the future is refused);
-8. ``validate``: its claimed sample count, and its tensors against the model: names, shapes, finite
+4. ``score``: a site's evaluation ends here, taken into its round (``coordinator.site_scores``);
+5. ``replay``: an update the ledger counted already is a duplicate (a redelivery, or a replay), set aside;
+6. ``receive``: the update's bytes count against its site;
+7. ``current_run``: an update trained in another run is dropped;
+8. ``staleness``: how many versions old its base is (a base from the future is refused);
+9. ``validate``: its claimed sample count, and its tensors against the model: names, shapes, finite
    values of bounded magnitude;
-9. ``bound``: the update norm bound (clip, or refuse);
-10. ``privacy``: clipped to the privacy norm, under differential privacy;
-11. ``admit``: the strategy's say (too stale, a site already in the buffer);
-12. ``submit``: folded into the model or the buffer; a new version if the strategy made one;
-13. ``record``: the ledger and the run log.
+10. ``bound``: the update norm bound (clip, or refuse);
+11. ``privacy``: clipped to the privacy norm, under differential privacy;
+12. ``admit``: the strategy's say (too stale, a site already in the buffer);
+13. ``submit``: folded into the model or the buffer; a new version if the strategy made one;
+14. ``record``: the ledger and the run log.
 
 Between payloads, ``flush`` lets the strategy close a buffer or round that waited past its deadline.
 
@@ -37,24 +38,27 @@ from coordinator.ledger import Entry
 from coordinator.robust import clip_to_norm, update_norm
 from coordinator.runlog import RunLog
 from coordinator.senders import Senders
+from coordinator.site_scores import SiteScores
 from coordinator.state import FederationState
 from coordinator.strategies import Outcome, Strategy, Update
 from shared.codecs import decode_tensors
 from shared.deltas import Delta, update_magnitude
-from shared.protocol import HeaderLimits, Hello, ProtocolError, UpdateHeader, decode_payload
+from shared.protocol import EvalReport, HeaderLimits, Hello, ProtocolError, UpdateHeader, decode_payload
 from shared.validation import check_matches_model
 
 log = logging.getLogger("fedq.coordinator")
 
-APPLIED, DROPPED, REFUSED, GREETED, DUPLICATE = "applied", "dropped", "refused", "greeted", "duplicate"
+APPLIED, DROPPED, REFUSED, GREETED, DUPLICATE, SCORED = (
+    "applied", "dropped", "refused", "greeted", "duplicate", "scored")
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What became of a payload: ``applied`` (``new_version`` if the model moved on), ``dropped``
     (counted, without effect: stale, or from another run), ``refused`` (to be dead-lettered with
-    ``reason``), ``greeted`` (a site's hello) or ``duplicate`` (counted already: acknowledged and
-    set aside, for at-least-once delivery brings honest sites' updates twice)."""
+    ``reason``), ``greeted`` (a site's hello), ``duplicate`` (counted already: acknowledged and
+    set aside, for at-least-once delivery brings honest sites' updates twice) or ``scored`` (a
+    site's evaluation, taken into its round unless ``reason`` says why not)."""
 
     outcome: str
     reason: str | None = None
@@ -117,13 +121,14 @@ class Ingest:
 
     def __init__(self, state: FederationState, strategy: Strategy, runlog: RunLog, *,
                  senders: Senders = Senders(), norm_bound: NormBound | None = None, max_num_samples: int = 100_000_000,
-                 max_update_value: float = 1e12):
+                 max_update_value: float = 1e12, scores: SiteScores | None = None):
         self.state, self.strategy, self.runlog = state, strategy, runlog
+        self.scores = scores
         self.senders, self.norm_bound, self.max_num_samples = senders, norm_bound, max_num_samples
         self.max_update_value = max_update_value
         self.limits = HeaderLimits.for_model(len(state.layout.shapes))
         self.stages: tuple[Stage, ...] = (
-            self.decode, self.identify, self.greet, self.replay, self.receive, self.current_run, self.staleness,
+            self.decode, self.identify, self.greet, self.score, self.replay, self.receive, self.current_run, self.staleness,
             self.validate, self.bound, self.privacy, self.admit, self.submit, self.record,
         )
 
@@ -155,7 +160,7 @@ class Ingest:
 
     def decode(self, arrival: Arrival) -> None:
         arrival.header, arrival.parts = decode_payload(arrival.payload, self.limits)
-        if not isinstance(arrival.header, (Hello, UpdateHeader)):
+        if not isinstance(arrival.header, (Hello, UpdateHeader, EvalReport)):
             raise ProtocolError(f"a {arrival.header.kind} payload does not belong on the updates queue")
 
     def identify(self, arrival: Arrival) -> None:
@@ -174,6 +179,26 @@ class Ingest:
         self.state.sites_seen.add(site)
         self.runlog.seen(site)
         return Verdict(GREETED, site=site)
+
+    def score(self, arrival: Arrival) -> Verdict | None:
+        report = arrival.header
+        if not isinstance(report, EvalReport):
+            return None
+        if report.run_id != self.state.run_id:
+            raise ProtocolError(f"the evaluation is of run {report.run_id}, not the current run {self.state.run_id}")
+        if report.num_samples > self.max_num_samples:
+            raise ProtocolError(f"the evaluation claims {report.num_samples} samples, more than the "
+                                f"{self.max_num_samples} a message may claim (FEDQ_MAX_NUM_SAMPLES)")
+        if report.tensors:
+            raise ProtocolError("an evaluation carries scores, not tensors")
+        if self.scores is None:
+            raise ProtocolError("this coordinator asks no site to evaluate (its task has no evaluate_site)")
+        self.state.sites_seen.add(report.site)
+        self.runlog.seen(report.site)
+        set_aside = self.scores.add(report, self.state.version)
+        self.runlog.event("site_evaluation", site=report.site, round=report.round, version=report.version,
+                          num_samples=report.num_samples, metrics=report.metrics, set_aside=set_aside)
+        return Verdict(SCORED, set_aside, site=report.site)
 
     def replay(self, arrival: Arrival) -> Verdict | None:
         header = arrival.header

@@ -2,8 +2,9 @@
 
 Reads ``events.jsonl`` from a run folder (the coordinator's, or any copy of it) and writes
 ``accuracy.png`` (accuracy and loss against time and against version), ``staleness.png`` (how old
-the applied updates' bases were) and ``sites.png`` (updates applied, dropped and bytes sent per
-site), plus ``report.html``.
+the applied updates' bases were), ``sites.png`` (updates applied, dropped and bytes sent per
+site) and, where the sites scored versions, ``site-scores.png`` (each site's accuracy on its own
+held-out data and the pooled one, by version), plus ``report.html``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     dropped = [e for e in events if e["event"] == "dropped"]
     written = [_accuracy(evaluations, out_dir / "accuracy.png"), _staleness(updates, out_dir / "staleness.png"),
                _sites(updates, dropped, out_dir / "sites.png")]
+    scores = [e for e in events if e["event"] == "site_evaluation" and e.get("set_aside") is None]
+    if scores:
+        rounds = [e for e in events if e["event"] == "federated_evaluation"]
+        written.append(_site_scores(scores, rounds, out_dir / "site-scores.png"))
     written.append(_page(run_dir, evaluations, updates, dropped, out_dir / "report.html"))
     return written
 
@@ -59,6 +64,26 @@ def _accuracy(evaluations: list[dict], path: Path) -> Path:
         loss_axis.set_ylabel("loss", color="C3")
     axes[0].set_title("accuracy and loss over time")
     axes[1].set_title("accuracy and loss by version")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _site_scores(scores: list[dict], rounds: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for site in sorted({e["site"] for e in scores}):
+        mine = [e for e in scores if e["site"] == site and "accuracy" in e["metrics"]]
+        ax.plot([e["version"] for e in mine], [e["metrics"]["accuracy"] for e in mine], linewidth=0.8, alpha=0.5,
+                marker=".", label=site if len(scores) <= 400 else None)
+    pooled = [e for e in rounds if "accuracy" in e]
+    ax.plot([e["version"] for e in pooled], [e["accuracy"] for e in pooled], color="black", linewidth=2.2,
+            marker="o", label="pooled (by samples)")
+    ax.set_xlabel("version scored")
+    ax.set_ylabel("accuracy on the site's held-out data")
+    ax.set_ylim(0, 1)
+    ax.set_title("federated evaluation: each site and the pooled score")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -115,7 +140,8 @@ def _page(run_dir: Path, evaluations: list[dict], updates: list[dict], dropped: 
     }
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     images = "".join(f'<p><img src="{name}" alt="{name}" style="max-width:100%"></p>'
-                     for name in ("accuracy.png", "staleness.png", "sites.png"))
+                     for name in ("accuracy.png", "staleness.png", "sites.png", "site-scores.png")
+                     if (path.parent / name).exists())
     path.write_text(f"<!doctype html><meta charset=utf-8><title>fedq run report</title>"
                     f"<h1>fedq run report</h1><table>{rows}</table>{images}\n")
     return path

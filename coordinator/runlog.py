@@ -23,6 +23,8 @@ class RunLog:
         self._file = open(run_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._t0 = time.monotonic()
         self.started_at = time.time()
+        #: Whether the run's clock started (its first version), here or before a resume.
+        self.clock_started = False
         self.curve: list[tuple[float, int, float, float]] = []
         self.staleness: Counter[int] = Counter()
         self.applied = 0
@@ -47,11 +49,13 @@ class RunLog:
     def start_clock(self) -> None:
         self._t0 = time.monotonic()
         self.started_at = time.time()
+        self.clock_started = True
 
     def resume_clock(self, started_at: float) -> None:
         """Continue a resumed run's clock from its first start, so its downtime counts."""
         self.started_at = started_at
         self._t0 = time.monotonic() - (time.time() - started_at)
+        self.clock_started = True
 
     @property
     def elapsed(self) -> float:

@@ -26,6 +26,7 @@ from coordinator.memory import keep_freed_memory
 from coordinator.metrics import serve_metrics
 from coordinator.runlog import RunLog
 from coordinator.senders import Senders
+from coordinator.site_scores import Pooled, SiteScores
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import FederationState
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line
@@ -87,13 +88,23 @@ class Coordinator:
         self.strategy.prepare(params)
         if self.strategy.privacy is not None:
             self._cover_trainable()
+        if not (task.evaluates_centrally or task.evaluates_at_sites) and settings.stop_at_accuracy is not None:
+            raise SettingsError(f"fedq cannot start: FEDQ_STOP_AT_ACCURACY needs an accuracy, and task {settings.task} "
+                                "scores nothing (it has neither evaluate nor evaluate_site). Give the task one of them, "
+                                "or stop the run by FEDQ_MAX_SECONDS or FEDQ_MAX_VERSIONS")
+        # Federated evaluation, for tasks that score at the sites; its rounds' scores stand for the
+        # federation's when the coordinator has no data of its own.
+        self.scores = SiteScores(settings.site_eval_every, settings.site_eval_wait) if task.evaluates_at_sites else None
+        #: The values of the version the open round of site evaluation scores, for model-best: the
+        #: model has moved on by the time the sites' answers are in.
+        self._round_values: dict[str, torch.Tensor] | None = None
         self.runlog = RunLog(settings.run_dir)
         self.senders = Senders(frozenset(settings.any_site_users), settings.site_users)
         self.ingest = Ingest(
             self.state, self.strategy, self.runlog, senders=self.senders,
             norm_bound=None if settings.update_norm_bound is None else NormBound(settings.update_norm_bound,
                                                                                    settings.update_norm_action),
-            max_num_samples=settings.max_num_samples, max_update_value=settings.max_update_value,
+            max_num_samples=settings.max_num_samples, max_update_value=settings.max_update_value, scores=self.scores,
         )
         self.checkpoints = CheckpointFiles(settings.run_dir)
         self.suspects = Suspects(settings.run_dir / "suspect.fedq")
@@ -214,6 +225,7 @@ class Coordinator:
             while self.stop_reason is None:
                 self._serve()
                 self._flush_if_due()
+                self._close_site_round()
                 self._check_limits()
                 self._expire_uploads()
                 self._settle()
@@ -234,13 +246,14 @@ class Coordinator:
         self._wait_for_sites()
         if self.stop_reason is not None:  # stopped before its sites came: the run never started
             return
-        if not self.runlog.curve:
+        if not self.runlog.clock_started:
             # Scored before the clock starts: loading the evaluation data is not the federation's time.
-            lost = self._score()
+            lost = self._score() if self.task.evaluates_centrally else None
             self.runlog.start_clock()
             self.runlog.event("start", run_id=self.run_id, strategy=self.settings.strategy,
                               settings=self.settings.public())
-            self.runlog.evaluation(self.version, self.last_metrics)
+            if self.task.evaluates_centrally:
+                self.runlog.evaluation(self.version, self.last_metrics)
             if lost is not None:
                 raise lost
         self._release()
@@ -284,7 +297,7 @@ class Coordinator:
             site_of_user=self.senders.site_of_user,
         )
         self._publisher.status(self.status)
-        if self.runlog.curve:
+        if self.runlog.clock_started:
             log.info("%s", progress_line(self.status))
         else:  # the run's clock starts with its first version: until then there is no progress to show
             log.info("waiting for sites: %d of %d said hello", len(self.state.sites_seen), s.wait_for_sites)
@@ -374,7 +387,8 @@ class Coordinator:
         best = export.exported_metadata(self.settings.run_dir / export.BEST_FILE)
         if best.get("fedq_run_id") == self.run_id and "fedq_accuracy" in best:
             self._best_accuracy = float(best["fedq_accuracy"])
-        self._evaluate()
+        if self.task.evaluates_centrally:
+            self._evaluate()
         log.info("resumed run %s at version %d from %s (%d updates in the ledger)",
                  self.run_id, self.version, self.checkpoints.path, len(self.state.ledger.entries))
         return True
@@ -393,6 +407,7 @@ class Coordinator:
         while self._inbox and self.stop_reason is None:
             delivery = self._inbox.pop()
             self._on_delivery(delivery)
+            self._close_site_round()
             self._check_limits()
             self._tick()
         if self.stop_reason is None and self._unreleased:
@@ -503,21 +518,40 @@ class Coordinator:
             metrics, lost = self._link.run_while_serving(evaluate, "fedq-evaluate")
         else:  # resuming, before the first connection
             metrics = evaluate()
-        if self.strategy.privacy is not None:
-            metrics["epsilon"] = self.strategy.privacy.epsilon()
-        self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
-        self._scored_version = self.version
-        self._keep_if_best()
+        if not isinstance(metrics, dict):
+            raise TypeError(f"task {self.settings.task} evaluate() must return a dict of metrics, got {metrics!r}")
+        self._scored(self.version, metrics, self.params)
         return lost
 
-    def _keep_if_best(self) -> None:
-        """Export the version just scored if it is the best so far (the model is loaded with it)."""
-        accuracy = self.last_metrics.get("accuracy")
+    def _scored(self, version: int, metrics: dict[str, float], values: dict[str, torch.Tensor]) -> None:
+        """Make ``metrics`` the federation's score of ``version`` (of the model with ``values``), and
+        export that version if it is the best so far."""
+        if self.strategy.privacy is not None:
+            metrics = {**metrics, "epsilon": self.strategy.privacy.epsilon()}
+        self.last_metrics = metrics  # whole, for readers on other threads (status, tests)
+        self._scored_version = version
+        accuracy = metrics.get("accuracy")
         if accuracy is None or not math.isfinite(accuracy) or accuracy <= self._best_accuracy:
             return
         self._best_accuracy = accuracy
-        export.export_model(self.model, self.params, self.settings.run_dir / export.BEST_FILE, run_id=self.run_id,
-                            version=self.version, accuracy=accuracy)
+        export.export_model(self.model, values, self.settings.run_dir / export.BEST_FILE, run_id=self.run_id,
+                            version=version, accuracy=accuracy)
+
+    def _close_site_round(self) -> None:
+        """Record the round of site evaluation if it is done: every site seen answered, or its wait is over."""
+        pooled = self.scores.close_if_done(self.state.sites_seen, time.monotonic()) if self.scores else None
+        if pooled is None:
+            return
+        values, self._round_values = self._round_values, None
+        self.runlog.event("federated_evaluation", version=pooled.version, sites=pooled.sites, samples=pooled.samples,
+                          representative=pooled.representative, **pooled.metrics)
+        log.info("sites scored version %d: %s (%d sites, %d samples%s)", pooled.version,
+                 ", ".join(f"{name} {value:.4f}" for name, value in pooled.metrics.items()), pooled.sites,
+                 pooled.samples, "" if pooled.representative else "; fewer than half the sites: not taken as the "
+                 "federation's score")
+        if pooled.representative and not self.task.evaluates_centrally:
+            self.runlog.evaluation(pooled.version, pooled.metrics)
+            self._scored(pooled.version, pooled.metrics, values if values is not None else self.params)
 
     @property
     def _unreleased(self) -> bool:
@@ -531,8 +565,12 @@ class Coordinator:
         twice for two different models. Evaluated after, so sites do not wait for the evaluation.
         """
         self._settle(force=True)
+        if self.scores is not None and self.scores.open_if_due(self.version, time.monotonic()):
+            if not self.task.evaluates_centrally:
+                self._round_values = {name: tensor.clone() for name, tensor in self.params.items()}
         self._publish_snapshot()
-        if self._scored_version is None or self.version - self._scored_version >= self.settings.eval_every:
+        if self.task.evaluates_centrally and (
+                self._scored_version is None or self.version - self._scored_version >= self.settings.eval_every):
             self._evaluate()
 
     def _publish_snapshot(self) -> None:
@@ -551,7 +589,7 @@ class Coordinator:
             protocol=PROTOCOL_VERSION, run_id=self.run_id, version=self.version, payload_id=new_id(),
             chunks=chunk_count(size, MAX_CHUNK_BYTES), size=size, digest=digest, published_at=now(),
             stream_offset=self._publisher.stream_end, retrain=self.strategy.retrain, config=self.settings.run_config,
-            frozen=self.state.frozen,
+            frozen=self.state.frozen, evaluate=self.scores.asking if self.scores else None,
         )
         self._announce()
         self._publisher.snapshot(buffers, self.announcement.payload_id, digest)

@@ -85,7 +85,9 @@ class CoordinatorSettings(CommonSettings):
         "fp32", description="Codec for published snapshots; the coordinator keeps full precision either way."
     )
     eval_every: int = Field(1, ge=1, description="Evaluate the global model when it is published, if N versions or more have passed since the last evaluation.")
-    stop_at_accuracy: Optional[float] = Field(None, gt=0, le=1, description="End the run once accuracy reaches this.")
+    site_eval_every: int = Field(5, ge=1, description="Ask the sites to score the global model on their own held-out data every N versions (tasks with evaluate_site).")
+    site_eval_wait: float = Field(60.0, gt=0, description="Close a round of site evaluation this many seconds after it opened, with the sites that answered, if not all did.")
+    stop_at_accuracy: Optional[float] = Field(None, gt=0, le=1, description="End the run once accuracy reaches this: the coordinator's own evaluation, or the sites' pooled one for a task without evaluate.")
     max_seconds: Optional[float] = Field(None, gt=0, description="End the run after this many seconds.")
     max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
     wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")

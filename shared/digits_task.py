@@ -2,6 +2,10 @@
 
 scikit-learn's handwritten digits, split across ten sites by a Dirichlet(0.5) label partition, a
 small MLP, and per-site delays that stand in for slow hardware and links.
+
+The coordinator scores on the test split (``evaluate``); each site scores on its own share of it
+(``evaluate_site``), partitioned the same way as the training data, so that the sites' pooled score
+of a version is the central one when every site answers.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.task import SiteContext, Task, TrainResult
+from shared.task import EvalResult, SiteContext, Task, TrainResult
 
 SITES = 10
 ALPHA = 0.5
@@ -33,19 +37,39 @@ def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return tuple(train_test_split(X, data.target, test_size=0.2, stratify=data.target, random_state=0))
 
 
-@lru_cache(maxsize=1)
 def site_indices() -> list[np.ndarray]:
     """Training-set indices per site from the Dirichlet label partition."""
-    _, _, y_train, _ = dataset()
-    rng = np.random.RandomState(0)
+    return _partitions()[0]
+
+
+def site_test_indices() -> list[np.ndarray]:
+    """Test-set indices per site, each site's held-out data: each class split in the same shares
+    as the training set's, so a site is scored on data like its own."""
+    return _partitions()[1]
+
+
+@lru_cache(maxsize=1)
+def _partitions() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    _, _, y_train, y_test = dataset()
+    train, shares = partition(y_train, np.random.RandomState(0))
+    test, _ = partition(y_test, np.random.RandomState(1), shares)
+    return train, test
+
+
+def partition(labels: np.ndarray, rng: np.random.RandomState,
+              shares: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Indices of ``labels`` per site, each class split by its ``shares`` across sites (drawn from
+    Dirichlet(ALPHA) when not given); returns the indices and the shares."""
     pieces: list[list[np.ndarray]] = [[] for _ in range(SITES)]
+    drawn = []
     for c in range(10):
-        idx = np.where(y_train == c)[0]
+        idx = np.where(labels == c)[0]
         rng.shuffle(idx)
-        p = rng.dirichlet([ALPHA] * SITES)
+        p = rng.dirichlet([ALPHA] * SITES) if shares is None else shares[c]
+        drawn.append(p)
         for i, piece in enumerate(np.split(idx, (np.cumsum(p) * len(idx)).astype(int)[:-1])):
             pieces[i].append(piece)
-    return [np.concatenate(p) for p in pieces]
+    return [np.concatenate(p) for p in pieces], drawn
 
 
 def site_number(site: str) -> int:
@@ -92,11 +116,22 @@ class DigitsStraggler(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         _, X_test, _, y_test = dataset()
-        device = next(model.parameters()).device
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.from_numpy(X_test).to(device))
-            target = torch.from_numpy(y_test).long().to(device)
-            loss = nn.functional.cross_entropy(logits, target).item()
-            accuracy = (logits.argmax(1) == target).float().mean().item()
-        return {"accuracy": accuracy, "loss": loss}
+        return score(model, X_test, y_test)
+
+    def evaluate_site(self, model: nn.Module, site: SiteContext) -> EvalResult | None:
+        _, X_test, _, y_test = dataset()
+        idx = site_test_indices()[site_number(site.site)]
+        if not len(idx):
+            return None
+        return EvalResult(num_samples=len(idx), metrics=score(model, X_test[idx], y_test[idx]))
+
+
+def score(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(X).to(device))
+        target = torch.from_numpy(y).long().to(device)
+        loss = nn.functional.cross_entropy(logits, target).item()
+        accuracy = (logits.argmax(1) == target).float().mean().item()
+    return {"accuracy": accuracy, "loss": loss}

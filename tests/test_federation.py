@@ -34,15 +34,40 @@ from worker.site import SiteWorker
 pytestmark = pytest.mark.broker
 
 
-def test_topk_int8_updates_reach_090_and_are_over_50x_smaller(broker_url, tmp_path):
+def test_a_coordinator_without_data_reaches_090_scored_by_its_sites_with_topk_updates_50x_smaller(broker_url,
+                                                                                                   tmp_path):
+    """The coordinator's task has no evaluate: the sites score versions on their held-out data, and
+    the pooled score stops the run; updates are top-k int8, over 50x smaller than dense ones."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     summary = run_federation(
         broker_url, tmp_path, site_names(10),
-        coordinator={"strategy": "fedbuff", "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
+        coordinator={"task": "tests.site_eval_task:DigitsWithoutCentralData", "strategy": "fedbuff",
+                     "stop_at_accuracy": 0.90, "max_seconds": 150, "max_staleness": 10_000},
         worker={"codec": "topk-int8", "topk_fraction": 0.01},
     )
-    assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
-    assert summary["updates_rejected"] == 0
-    dense = sum(t.numel() * 4 for t in load_task("shared.digits_task:DigitsStraggler").build_model().parameters())
+    assert summary["stop_reason"].startswith("accuracy"), summary["stop_reason"]
+    assert summary["best_accuracy"] >= 0.90 and summary["updates_rejected"] == 0
+    rounds = events(tmp_path, "federated_evaluation")
+    assert rounds and all(r["sites"] == 10 and r["representative"] for r in rounds), "every site answers each round"
+    scores = events(tmp_path, "site_evaluation")
+    assert {s["site"] for s in scores} == set(site_names(10)) and all(s["set_aside"] is None for s in scores)
+    evaluations = events(tmp_path, "evaluation")
+    assert [e["version"] for e in evaluations] == [r["version"] for r in rounds], "the sites' score is the run's"
+
+    # The best version, as exported, scores centrally about what its sites said (they score the
+    # round's version or one a little newer, so not exactly).
+    best = tmp_path / "model-best.safetensors"
+    with safe_open(str(best), framework="pt") as exported:
+        said = float(exported.metadata()["fedq_accuracy"])
+    task = load_task("shared.digits_task:DigitsStraggler")
+    model = task.build_model()
+    model.load_state_dict(load_file(str(best)))
+    assert said == max(r["accuracy"] for r in rounds) >= 0.90
+    assert abs(task.evaluate(model)["accuracy"] - said) <= 0.05
+
+    dense = sum(t.numel() * 4 for t in model.parameters())
     assert 0 < summary["mean_update_bytes"] < dense / 50
     residuals = list((tmp_path / "sites").glob("*.residual"))
     assert residuals, "lossy codecs keep an error-feedback residual on disk"

@@ -1,4 +1,4 @@
-"""The worker's outbox: finished updates wait on disk until the broker has confirmed them.
+"""The worker's outbox: finished updates (and evaluations) wait on disk until the broker has confirmed them.
 
 An update is written here (atomically, with its digest) before it is published, and removed only
 after every chunk is confirmed. A worker killed mid-upload, or cut off from the broker, publishes
@@ -18,6 +18,7 @@ from shared.protocol import ProtocolError
 
 log = logging.getLogger("fedq.worker")
 MAGIC = b"FEDQOUT2"  # 2: BLAKE3 digests
+KINDS = ("update", "evaluation")
 
 
 class Outbox:
@@ -25,24 +26,25 @@ class Outbox:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def put(self, update_id: str, buffers: list[memoryview]) -> Path:
-        """Keep an encoded update until it is confirmed; names sort in the order updates were made."""
-        path = self.folder / f"{time.time_ns():020d}-{update_id}.update"
+    def put(self, payload_id: str, buffers: list[memoryview], kind: str = "update") -> Path:
+        """Keep an encoded payload (an ``update`` or an ``evaluation``) until it is confirmed;
+        names sort in the order they were made."""
+        path = self.folder / f"{time.time_ns():020d}-{payload_id}.{kind}"
         write_durable(path, MAGIC, buffers)
         return path
 
     def pending(self) -> list[Path]:
-        return sorted(self.folder.glob("*.update"))
+        return sorted(path for kind in KINDS for path in self.folder.glob(f"*.{kind}"))
 
-    def read(self, path: Path) -> tuple[str, memoryview] | None:
-        """The update id and payload kept at ``path``; a damaged entry is reported and removed."""
+    def read(self, path: Path) -> tuple[str, str, memoryview] | None:
+        """The kind, payload id and payload kept at ``path``; a damaged entry is reported and removed."""
         try:
             payload = read_durable(path, MAGIC)
         except (ProtocolError, OSError) as exc:
             log.error("outbox entry %s cannot be sent and is removed: %s", path, exc)
             path.unlink(missing_ok=True)
             return None
-        return path.stem.split("-", 1)[1], payload
+        return path.suffix[1:], path.stem.split("-", 1)[1], payload
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)

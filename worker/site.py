@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from shared import transport
 from shared.chunking import ChunkInfo, read_single
@@ -23,7 +24,10 @@ from shared.memory import peak_resident_bytes
 from shared.progress import Throttle, megabytes
 from shared.protocol import (
     PROTOCOL_VERSION,
+    MAX_METRICS,
+    MAX_SCORE,
     Announcement,
+    EvalReport,
     HeaderLimits,
     Hello,
     ProtocolError,
@@ -38,7 +42,7 @@ from shared.protocol import (
 )
 from worker.settings import WorkerSettings
 from shared.model_state import checked_names, frozen_digest, load_values, trained_delta, trained_state
-from shared.task import SiteContext, Task, TaskMismatch, TrainResult
+from shared.task import EvalResult, SiteContext, Task, TaskMismatch, TrainResult
 from shared.validation import check_matches_model
 from worker.error_feedback import ErrorFeedback
 from worker.outbox import Outbox
@@ -77,6 +81,8 @@ class SiteWorker:
         self.base_config: dict = {}
         self.started_at = now()
         self.last_trained: tuple[str | None, int] | None = None
+        #: The run and round of site evaluation this site last answered.
+        self.evaluated: tuple[str | None, int] | None = None
         self.codec = get_codec(settings.codec, settings.topk_fraction)
         self.feedback = (
             ErrorFeedback(settings.state_dir / f"{settings.site}.residual", self.layout)
@@ -133,7 +139,11 @@ class SiteWorker:
                 stale_base = (self.base_run, self.base_version) != (announcement.run_id, announcement.version)
                 if stale_base and not self.fetch_snapshot(link, announcement):
                     continue
+                # A site that lost the broker still trains: its update and score wait in the outbox.
+                offline = self._score_base(link, publisher)
                 self._train(link)
+                if offline is not None:
+                    raise offline
                 self._flush_outbox(publisher)
             return True
         finally:
@@ -220,6 +230,58 @@ class SiteWorker:
         """A newer snapshot was announced (the same one announced again, for a hello, is not newer)."""
         return self.announcement is not None and self.announcement.payload_id != announcement.payload_id
 
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _score_base(self, link: transport.Link, publisher: transport.Publisher) -> BaseException | None:
+        """Score the base snapshot on the site's own held-out data, if the coordinator's open round
+        of evaluation asks for it and this site has not answered it, and send the score now, not
+        after training. Returns the connection failure met meanwhile, for the caller to raise once
+        training is done."""
+        asked = self.announcement.evaluate if self.announcement is not None else None
+        if (not self.task.evaluates_at_sites or asked is None or self.base_version < asked
+                or self.evaluated == (self.base_run, asked)):
+            return None
+        self.evaluated = (self.base_run, asked)
+        site, version = self.settings.site, self.base_version
+        self.model.to(self.device)
+        load_values(self.model, self.base)
+        context = SiteContext(site=site, version=version, device=self.device, config=dict(self.base_config))
+        started = time.monotonic()
+        result, lost = link.run_while_serving(
+            lambda: self.task.evaluate_site(self.model, context), f"evaluate-{site}",
+            on_lost=lambda exc: log.warning("site %s: lost the broker during evaluation (%s); it goes on", site, exc),
+        )
+        report = self._report(result, asked, version)
+        if report is not None:
+            self.outbox.put(report.report_id, encode_payload(report, []), kind="evaluation")
+            log.info("site %s: scored version %d for round %d on %d held-out samples in %.2f s: %s", site, version,
+                     asked, report.num_samples, time.monotonic() - started,
+                     ", ".join(f"{name} {value:.4f}" for name, value in report.metrics.items()))
+        if report is not None and lost is None:
+            try:
+                self._flush_outbox(publisher)
+            except transport.RECOVERABLE as exc:
+                lost = exc
+        return lost
+
+    def _report(self, result, asked: int, version: int) -> EvalReport | None:
+        """The report of an evaluate_site result (None: nothing to report, said why)."""
+        site = self.settings.site
+        if result is None:
+            log.info("site %s: the task scored nothing for round %d (evaluate_site returned None)", site, asked)
+            return None
+        if not isinstance(result, EvalResult) or result.num_samples <= 0:
+            raise ValueError(f"task {self.settings.task} evaluate_site() must return an EvalResult with "
+                             f"num_samples > 0, or None, got {result!r}")
+        try:
+            return EvalReport(protocol=PROTOCOL_VERSION, report_id=new_id(), run_id=self.base_run, site=site,
+                              round=asked, version=version, num_samples=result.num_samples, metrics=result.metrics)
+        except ValidationError as exc:
+            log.error("site %s: evaluate_site's metrics for version %d cannot be sent (%s); they need finite numbers "
+                      "of magnitude at most %g under at most %d names of 64 characters", site, version,
+                      "; ".join(e["msg"] for e in exc.errors()[:3]), MAX_SCORE, MAX_METRICS)
+            return None
+
     # -- training and the update -----------------------------------------------------------------
 
     def _train(self, link: transport.Link) -> None:
@@ -282,13 +344,14 @@ class SiteWorker:
             entry = self.outbox.read(path)
             if entry is None:
                 continue
-            update_id, payload = entry
+            kind, payload_id, payload = entry
             started = time.monotonic()
-            self._publish(publisher, [payload], update_id)
+            self._publish(publisher, [payload], payload_id)
             self.outbox.remove(path)
-            self.sent += 1
-            log.info("site %s: update %s confirmed by the broker (%.1f MB in %.2f s)", self.settings.site, update_id,
-                     len(payload) / 1e6, time.monotonic() - started)
+            if kind == "update":
+                self.sent += 1
+            log.info("site %s: %s %s confirmed by the broker (%.1f MB in %.2f s)", self.settings.site, kind,
+                     payload_id, len(payload) / 1e6, time.monotonic() - started)
 
     def _train_in_background(
         self, link: transport.Link, context: SiteContext

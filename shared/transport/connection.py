@@ -88,6 +88,8 @@ class Link:
         lost = None
         while thread.is_alive() and lost is None:
             try:
+                if not self.is_open:  # lost before the work began: pika cannot even wait on it
+                    raise pika.exceptions.ConnectionWrongStateError("the connection is closed")
                 self.serve(1.0)
             except RECOVERABLE as exc:
                 lost = exc
