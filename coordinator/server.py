@@ -26,7 +26,7 @@ from coordinator.memory import keep_freed_memory
 from coordinator.metrics import serve_metrics
 from coordinator.runlog import RunLog
 from coordinator.senders import Senders
-from coordinator.site_scores import Pooled, SiteScores
+from coordinator.site_scores import SiteScores
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import FederationState
 from coordinator.status import INGEST_BOUNDS, Observations, build_status, progress_line

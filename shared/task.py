@@ -88,7 +88,7 @@ class Task(ABC):
 
     def evaluate_site(self, model: nn.Module, site: SiteContext) -> EvalResult | None:
         """Score the global model on ``site.site``'s own held-out data (never data it trains on),
-        on ``site.device``. The coordinator asks the sites every FEDQ_EVAL_EVERY versions and pools
+        on ``site.device``. The coordinator asks the sites every FEDQ_SITE_EVAL_EVERY versions and pools
         their metrics, weighted by samples. Optional: None means this task scores only centrally."""
         return None
 
