@@ -128,7 +128,8 @@ class Ingest:
         self.max_update_value = max_update_value
         self.limits = HeaderLimits.for_model(len(state.layout.shapes))
         self.stages: tuple[Stage, ...] = (
-            self.decode, self.identify, self.greet, self.score, self.replay, self.receive, self.current_run, self.staleness,
+            self.decode, self.identify, self.greet, self.score, self.replay, self.receive, self.current_run,
+            self.staleness,
             self.validate, self.bound, self.privacy, self.admit, self.submit, self.record,
         )
 
@@ -184,8 +185,6 @@ class Ingest:
         report = arrival.header
         if not isinstance(report, EvalReport):
             return None
-        if report.run_id != self.state.run_id:
-            raise ProtocolError(f"the evaluation is of run {report.run_id}, not the current run {self.state.run_id}")
         if report.num_samples > self.max_num_samples:
             raise ProtocolError(f"the evaluation claims {report.num_samples} samples, more than the "
                                 f"{self.max_num_samples} a message may claim (FEDQ_MAX_NUM_SAMPLES)")
@@ -195,7 +194,10 @@ class Ingest:
             raise ProtocolError("this coordinator asks no site to evaluate (its task has no evaluate_site)")
         self.state.sites_seen.add(report.site)
         self.runlog.seen(report.site)
-        set_aside = self.scores.add(report, self.state.version)
+        # Set aside, as an update from another run is dropped: an honest site's outbox can hold one
+        # from before the coordinator started a new run.
+        set_aside = (f"the evaluation is of run {report.run_id}, not the current run {self.state.run_id}"
+                     if report.run_id != self.state.run_id else self.scores.add(report, self.state.version))
         self.runlog.event("site_evaluation", site=report.site, round=report.round, version=report.version,
                           num_samples=report.num_samples, metrics=report.metrics, set_aside=set_aside)
         return Verdict(SCORED, set_aside, site=report.site)

@@ -71,7 +71,9 @@ def test_the_ingest_stage_takes_a_sites_score_and_refuses_what_no_site_should_se
     verdict = take(report("site-1", 0, 0, 20, run_id=ingest.state.run_id, accuracy=0.75))
     assert verdict.outcome == SCORED and verdict.reason is None and "site-1" in ingest.state.sites_seen
     assert events(tmp_path, "site_evaluation")[0]["metrics"] == {"accuracy": 0.75}
-    assert take(report("site-2", 0, 0, 20, run_id=new_id())).reason.startswith("the evaluation is of run")
+    other_run = take(report("site-2", 0, 0, 20, run_id=new_id()))
+    assert other_run.outcome == SCORED and other_run.reason.startswith("the evaluation is of run")
+    assert ingest.scores.current.reports.keys() == {"site-1"}, "another run's score is set aside"
     assert "more than the" in take(report("site-2", 0, 0, 10**9, run_id=ingest.state.run_id)).reason
     with pytest.raises(ValueError):  # the schema itself refuses scores that are not finite numbers in bounds
         report("site-2", 0, 0, 5, accuracy=float("nan"))
