@@ -109,6 +109,9 @@ Scores = Annotated[
     Field(max_length=MAX_METRICS),
 ]
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+SiteName = Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+# What a site claims to have trained or scored on: weights in merges and pools, so never zero.
+Samples = Annotated[int, Field(gt=0, le=MAX_COUNT)]
 
 
 # 64 random bits: no collision in any run's lifetime of updates, and half the bytes of a UUID,
@@ -181,9 +184,9 @@ class UpdateHeader(_PayloadHeader):
     update_id: Id
     #: The run of the snapshot this update was trained from; updates from other runs are dropped.
     run_id: Id
-    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    site: SiteName
     base_version: Count
-    num_samples: Annotated[int, Field(gt=0, le=MAX_COUNT)]
+    num_samples: Samples
     train_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     metrics: Metrics = Field(default_factory=dict)
 
@@ -192,7 +195,7 @@ class Hello(_PayloadHeader):
     """A site says it is up, so the coordinator repeats the newest announcement for it."""
 
     kind: Literal["hello"] = "hello"
-    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    site: SiteName
     #: The digest of the site's frozen weights, so the coordinator can name a site that differs.
     frozen: Digest | None = None
 
@@ -203,11 +206,11 @@ class EvalReport(_PayloadHeader):
     kind: Literal["evaluation"] = "evaluation"
     report_id: Id
     run_id: Id
-    site: Annotated[str, Field(pattern=SITE_NAME_PATTERN)]
+    site: SiteName
     #: The evaluation round it answers (``Announcement.evaluate``) and the version it scored.
     round: Count
     version: Count
-    num_samples: Annotated[int, Field(gt=0, le=MAX_COUNT)]
+    num_samples: Samples
     metrics: Scores
 
 
