@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -43,10 +44,30 @@ SYSTEM_MANAGEMENT_URL = "http://127.0.0.1:15672"
 _VHOST_SCOPED = ("exchanges", "queues", "bindings", "policies")
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws client ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's client ports. A node keeps its ports across a restart; one
+    drawn from the client range was, with tests in parallel, taken by another connection while the
+    node was down, and the node did not come back (its Prometheus listener failed)."""
+    low, _ = _ephemeral_ports()
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10_000, low) if low > 10_000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"found no free port on 127.0.0.1 between 10000 and {low} in 100 tries")
 
 
 def _rewrite_conf(text: str, overrides: dict[str, str]) -> str:
