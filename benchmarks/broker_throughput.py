@@ -435,9 +435,9 @@ def ingest_bare(broker, case: IngestCase) -> dict[str, Any]:
         connection = pika.BlockingConnection(pika.URLParameters(url))
         try:
             channel = connection.channel()
-            declare_bare_twin(channel, BARE_UPDATES, transport.UPDATES, transport.UPDATE_KEY)
+            declare_bare_twin(channel, BARE_UPDATES, transport.UPDATES, transport.LOBBY_KEY)
             _, consumed = consume_counting(channel, BARE_UPDATES, INGEST_PREFETCH)
-            helpers.start(publish_updates, url, BARE_UPDATES, transport.UPDATE_KEY, case.parameters, case.codec,
+            helpers.start(publish_updates, url, BARE_UPDATES, transport.LOBBY_KEY, case.parameters, case.codec,
                           case.updates, new_id(), 0, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()
@@ -474,7 +474,7 @@ def ingest_fedq(broker, case: IngestCase) -> dict[str, Any]:
                     all_applied.set()
 
             coordinator.runlog.applied_update = applied_update
-            helpers.start(publish_updates, url, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, case.parameters, case.codec,
+            helpers.start(publish_updates, url, transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, case.parameters, case.codec,
                           case.updates, coordinator.run_id, coordinator.version, helpers.go)
             [(size, chunks)] = helpers.collect("ready", 1, deadline)
             recycle_free_memory()

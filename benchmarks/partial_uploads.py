@@ -4,6 +4,8 @@ The coordinator runs as its own process (``python -m fedq coordinator``) on a th
 local broker, with a 4.9M-parameter model (tests.big_task:WideDigits, 19.7 MB updates), FedAsync,
 and a small sender budget (FEDQ_SENDER_UPLOADS x FEDQ_SENDER_UPLOAD_BYTES) so that its bound shows.
 Sites are provisioned users (FEDQ_ANY_SITE_USERS=[]), so the hostile user speaks for one site only.
+Both sites say hello first, as workers do, so each sends into a queue of its own with a prefetch
+window of its own: the hostile site can fill only its own.
 For ``--seconds`` it publishes, as fast as the broker takes them (no confirms; the harness keeps
 at most ``--backlog`` messages waiting on the queue, so the coordinator always has a full prefetch
 window to take), a cycle of:
@@ -27,8 +29,9 @@ be applied.
 
     python benchmarks/partial_uploads.py [--seconds 60] [--moves partial,repeat,...] [--abandon]
 
-Writes benchmarks/results/partial_uploads.json (with other moves than the default, the file name
-says which: partial_uploads.huge-window.json, partial_uploads.abandon.json) and prints a table.
+Writes benchmarks/results/partial_uploads.json (with other moves or prefetch than the default, the
+file name says which: partial_uploads.huge-window.json, partial_uploads.abandon.json,
+partial_uploads.prefetch16.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ RESULTS = Path(__file__).parent / "results"
 TASK = "tests.big_task:WideDigits"
 MiB = 1024 * 1024
 CHUNK = 4 * MiB  # what sites send (shared.protocol.MAX_CHUNK_BYTES)
+PREFETCH = 128  # the coordinator's default FEDQ_PREFETCH
 
 
 def broker_max_message_size() -> int:
@@ -183,7 +187,7 @@ class HostileSite:
         length = min(chunk_bytes, size - info.offset) if length is None else length
         body = self.bodies[chunk_bytes][:length] if length != chunk_bytes else self.bodies[chunk_bytes]
         self.channel.basic_publish(
-            self.transport.UPDATE_EXCHANGE, self.transport.UPDATE_KEY, body,
+            self.transport.UPDATE_EXCHANGE, self.transport.update_key(self.site), body,
             self.pika.BasicProperties(delivery_mode=2, headers={**info.to_headers(), SITE_HEADER: site or self.site},
                                       user_id=self.user), mandatory=True)
         self.sent[move] += 1
@@ -267,10 +271,26 @@ def honest_update(url: str, run_id: str, version: int) -> str:
     link = transport.connect(url, 30, f"honest-{user}")
     channel = link.channel()
     channel.confirm_delivery()
-    transport.publish_payload(channel, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, encode_payload(header, parts),
+    transport.publish_payload(channel, transport.UPDATE_EXCHANGE, transport.update_key(user), encode_payload(header, parts),
                               header.update_id, user_id=user, headers={SITE_HEADER: user})
     link.close()
     return header.update_id
+
+
+def say_hello(url: str) -> None:
+    """The site of ``url``'s user says hello, as a worker does: the coordinator opens its own queue."""
+    from shared import transport
+    from shared.chunking import SITE_HEADER
+    from shared.protocol import PROTOCOL_VERSION, Hello, encode_payload, new_id
+
+    user = transport.broker_user(url)
+    link = transport.connect(url, 30, f"hello-{user}")
+    channel = link.channel()
+    channel.confirm_delivery()
+    transport.publish_payload(channel, transport.UPDATE_EXCHANGE, transport.hello_key(user),
+                              encode_payload(Hello(protocol=PROTOCOL_VERSION, site=user), []), new_id(), user_id=user,
+                              headers={SITE_HEADER: user})
+    link.close()
 
 
 def refusal_kind(reason: str) -> str:
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the hostile site streams")
     parser.add_argument("--sender-uploads", type=int, default=2, help="FEDQ_SENDER_UPLOADS")
     parser.add_argument("--sender-upload-bytes", type=int, default=64 * MiB, help="FEDQ_SENDER_UPLOAD_BYTES")
-    parser.add_argument("--prefetch", type=int, default=128, help="FEDQ_PREFETCH")
+    parser.add_argument("--prefetch", type=int, default=PREFETCH, help="FEDQ_PREFETCH (per site's queue)")
     parser.add_argument("--upload-timeout", type=float, default=600.0, help="FEDQ_UPLOAD_TIMEOUT")
     parser.add_argument("--backlog", type=int, default=None,
                         help="most messages left waiting on the broker's updates queue (default: FEDQ_PREFETCH)")
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_bytes = params * 4 + MAX_CHUNK_BYTES  # the BufferPool the coordinator keeps for one dense update
     max_message_size = BIG_CHUNK
     name = "partial_uploads" + ("" if args.moves == ",".join(MOVES) else "." + args.moves.replace(",", "-")) + (
-        ".abandon" if args.abandon else "")
+        ".abandon" if args.abandon else "") + ("" if args.prefetch == PREFETCH else f".prefetch{args.prefetch}")
     run_dir = args.out / "runs" / name
     if run_dir.exists():
         for path in sorted(run_dir.rglob("*"), reverse=True):
@@ -353,15 +373,33 @@ def main(argv: list[str] | None = None) -> int:
               f"streams for {args.seconds:g} s", flush=True)
 
         admin = transport.connect(url, 30, "partial-uploads-bench")
-        channel = admin.channel()
+
+        def declared(queue: str):
+            """The queue's declare-ok, or None while it does not exist (a passive declare of a
+            missing queue closes its channel, so each look has a channel of its own)."""
+            look = admin.channel()
+            try:
+                return look.queue_declare(queue, passive=True).method
+            except transport.ChannelClosed:
+                return None
+            finally:
+                if look.is_open:
+                    look.close()
 
         def ready(queue: str) -> int:
-            return channel.queue_declare(queue, passive=True).method.message_count
+            return declared(queue).message_count
+
+        # Both sites say hello first, as workers do: each then sends into a queue of its own.
+        hostile_queue = transport.site_update_queue(hostile_site)
+        for site in (hostile_site, honest_site):
+            say_hello(site_urls[site])
+            wait_for(lambda q=transport.site_update_queue(site): (d := declared(q)) is not None and d.consumer_count,
+                     30, f"the coordinator to consume {site}'s queue")
 
         def throttle() -> None:
             """Keep at most --backlog messages waiting on the broker: the coordinator always has a full
             prefetch window to take, and the broker does not pile up gigabytes meanwhile."""
-            while ready(transport.UPDATES) > args.backlog and time.monotonic() < hostile.deadline:
+            while ready(hostile_queue) > args.backlog and time.monotonic() < hostile.deadline:
                 admin.sleep(0.02)
 
         hostile = HostileSite(site_urls[hostile_site], hostile_site, honest_site, budget_bytes, max_update_bytes,
@@ -380,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         def drained_now() -> bool:
             log_sizes.append((time.monotonic(), (run_dir / "events.jsonl").stat().st_size))
             quiet = [size for at, size in log_sizes if at >= log_sizes[-1][0] - 3.0]
-            return log_sizes[0][0] <= log_sizes[-1][0] - 3.0 and len(set(quiet)) == 1 and ready(transport.UPDATES) == 0
+            return log_sizes[0][0] <= log_sizes[-1][0] - 3.0 and len(set(quiet)) == 1 and ready(hostile_queue) == 0
 
         wait_for(drained_now, 900, "the coordinator to take every chunk the hostile site sent")
         drained = time.monotonic() - started
@@ -416,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     growth = peak - idle["VmRSS"]
     allowance = budget_bytes + pool_bytes
     # What the broker may have handed the coordinator and it not yet taken: a full prefetch window of
-    # the largest messages the broker accepts (a sender picks its chunk size, up to that).
+    # the largest messages the broker accepts (a sender picks its chunk size, up to that). The sender
+    # has a queue, and so a window, of its own: the honest site's window is not its to fill.
     window_bytes = args.prefetch * max_message_size
     spool_bound = budget_bytes + CHUNK  # the claims' bytes, and record overhead well within one chunk
     written = io_after["write_bytes"] - io_before["write_bytes"]

@@ -218,6 +218,8 @@ class Coordinator:
                             "snapshots by time, which needs the coordinator's clock to agree with the broker's "
                             "to within a second", transport.SNAPSHOTS, transport.MARKER_TIMEOUT)
             self._inbox = transport.UpdateInbox(self._link, s.prefetch)
+            for site in sorted(self.state.sites_seen):  # a resumed run's sites may have updates queued
+                self._listen(site)
             if self.announcement is None:
                 self._start()
             else:
@@ -293,7 +295,7 @@ class Coordinator:
         s = self.settings
         self.status = build_status(
             self.runlog, run_id=self.run_id, strategy=s.strategy, version=self.version, metrics=self.last_metrics,
-            queue_depths=self._publisher.queue_depths(), ingest=self.ingest_times, every=s.status_seconds,
+            queue_depths=self._publisher.queue_depths(self._inbox.site_queues), ingest=self.ingest_times, every=s.status_seconds,
             site_of_user=self.senders.site_of_user,
         )
         self._publisher.status(self.status)
@@ -340,13 +342,12 @@ class Coordinator:
         due = bool(self.pending_acks) and time.monotonic() - self._pending_since >= self.settings.checkpoint_seconds
         # The broker sends nothing more once the prefetch window is full of unacknowledged
         # deliveries, so a nearly full window is settled at once, whatever the clock says.
-        unfinished = self.uploads.unfinished_chunks
-        if force or due or (self.pending_acks and len(self.pending_acks) + unfinished >= self._window):
+        if force or due or (self.pending_acks and self._inbox.fullest >= self._window):
             self._checkpoint()
             self.uploads.checkpointed()
             self._inbox.ack(self.pending_acks)
             self.pending_acks.clear()
-        if unfinished >= self._window:
+        if self._inbox.fullest >= self._window:  # full of unfinished uploads alone
             self._inbox.ack(self.uploads.spool_unfinished())
 
     def _hold(self, tags: list[int]) -> None:
@@ -448,6 +449,7 @@ class Coordinator:
             # Nothing refers to the payload any more: strategies copy what they keep.
             self.buffers.give(upload.reassembly.storage)
         if verdict.outcome == GREETED:
+            self._listen(verdict.site)
             refused = self._publisher.welcome(verdict.site)  # its queue hears every version from now on
             if refused is not None:
                 log.warning("site %s said hello, but its announcement queue cannot be bound (%s); it will hear no "
@@ -457,6 +459,17 @@ class Coordinator:
             self._announce()
         self._hold(upload.tags)
         self._settle()
+
+    def _listen(self, site: str) -> None:
+        """Take the site's updates from a queue of its own, with a window of its own."""
+        refused = self._publisher.open_updates(site)
+        if refused is None:
+            self._inbox.listen(site)
+        else:  # its updates go on arriving through the lobby, in the window all sites share
+            log.warning("the queue of site %s's updates cannot be declared (%s): an older fedq made %s with other "
+                        "arguments; its updates come through the lobby %s until it is deleted", site, refused,
+                        transport.site_update_queue(site), transport.UPDATES)
+            self.runlog.event("no_update_queue", site=site, reason=refused)
 
     def _expire_uploads(self) -> None:
         for upload in self.uploads.expire(self.settings.upload_timeout):

@@ -92,8 +92,9 @@ class CoordinatorSettings(CommonSettings):
     max_versions: Optional[int] = Field(None, ge=1, description="End the run at this version.")
     wait_for_sites: int = Field(0, ge=0, description="Publish the first version only once this many sites have said hello.")
     prefetch: int = Field(
-        128, ge=2, description="Update chunks (4 MiB each) the coordinator takes from the broker at once; an update of "
-        "more chunks than 7/8 of this is refused, and this much memory may wait in the coordinator's socket buffer."
+        128, ge=2, description="Update chunks (4 MiB each) the coordinator takes at once from each site's queue, and "
+        "from the lobby where hellos and the messages of sites not yet greeted arrive; an update of more chunks than "
+        "7/8 of this is refused, and this many chunks of one queue may wait in the coordinator's memory."
     )
     max_update_bytes: int = Field(4 * 1024**3, ge=1024, description="Largest update payload accepted, in bytes.")
     sender_uploads: int = Field(

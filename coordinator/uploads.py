@@ -77,11 +77,6 @@ class Uploads:
     def __len__(self) -> int:
         return len(self.arriving)
 
-    @property
-    def unfinished_chunks(self) -> int:
-        """Deliveries held unacknowledged by uploads not yet whole."""
-        return sum(len(upload.tags) for upload in self.arriving.values())
-
     def add(self, tag: int, headers: dict | None, user_id: str | None, body: list[bytes]) -> Upload | Refusal | None:
         """Place one delivered chunk: the upload once it is whole (no longer arriving), a refusal,
         or None while chunks are missing."""

@@ -1,10 +1,11 @@
 """Provisioning: one broker user per site, allowed exactly what a site needs and nothing more.
 
 A site may declare and read its own announcement queue, read the snapshot stream, and write to the
-updates exchange. It cannot read updates (its own or anyone's), the dead-letter queue or another
-site's queue, cannot publish snapshots, cannot declare anything else, and cannot bind anything it
-shares with others. RabbitMQ checks the
-``user_id`` of every message against the connection's user, so a site cannot speak for another.
+updates exchange under its own routing keys. It cannot read updates (its own or anyone's), the
+dead-letter queue or another site's queue, cannot send into another site's update queue, cannot
+publish snapshots, cannot declare anything else, and cannot bind anything it shares with others.
+RabbitMQ checks the ``user_id`` of every message against the connection's user, so a site cannot
+speak for another.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def site_permissions(site: str) -> dict[str, str]:
     }
 
 
+def site_topic_permissions(site: str) -> dict[str, str]:
+    """The routing keys a site's user may publish to the updates exchange: its own update and hello
+    keys only, so its messages reach its own queue or the lobby, never another site's window."""
+    keys = "|".join(re.escape(key) for key in (transport.update_key(site), transport.hello_key(site)))
+    return {"exchange": transport.UPDATE_EXCHANGE, "write": f"^({keys})$", "read": "^$"}
+
+
 @dataclass(frozen=True)
 class SiteCredentials:
     site: str
@@ -64,6 +72,9 @@ def provision_sites(
                         {"password": password, "tags": ""})
         transport.management_call(management_url, admin_user, admin_password, "PUT", f"/api/permissions/{q(vhost)}/{q(user)}",
                         permissions)
+        if site:
+            transport.management_call(management_url, admin_user, admin_password, "PUT",
+                                      f"/api/topic-permissions/{q(vhost)}/{q(user)}", site_topic_permissions(site))
         scheme = "amqps" if tls else "amqp"
         url = f"{scheme}://{q(user)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"
         created.append(SiteCredentials(site, user, password, url))

@@ -17,7 +17,7 @@ from coordinator.server import Coordinator
 from shared import transport
 from shared.chunking import SITE_HEADER
 from shared.codecs import encode_tensors, get_codec
-from shared.protocol import PROTOCOL_VERSION, UpdateHeader, encode_payload, new_id
+from shared.protocol import PROTOCOL_VERSION, Hello, UpdateHeader, encode_payload, new_id
 from coordinator.settings import CoordinatorSettings
 from shared.settings import load_settings
 from shared.task import load_task
@@ -93,9 +93,16 @@ class SiteClient:
                 site: str | None = None) -> None:
         """Publish payload bytes as chunks, naming ``site`` (this client's by default); ``user_id=None``
         sends none, "" sends this client's user."""
-        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, [memoryview(payload)],
+        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.update_key(site or self.site),
+                                  [memoryview(payload)],
                                   payload_id or new_id(), user_id=self.user if user_id == "" else user_id,
                                   headers={SITE_HEADER: site or self.site})
+
+    def hello(self) -> None:
+        """Say hello as a worker does: the coordinator opens this site's own update queue."""
+        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.hello_key(self.site),
+                                  encode_payload(Hello(protocol=PROTOCOL_VERSION, site=self.site), []), new_id(),
+                                  user_id=self.user, headers={SITE_HEADER: self.site})
 
     def send(self, coordinator: Coordinator, base_version: int, delta: dict[str, torch.Tensor], num_samples: int = 10) -> str:
         update_id, payload = self.update_payload(coordinator, base_version, delta, num_samples)

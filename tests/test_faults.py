@@ -65,13 +65,15 @@ def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
     url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
     restarted = threading.Event()
 
-    def restart_after_version_3():
+    def restart_after_version_1():
+        # Early: a restart takes the node seconds to stop and start, and with tests in parallel a run
+        # restarted at version 3 once reached its target before the node was back.
         wait_for(lambda: (tmp_path / "events.jsonl").exists() and any(
-            e.get("version", 0) >= 3 for e in events(tmp_path, "evaluation")), 90, "version 3")
+            e.get("version", 0) >= 1 for e in events(tmp_path, "evaluation")), 90, "version 1")
         node.restart()
         restarted.set()
 
-    threading.Thread(target=restart_after_version_3, daemon=True).start()
+    threading.Thread(target=restart_after_version_1, daemon=True).start()
     try:
         summary = run_federation(
             url, tmp_path, site_names(10),
@@ -85,6 +87,29 @@ def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
     update_events = [e["update_id"] for e in events(tmp_path, "update")]
     assert len(update_events) == len(set(update_events))
     assert applied_once(tmp_path) == set(update_events)
+
+
+def test_a_site_that_outlives_its_coordinator_says_hello_to_the_new_run_and_is_heard(broker_url, tmp_path):
+    """A coordinator starting a fresh run consumes only the update queues of sites that said hello
+    to it; a site still connected from the old run must greet the new one, or its updates would
+    wait in its queue for good."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    coordinator = start_fedasync_coordinator(broker_url, first)
+    worker = start_worker(broker_url, "site-0", tmp_path / "sites" / "site-0.log")
+    try:
+        wait_for(lambda: checkpoint_version(first) >= 2, 90, "version 2 of the first run")
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait()
+        coordinator = start_fedasync_coordinator(broker_url, second)
+        wait_for(lambda: checkpoint_version(second) >= 2, 90, "version 2 of the second run, from site-0's updates")
+        assert worker.poll() is None, "the site stayed connected through the change of run"
+    finally:
+        coordinator.send_signal(signal.SIGTERM)
+        coordinator.wait(timeout=30)
+        worker.wait(timeout=30)
+    log = (tmp_path / "sites" / "site-0.log").read_text()
+    assert "a new run" in log and "saying hello to it" in log
+    assert {e["site"] for e in events(second, "update")} == {"site-0"}
 
 
 def start_fedasync_coordinator(url, run_dir):

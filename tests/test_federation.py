@@ -125,7 +125,7 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
         connection = transport.connect(broker_url, 30, "test-garbage")
         channel = connection.channel()
         channel.confirm_delivery()
-        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"\x00not a fedq message",
+        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, b"\x00not a fedq message",
                               pika.BasicProperties(headers={"x-anything": 1}))
 
         def rejected():
@@ -137,7 +137,7 @@ def test_garbage_is_dead_lettered_with_a_reason_and_changes_nothing(broker_url, 
         assert body == b"\x00not a fedq message" and properties.headers["fedq-bytes"] == len(body)
         # A large refused message is kept as evidence, not whole: dead-lettering a flood of them costs little.
         large = bytes(range(256)) * 4096
-        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, large, pika.BasicProperties())
+        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, large, pika.BasicProperties())
         properties, body = wait_for(rejected, 15, "the large message dead-lettered")
         assert body == large[: transport.EVIDENCE_BYTES] and properties.headers["fedq-bytes"] == len(large)
         assert coordinator.version == 0 and coordinator.stop_reason is None
@@ -225,7 +225,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         update_id, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01))
-        transport.publish_payload(client.channel, transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, [memoryview(payload)], update_id,
+        transport.publish_payload(client.channel, transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, [memoryview(payload)], update_id,
                                   user_id=client.user, headers={SITE_HEADER: client.site},
                                   chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
         refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
@@ -237,7 +237,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
 
 
 def publish_chunk(client: SiteClient, info, body: bytes, site: str) -> None:
-    client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(
+    client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, body, pika.BasicProperties(
         delivery_mode=pika.DeliveryMode.Persistent, headers={**info.to_headers(), SITE_HEADER: site},
         user_id=client.user), mandatory=True)
 

@@ -69,7 +69,7 @@ def test_every_message_that_once_killed_the_coordinator_is_refused_once_and_chan
             messages[payload_id] = (label, why)
         # One byte, the last chunk of an upload that claims 1.86 GB, from a user speaking for a site it is not.
         lone = new_id()
-        client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(
+        client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, b"x", pika.BasicProperties(
             user_id=client.user, headers={"fedq-payload": lone, "fedq-chunk": 443, "fedq-chunks": 444,
                                           "fedq-size": 1_860_000_000, "fedq-chunk-bytes": 4 * 1024**2,
                                           "fedq-digest": "0" * 64, SITE_HEADER: "site-1"}))

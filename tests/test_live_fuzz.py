@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from shared.chunking import SITE_HEADER, iter_chunks
 from shared.codecs import CODECS, encode_tensors, get_codec
 from shared.protocol import PROTOCOL_VERSION, Hello, UpdateHeader, new_id
-from shared.transport import UPDATE_EXCHANGE, UPDATE_KEY
+from shared.transport import LOBBY_KEY, UPDATE_EXCHANGE
 from tests.federation_helpers import SiteClient, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
@@ -113,7 +113,7 @@ def test_messages_with_one_field_changed_to_anything_each_get_a_verdict(broker_u
                 if chunk_change is not None:
                     name, value = chunk_change
                     headers[name] = value
-                client.channel.basic_publish(UPDATE_EXCHANGE, UPDATE_KEY, body, pika.BasicProperties(
+                client.channel.basic_publish(UPDATE_EXCHANGE, LOBBY_KEY, body, pika.BasicProperties(
                     headers=headers, user_id=client.user))
             seen["count"] += 1
             wait_for(lambda: settled(coordinator, tmp_path) > before or coordinator.stop_reason is not None, 15,

@@ -38,7 +38,7 @@ def _publish_update(url: str, body: bytes) -> None:
         channel.confirm_delivery()
         # mandatory + confirms: an unroutable or unconfirmed message raises instead of vanishing.
         channel.basic_publish(
-            transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(delivery_mode=2), mandatory=True
+            transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, body, pika.BasicProperties(delivery_mode=2), mandatory=True
         )
 
 

@@ -47,7 +47,8 @@ def test_a_site_user_can_do_what_a_site_does(sites):
     channel = connection.channel()
     channel.confirm_delivery()
     queue = transport.declare_site_queue(channel, "site-1")
-    channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-1"))
+    for key in (transport.hello_key("site-1"), transport.update_key("site-1")):
+        channel.basic_publish(transport.UPDATE_EXCHANGE, key, b"x", pika.BasicProperties(user_id="site-1"))
     stream = connection.channel()
     stream.basic_qos(prefetch_count=1)
     tag = stream.basic_consume(transport.SNAPSHOTS, lambda *a: None, arguments={"x-stream-offset": "first"})
@@ -67,17 +68,29 @@ def test_a_site_user_can_do_what_a_site_does(sites):
     ("declare another site's queue", lambda ch: ch.queue_declare(transport.site_queue("site-2"), durable=True,
                                                                  arguments=transport.SITE_QUEUE_ARGUMENTS)),
     ("purge the updates queue", lambda ch: ch.queue_purge(transport.UPDATES)),
+    ("consume its own update queue", lambda ch: ch.basic_consume(transport.site_update_queue("site-1"), lambda *a: None)),
+    ("send into another site's update queue", lambda ch: ch.basic_publish(
+        transport.UPDATE_EXCHANGE, transport.update_key("site-2"), b"x", pika.BasicProperties(user_id="site-1"))),
+    ("send under a key of no site", lambda ch: ch.basic_publish(
+        transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, b"x", pika.BasicProperties(user_id="site-1"))),
     ("read the coordinator's status", lambda ch: ch.basic_get(transport.STATUS)),
 ])
 def test_a_site_user_is_refused(sites, what, attempt):
     site2 = transport.connect(sites["site-2"].broker_url, 30, "test-site-2")
     transport.declare_site_queue(site2.channel(), "site-2")
     site2.close()
+    admin = transport.connect(sites["coordinator"].broker_url, 30, "test-coordinator")
+    for site in ("site-1", "site-2"):  # as the coordinator declares them when the sites say hello
+        transport.declare_site_updates(admin.channel(), site)
+    admin.close()
     assert "ACCESS_REFUSED" in refused(sites["site-1"].broker_url, attempt)
 
 
-SHARED_QUEUES = (transport.SNAPSHOTS, transport.UPDATES, transport.REJECTED, transport.STATUS, transport.site_queue("site-2"))
+SHARED_QUEUES = (transport.SNAPSHOTS, transport.UPDATES, transport.REJECTED, transport.STATUS, transport.site_queue("site-2"),
+                 transport.site_update_queue("site-2"), transport.site_update_queue("site-1"))
 OWN_QUEUE = transport.site_queue("site-1")
+KEYS = ("", transport.LOBBY_KEY, transport.SNAPSHOT_KEY, transport.update_key("site-1"), transport.update_key("site-2"),
+        transport.hello_key("site-1"))
 ALL_EXCHANGES = (*transport.EXCHANGES, "amq.direct", "amq.fanout", "amq.topic")
 
 
@@ -85,21 +98,24 @@ def every_attempt_on_shared_objects():
     """Every bind, unbind, declare, delete and purge a site could try on what it shares with others."""
     for queue in (*SHARED_QUEUES, OWN_QUEUE):
         for exchange in ALL_EXCHANGES:
-            for key in ("", transport.UPDATE_KEY, transport.SNAPSHOT_KEY):
+            for key in KEYS:
                 yield f"bind queue {queue} to {exchange} by {key!r}", lambda ch, q=queue, x=exchange, k=key: ch.queue_bind(q, x, k)
-    for exchange, queue, key in [*transport.BINDINGS, (transport.ANNOUNCEMENTS, transport.site_queue("site-2"), "")]:
+    for exchange, queue, key in [*transport.BINDINGS, (transport.ANNOUNCEMENTS, transport.site_queue("site-2"), ""),
+                                 (transport.UPDATE_EXCHANGE, transport.site_update_queue("site-2"), transport.update_key("site-2"))]:
         yield f"unbind queue {queue} from {exchange}", lambda ch, q=queue, x=exchange, k=key: ch.queue_unbind(q, x, k)
     for destination in ALL_EXCHANGES:
         for source in ALL_EXCHANGES:
             if source != destination:
                 yield (f"bind exchange {destination} to {source}",
-                       lambda ch, d=destination, s=source: ch.exchange_bind(d, s, transport.UPDATE_KEY))
+                       lambda ch, d=destination, s=source: ch.exchange_bind(d, s, transport.update_key("site-2")))
     for name, kind in transport.EXCHANGES.items():
-        yield f"declare exchange {name}", lambda ch, n=name, k=kind: ch.exchange_declare(n, k, durable=True)
+        yield f"declare exchange {name}", lambda ch, n=name, k=kind: ch.exchange_declare(
+            n, k, durable=True, arguments=transport.EXCHANGE_ARGUMENTS.get(n))
         yield f"delete exchange {name}", lambda ch, n=name: ch.exchange_delete(n)
     yield "declare a new exchange", lambda ch: ch.exchange_declare("fedq.x.mine", "fanout")
     for queue in SHARED_QUEUES:
-        arguments = transport.QUEUES.get(queue, transport.SITE_QUEUE_ARGUMENTS)
+        arguments = transport.QUEUES.get(queue, transport.UPDATE_QUEUE_ARGUMENTS if queue.endswith(".updates")
+                                         else transport.SITE_QUEUE_ARGUMENTS)
         yield f"declare queue {queue}", lambda ch, q=queue, a=arguments: ch.queue_declare(q, durable=True, arguments=a)
         yield f"delete queue {queue}", lambda ch, q=queue: ch.queue_delete(q)
         yield f"purge queue {queue}", lambda ch, q=queue: ch.queue_purge(q)
@@ -113,6 +129,8 @@ def test_the_broker_refuses_every_bind_declare_delete_and_purge_a_site_could_try
     admin = transport.connect(sites["coordinator"].broker_url, 30, "test-coordinator")
     transport.bind_site_queue(admin.channel(), "site-2")
     transport.declare_site_queue(admin.channel(), "site-1")
+    for site in ("site-1", "site-2"):
+        transport.declare_site_updates(admin.channel(), site)
     admin.close()
     vhost = broker_url.rsplit("/", 1)[1]
 
@@ -146,7 +164,7 @@ def test_the_broker_refuses_every_bind_declare_delete_and_purge_a_site_could_try
 
 def test_a_site_user_cannot_claim_another_users_identity(sites):
     message = refused(sites["site-1"].broker_url, lambda ch: ch.basic_publish(
-        transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-2")), code=406)
+        transport.UPDATE_EXCHANGE, transport.update_key("site-1"), b"x", pika.BasicProperties(user_id="site-2")), code=406)
     assert "user_id property set to 'site-2' but authenticated user was 'site-1'" in message
 
 

@@ -90,10 +90,12 @@ def test_metrics_are_built_from_the_status(tmp_path):
 def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
     client = SiteClient(broker_url, site="site-1")
     with running_coordinator(broker_url, tmp_path / "run", strategy="fedasync", status_seconds=0.2) as coordinator:
+        client.hello()  # its updates then come through a queue of its own
+        wait_for(lambda: "site-1" in coordinator.state.sites_seen, 10, "site-1's hello")
         for version in range(3):
             client.send(coordinator, version, constant_delta(coordinator, 0.0))
             wait_for(lambda: coordinator.version == version + 1, 10, f"version {version + 1}")
-        client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"junk", pika.BasicProperties(user_id=client.user))
+        client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, b"junk", pika.BasicProperties(user_id=client.user))
         wait_for(lambda: coordinator.status and coordinator.status.refused == 1 and coordinator.status.applied == 3,
                  10, "a status with 3 updates applied and 1 refused")
 
@@ -106,8 +108,9 @@ def test_live_federation_serves_metrics_and_fedq_status(broker_url, tmp_path):
         assert samples["fedq_update_bytes_received_total", (("site", "site-1"),)] > 0
         assert samples["fedq_snapshot_bytes_published_total", ()] > 0
         assert samples["fedq_evaluation", (("metric", "accuracy"),)] == coordinator.last_metrics["accuracy"]
-        assert samples["fedq_ingest_latency_seconds_count", ()] == 3, "the updates; junk never became an upload"
+        assert samples["fedq_ingest_latency_seconds_count", ()] == 4, "the hello and the updates; junk never became an upload"
         assert ("fedq_queue_messages", (("queue", transport.UPDATES),)) in samples
+        assert ("fedq_queue_messages", (("queue", transport.SITE_UPDATE_QUEUES),)) in samples
 
         command = [sys.executable, "-m", "fedq", "status", "--broker-url", broker_url]
         table = subprocess.run(command, capture_output=True, text=True, timeout=60)

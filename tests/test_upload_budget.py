@@ -64,7 +64,7 @@ class HostileSite:
         count = chunk_count(size, chunk_bytes)
         info = ChunkInfo(payload_id, index, count, size, chunk_bytes, "0" * 64 if index == count - 1 else None)
         body = bytes(min(chunk_bytes, size - info.offset) if length is None else length)
-        self.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(
+        self.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.update_key(self.site), body, pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent, headers={**info.to_headers(), SITE_HEADER: self.site},
             user_id=self.user), mandatory=True)
         self.sent[payload_id] = self.sent.get(payload_id, 0) + 1
@@ -115,7 +115,8 @@ def test_one_site_streaming_partial_uploads_stays_within_its_budget(broker_url, 
             hostile.chunk(huge_budget[-1], 0, 16 * (16 << 20), 16 << 20, length=1024)
         hostile.close()
 
-        # The queue is first in, first out: once the honest site's update is in, so is every hostile chunk.
+        # Neither site said hello, so both send through the lobby, first in, first out: once the honest
+        # site's update is in, so is every hostile chunk.
         honest = SiteClient(honest_user.broker_url, site=honest_user.site)
         update_id = honest.send(coordinator, coordinator.version, constant_delta(coordinator, 0.01))
         applied = event_for(tmp_path, update_id, timeout=30)
@@ -149,3 +150,40 @@ def test_one_site_streaming_partial_uploads_stays_within_its_budget(broker_url, 
                  == len(taken), UPLOAD_TIMEOUT + 10, "the hostile site's uploads to expire")
         wait_for(lambda: not list((tmp_path / "uploads").glob("*.upload")), 2, "the expired uploads' spool files to go")
         assert coordinator.stop_reason is None and not coordinator.uploads.arriving
+
+
+def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_path, site_users):
+    """Greeted sites send into queues of their own, each with its own prefetch window: an honest
+    site's update overtakes the backlog of a site that floods the coordinator."""
+    hostile_user, honest_user = site_users
+    flood = 3000
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", any_site_users=[], prefetch=PREFETCH) as coordinator:
+        honest = SiteClient(honest_user.broker_url, site=honest_user.site)
+        hostile = SiteClient(hostile_user.broker_url, site=hostile_user.site)
+        for client in (honest, hostile):
+            client.hello()
+        wait_for(lambda: {honest.site, hostile.site} <= coordinator.state.sites_seen, 15, "both hellos")
+        # Unconfirmed, so the backlog builds faster than the coordinator refuses it: a chunk of a
+        # payload that claims more than the window, refused one by one.
+        flooding = pika.BlockingConnection(pika.URLParameters(hostile_user.broker_url))
+        channel = flooding.channel()
+        payload_id = new_id()
+        for index in range(flood):
+            info = ChunkInfo(payload_id, index, flood, flood * CHUNK, CHUNK, "0" * 64 if index == flood - 1 else None)
+            channel.basic_publish(transport.UPDATE_EXCHANGE, transport.update_key(hostile.site), b"x", pika.BasicProperties(
+                headers={**info.to_headers(), SITE_HEADER: hostile.site}, user_id=hostile_user.user))
+        update_id = honest.send(coordinator, coordinator.version, constant_delta(coordinator, 0.01))
+        event_for(tmp_path, update_id, timeout=30)
+        wait_for(lambda: len([e for e in events(tmp_path, "rejected") if e["user"] == hostile_user.user]) == flood, 60,
+                 "every flooding chunk refused")
+        flooding.close()
+        for client in (honest, hostile):
+            client.close()
+    log = [e for e in events(tmp_path) if e.get("update_id") == update_id or e.get("user") == hostile_user.user]
+    applied_at = next(i for i, e in enumerate(log) if e.get("update_id") == update_id)
+    assert log[applied_at]["event"] == "update"
+    refused_after = sum(e["event"] == "rejected" for e in log[applied_at:])
+    # Through one shared queue it would have come after all 3000; here only the hostile deliveries
+    # already in the coordinator's hands went first.
+    assert refused_after > flood // 2, f"the honest update came after {flood - refused_after} of {flood} refusals"
+    assert coordinator.version == 1

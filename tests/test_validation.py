@@ -45,7 +45,7 @@ def test_a_site_cannot_claim_another_users_identity(broker_url):
     channel = connection.channel()
     channel.confirm_delivery()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="PRECONDITION_FAILED"):
-        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, b"x", pika.BasicProperties(user_id="site-7"))
+        channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, b"x", pika.BasicProperties(user_id="site-7"))
     connection.close()
 
 
@@ -133,7 +133,7 @@ def test_fuzz_1000_malformed_messages_are_dead_lettered_and_change_nothing(broke
         sent = 0
         for _kind, route, body, headers in malformed_messages(client, coordinator, valid_payload, valid_id, rng):
             if route == "raw":
-                client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.UPDATE_KEY, body, pika.BasicProperties(
+                client.channel.basic_publish(transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, body, pika.BasicProperties(
                     headers=headers or None, user_id=client.user))
             else:
                 client.publish(body, valid_id if route == "replay" else None)

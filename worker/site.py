@@ -122,12 +122,12 @@ class SiteWorker:
             transport.Announcements(link, s.site, self.on_announcement)
             self._flush_outbox(publisher)
             self.heard = False
-            hello = Hello(protocol=PROTOCOL_VERSION, site=s.site, frozen=self.frozen)
-            self._publish(publisher, encode_payload(hello, []), new_id())
+            self._say_hello(publisher)
             log.info("site %s connected; waiting for a snapshot", s.site)
             # Whatever was announced while this site was away is waiting in its queue, and the hello
             # makes the coordinator say it again: hear it before training on older news.
             link.serve_until(lambda: self.heard, timeout=HELLO_WAIT)
+            greeted = self.announcement.run_id if self.announcement else None
             while s.max_tasks is None or self.sent < s.max_tasks:
                 link.serve_until(self._has_work)
                 announcement = self.announcement
@@ -135,6 +135,12 @@ class SiteWorker:
                 if announcement.final:
                     log.info("site %s: the coordinator ended the run at version %d", s.site, announcement.version)
                     break
+                if greeted not in (None, announcement.run_id):
+                    # A coordinator that started a new run takes updates only from the queues of sites
+                    # that said hello to it.
+                    log.info("site %s: a new run %s began; saying hello to it", s.site, announcement.run_id)
+                    self._say_hello(publisher)
+                greeted = announcement.run_id
                 self._check_frozen(announcement)
                 stale_base = (self.base_run, self.base_version) != (announcement.run_id, announcement.version)
                 if stale_base and not self.fetch_snapshot(link, announcement):
@@ -369,7 +375,11 @@ class SiteWorker:
             raise ValueError(f"task {self.settings.task} train() must return a TrainResult with num_samples > 0, got {result!r}")
         return result, lost
 
-    def _publish(self, publisher: transport.Publisher, buffers, payload_id: str) -> ChunkInfo:
+    def _say_hello(self, publisher: transport.Publisher) -> None:
+        hello = Hello(protocol=PROTOCOL_VERSION, site=self.settings.site, frozen=self.frozen)
+        self._publish(publisher, encode_payload(hello, []), new_id(), hello=True)
+
+    def _publish(self, publisher: transport.Publisher, buffers, payload_id: str, hello: bool = False) -> ChunkInfo:
         throttle = Throttle()
 
         def progress(info: ChunkInfo) -> None:
@@ -378,4 +388,4 @@ class SiteWorker:
                          info.index + 1, info.count, megabytes(info.offset + info.length),
                          megabytes(info.size))
 
-        return publisher.update(buffers, payload_id, self.user, self.settings.site, progress)
+        return publisher.update(buffers, payload_id, self.user, self.settings.site, progress, hello=hello)

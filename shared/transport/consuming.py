@@ -1,20 +1,19 @@
-"""Consuming: the coordinator's updates queue, and a site's announcement queue."""
+"""Consuming: the coordinator's update queues, and a site's announcement queue."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from shared.transport.connection import Link
 from shared.transport.frames import deliver_fragments
-from shared.transport.topology import UPDATES, declare_site_queue
-
+from shared.transport.topology import UPDATES, declare_site_queue, site_update_queue
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message from the updates queue, unacknowledged until ``UpdateInbox.ack``."""
+    """One message from an update queue, unacknowledged until ``UpdateInbox.ack``."""
 
     tag: int
     headers: dict[str, Any] | None
@@ -22,11 +21,14 @@ class Delivery:
     user_id: str | None
     #: The body as the frames it came in (``frames.deliver_fragments``).
     body: list[bytes]
+    #: The queue it came from: the lobby, or a site's own.
+    queue: str
 
 
 class UpdateInbox:
-    """The coordinator's consumer on the updates queue: manual acknowledgements, at most ``prefetch``
-    deliveries unacknowledged, bodies handed over as their frames.
+    """The coordinator's consumers on the lobby and on each greeted site's update queue: manual
+    acknowledgements, at most ``prefetch`` deliveries unacknowledged per queue, bodies handed over
+    as their frames.
 
     pika's callback only queues each delivery here; the coordinator takes them with ``pop``. pika
     dispatches until nothing is pending, and every snapshot publish and acknowledgement lets more
@@ -37,24 +39,54 @@ class UpdateInbox:
     def __init__(self, link: Link, prefetch: int):
         self._channel = link.channel()
         deliver_fragments(self._channel)  # copied into the upload's buffer without pika's join first
+        # Per consumer, RabbitMQ's default: each queue has a window of its own.
         self._channel.basic_qos(prefetch_count=prefetch)
         self._waiting: deque[Delivery] = deque()
-        self._channel.basic_consume(UPDATES, self._receive)
+        self._queue_of: dict[str, str] = {}  # consumer tag -> queue
+        # Deliveries taken and not yet acknowledged, by queue: what fills each queue's window.
+        self._taken: dict[int, str] = {}
+        self._taken_from: Counter[str] = Counter()
+        self._consume(UPDATES)
+
+    def listen(self, site: str) -> None:
+        """Consume the site's update queue too (declared and bound by ``Publisher.open_updates``)."""
+        queue = site_update_queue(site)
+        if queue not in self._queue_of.values():
+            self._consume(queue)
+
+    @property
+    def site_queues(self) -> list[str]:
+        """The sites' own update queues this inbox consumes."""
+        return [queue for queue in self._queue_of.values() if queue != UPDATES]
+
+    def _consume(self, queue: str) -> None:
+        self._queue_of[self._channel.basic_consume(queue, self._receive)] = queue
 
     def _receive(self, channel, method, properties, body: list[bytes]) -> None:
-        self._waiting.append(Delivery(method.delivery_tag, properties.headers, properties.user_id, body))
+        queue = self._queue_of[method.consumer_tag]
+        self._waiting.append(Delivery(method.delivery_tag, properties.headers, properties.user_id, body, queue))
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def pop(self) -> Delivery:
         """The oldest delivery not yet taken."""
-        return self._waiting.popleft()
+        delivery = self._waiting.popleft()
+        self._taken[delivery.tag] = delivery.queue
+        self._taken_from[delivery.queue] += 1
+        return delivery
+
+    @property
+    def fullest(self) -> int:
+        """The most deliveries taken and unacknowledged from any one queue: once that reaches the
+        window, the broker sends that queue nothing more until some are acknowledged."""
+        return max(self._taken_from.values(), default=0)
 
     def ack(self, tags: list[int]) -> None:
         """Acknowledge deliveries: the broker forgets them."""
         for tag in tags:
             self._channel.basic_ack(tag)
+            self._taken_from[self._taken.pop(tag)] -= 1
 
 
 class Announcements:

@@ -8,7 +8,7 @@ channel without confirms (``Publisher.refusal`` says why).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -20,7 +20,7 @@ from shared.transport.connection import Link
 from shared.transport.frames import cancel_stream_consumer
 from shared.transport.topology import (
     ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, SNAPSHOTS, STATUS_EXCHANGE, UPDATE_EXCHANGE,
-    UPDATE_KEY, bind_site_queue, declare_shared_topology, queue_depths,
+    bind_site_queue, declare_shared_topology, declare_site_updates, hello_key, queue_depths, update_key,
 )
 
 #: A marker is a message of the stream with this header and no payload: read back, it tells the
@@ -138,9 +138,18 @@ class Publisher:
         """Bind a site's announcement queue (declaring it if the site has not yet), so that it hears
         every version from now on; returns the broker's refusal, if it refused (a queue the site
         declared with other arguments), which costs only the channel opened for it."""
+        return self._on_own_channel(lambda channel: bind_site_queue(channel, site))
+
+    def open_updates(self, site: str) -> str | None:
+        """Declare the queue of a site's updates and bind it to the site's key; returns the broker's
+        refusal, if it refused (a queue of that name with other arguments)."""
+        return self._on_own_channel(lambda channel: declare_site_updates(channel, site))
+
+    def _on_own_channel(self, declare: Callable[[BlockingChannel], object]) -> str | None:
+        """Declare on a channel of its own: a refusal closes that channel, not the publisher's."""
         channel = self.link.channel()
         try:
-            bind_site_queue(channel, site)
+            declare(channel)
         except ChannelClosedByBroker as exc:
             return f"{exc.reply_code} {exc.reply_text}"
         finally:
@@ -176,15 +185,16 @@ class Publisher:
         """Replace the status on the broker with ``status``."""
         publish_payload(self.channel, STATUS_EXCHANGE, "", encode_payload(status, []), new_id(), mandatory=False)
 
-    def queue_depths(self) -> dict[str, int]:
-        """Messages ready in each watched queue."""
-        return queue_depths(self.channel)
+    def queue_depths(self, site_queues: Iterable[str] = ()) -> dict[str, int]:
+        """Messages ready in each watched queue, and in ``site_queues`` together."""
+        return queue_depths(self.channel, site_queues)
 
     # -- a site's ---------------------------------------------------------------------------------
 
     def update(self, buffers: list[memoryview], payload_id: str, user_id: str, site: str,
-               progress: Callable[[ChunkInfo], None] | None = None) -> ChunkInfo:
-        """Send an update (or a hello) of ``site`` to the coordinator, as ``user_id``, which the broker
-        checks against the connection's user."""
-        return publish_payload(self.channel, UPDATE_EXCHANGE, UPDATE_KEY, buffers, payload_id, user_id=user_id,
+               progress: Callable[[ChunkInfo], None] | None = None, hello: bool = False) -> ChunkInfo:
+        """Send an update or evaluation (or with ``hello``, a hello) of ``site`` to the coordinator,
+        as ``user_id``, which the broker checks against the connection's user."""
+        key = hello_key(site) if hello else update_key(site)
+        return publish_payload(self.channel, UPDATE_EXCHANGE, key, buffers, payload_id, user_id=user_id,
                                headers={SITE_HEADER: site}, progress=progress)

@@ -6,7 +6,7 @@ it): RabbitMQ refuses a redeclaration with different arguments, so drift would s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker
@@ -15,42 +15,58 @@ from pika.exceptions import ChannelClosedByBroker
 # snapshot stream; RabbitMQ checks write on the queue and read on the exchange for queue.bind, and
 # write on the destination and read on the source for exchange.bind. With shared names, a site could
 # bind the updates queue to the snapshot exchange; with these, the only bind open to it is of its
-# own queue to an exchange of its own. Sites do not bind their announcement queues either: the
-# coordinator binds a site's queue when the site says hello, so sites need no read on any exchange.
+# own queue to an exchange of its own. Sites do not bind their queues either: the coordinator binds
+# a site's announcement and update queues when the site says hello, so sites need no read on any
+# exchange.
 SNAPSHOT_EXCHANGE = "fedq.x.snapshots"
 SNAPSHOT_KEY = "snapshot"
 SNAPSHOTS = "fedq.snapshots"  # stream queue
 ANNOUNCEMENTS = "fedq.x.announcements"  # fanout exchange; one latest-only queue per site
-UPDATE_EXCHANGE = "fedq.x.updates"
-UPDATE_KEY = "update"
-UPDATES = "fedq.updates"  # quorum queue
+# Each site's updates have a queue of their own, which the coordinator consumes with its own prefetch
+# window: a sender that floods the coordinator fills only its own window, not one all sites share
+# (with one shared queue, one user streaming partial uploads grew the coordinator by 226 MB, the
+# deliveries of a 128-chunk window waiting, and held every honest site's update behind them). A site
+# routes by its name: its updates with update_key(site), its hellos with hello_key(site). Until the
+# coordinator has greeted a site, no queue is bound to its key, and the updates exchange's alternate
+# exchange takes its messages to the lobby, fedq.updates; hellos always go there, so a coordinator that
+# has not heard of a site (a new run) still hears it. Provisioned users may publish only their own
+# site's keys (topic permissions, fedq/provision.py).
+UPDATE_EXCHANGE = "fedq.x.updates"  # topic exchange
+LOBBY_EXCHANGE = "fedq.x.lobby"  # fanout: the updates exchange's alternate exchange
+UPDATES = "fedq.updates"  # quorum queue: the lobby
+# A key no site queue is bound to (site keys begin "site."): it reaches the lobby.
+LOBBY_KEY = "lobby"
 REJECTED_EXCHANGE = "fedq.x.rejected"
 REJECTED = "fedq.rejected"  # messages the coordinator refused, each with the reason
 STATUS_EXCHANGE = "fedq.x.status"
 STATUS = "fedq.status"  # latest-only queue: the coordinator's state for fedq status
 
 EXCHANGES: dict[str, str] = {
-    SNAPSHOT_EXCHANGE: "direct", ANNOUNCEMENTS: "fanout", UPDATE_EXCHANGE: "direct", REJECTED_EXCHANGE: "fanout",
-    STATUS_EXCHANGE: "fanout",
+    SNAPSHOT_EXCHANGE: "direct", ANNOUNCEMENTS: "fanout", UPDATE_EXCHANGE: "topic", LOBBY_EXCHANGE: "fanout",
+    REJECTED_EXCHANGE: "fanout", STATUS_EXCHANGE: "fanout",
 }
+EXCHANGE_ARGUMENTS: dict[str, dict[str, Any]] = {UPDATE_EXCHANGE: {"alternate-exchange": LOBBY_EXCHANGE}}
 DELIVERY_LIMIT = 1_000_000
+# Replicated and durable: a confirmed update survives a broker restart. No payload loops: every error
+# it can cause is a refusal, and one that stopped the coordinator is refused when it comes again
+# (coordinator/suspects.py). So the delivery limit is only a last resort, far above what lost
+# connections count: each returns the whole prefetch window, and at RabbitMQ's 20 (4.x's default) a
+# flaky link would dead-letter valid updates the coordinator never got to.
+UPDATE_QUEUE_ARGUMENTS = {
+    "x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": DELIVERY_LIMIT,
+}
 
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
     # any point in time; retention is bounded by a policy (broker_config/definitions.json).
     SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
-    # Replicated and durable: a confirmed update survives a broker restart. No payload loops: every
-    # error it can cause is a refusal, and one that stopped the coordinator is refused when it comes
-    # again (coordinator/suspects.py). So the delivery limit is only a last resort, far above what
-    # lost connections count: each returns the whole prefetch window, and at RabbitMQ's 20 (4.x's
-    # default) a flaky link would dead-letter valid updates the coordinator never got to.
-    UPDATES: {"x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": DELIVERY_LIMIT},
+    UPDATES: UPDATE_QUEUE_ARGUMENTS,
     REJECTED: {"x-queue-type": "classic"},
     # Only the newest status matters; readers take it and put it back for the next reader.
     STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
 }
 BINDINGS: list[tuple[str, str, str]] = [
-    (SNAPSHOT_EXCHANGE, SNAPSHOTS, SNAPSHOT_KEY), (UPDATE_EXCHANGE, UPDATES, UPDATE_KEY), (REJECTED_EXCHANGE, REJECTED, ""),
+    (SNAPSHOT_EXCHANGE, SNAPSHOTS, SNAPSHOT_KEY), (LOBBY_EXCHANGE, UPDATES, ""), (REJECTED_EXCHANGE, REJECTED, ""),
     (STATUS_EXCHANGE, STATUS, ""),
 ]
 # Queues whose depth the coordinator reports.
@@ -64,6 +80,22 @@ def site_queue(site: str) -> str:
     return f"fedq.site.{site}.announcements"
 
 
+def site_update_queue(site: str) -> str:
+    """The queue of the site's updates, once the coordinator has greeted it."""
+    return f"fedq.site.{site}.updates"
+
+
+def update_key(site: str) -> str:
+    """The routing key of the site's updates and evaluations. Site names hold no * or #, so the
+    key of one site's queue matches that site alone."""
+    return f"site.{site}"
+
+
+def hello_key(site: str) -> str:
+    """The routing key of the site's hellos: bound to no queue, so they reach the lobby."""
+    return f"hello.{site}"
+
+
 class TopologyMismatch(RuntimeError):
     """The broker holds a queue or exchange of fedq's name with other arguments; retrying will not help."""
 
@@ -71,7 +103,8 @@ class TopologyMismatch(RuntimeError):
 def declare_shared_topology(channel: BlockingChannel) -> None:
     """Declare the exchanges, queues and bindings every fedq deployment has (idempotent);
     TopologyMismatch if one exists with other arguments, as an older fedq declared it."""
-    declarations = [("exchange", name, lambda n=name, k=kind: channel.exchange_declare(n, k, durable=True))
+    declarations = [("exchange", name, lambda n=name, k=kind: channel.exchange_declare(
+                        n, k, durable=True, arguments=EXCHANGE_ARGUMENTS.get(n)))
                     for name, kind in EXCHANGES.items()]
     declarations += [("queue", name, lambda n=name, a=arguments: channel.queue_declare(n, durable=True, arguments=a))
                      for name, arguments in QUEUES.items()]
@@ -105,9 +138,30 @@ def bind_site_queue(channel: BlockingChannel, site: str) -> str:
     return name
 
 
-def queue_depths(channel: BlockingChannel) -> dict[str, int]:
-    """Messages ready in each watched queue (a passive declare: nothing is created)."""
-    return {name: channel.queue_declare(name, passive=True).method.message_count for name in WATCHED_QUEUES}
+def declare_site_updates(channel: BlockingChannel, site: str) -> str:
+    """Declare the queue of a site's updates and bind it to the site's key (the coordinator's to
+    do, when it greets the site); returns its name."""
+    name = site_update_queue(site)
+    channel.queue_declare(name, durable=True, arguments=UPDATE_QUEUE_ARGUMENTS)
+    channel.queue_bind(name, UPDATE_EXCHANGE, routing_key=update_key(site))
+    return name
+
+
+# How the sites' own update queues are reported: their sum, under one name.
+SITE_UPDATE_QUEUES = site_update_queue("*")
+
+
+def queue_depths(channel: BlockingChannel, site_queues: Iterable[str] = ()) -> dict[str, int]:
+    """Messages ready in each watched queue, and in all of ``site_queues`` together (each one that
+    exists: passive declares, nothing is created)."""
+    def ready(name: str) -> int:
+        return channel.queue_declare(name, passive=True).method.message_count
+
+    depths = {name: ready(name) for name in WATCHED_QUEUES}
+    site_queues = list(site_queues)
+    if site_queues:
+        depths[SITE_UPDATE_QUEUES] = sum(ready(name) for name in site_queues)
+    return depths
 
 
 def declare_definitions(channel: BlockingChannel, definitions: dict[str, list[dict[str, Any]]]) -> None:
