@@ -304,6 +304,8 @@ def refusal_kind(reason: str) -> str:
         return "other-site"
     if "bytes, expected" in reason:
         return "wrong-length"
+    if "spooled in the last" in reason:
+        return "spool-budget"
     return "other"
 
 

@@ -116,6 +116,7 @@ class Coordinator:
             UploadSpool(settings.run_dir / "uploads"), self.buffers, self.senders, max_bytes=settings.max_update_bytes,
             window=self._window,
             budget=Budget(settings.sender_uploads, settings.sender_upload_bytes or settings.max_update_bytes),
+            spool_period=settings.upload_timeout,
         )
         self.announcement: Announcement | None = None
         self.last_metrics: dict[str, float] = {}
@@ -348,7 +349,10 @@ class Coordinator:
             self._inbox.ack(self.pending_acks)
             self.pending_acks.clear()
         if self._inbox.fullest >= self._window:  # full of unfinished uploads alone
-            self._inbox.ack(self.uploads.spool_unfinished())
+            acks, refusals = self.uploads.spool_unfinished()
+            self._inbox.ack(acks)
+            for refusal in refusals:
+                self._refuse(refusal)
 
     def _hold(self, tags: list[int]) -> None:
         """Keep these deliveries unacknowledged until the next checkpoint holds their effect."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from coordinator.senders import Senders
@@ -67,10 +68,13 @@ class Uploads:
     """
 
     def __init__(self, spool: UploadSpool, buffers: BufferPool, senders: Senders, *, max_bytes: int, window: int,
-                 budget: Budget = Budget()):
+                 budget: Budget = Budget(), spool_period: float = 600.0):
         self.spool, self.buffers, self.senders = spool, buffers, senders
         self.max_bytes, self.window, self.budget = max_bytes, window, budget
+        self.spool_period = spool_period
         self.arriving: dict[str, Upload] = {}
+        # Bytes each sender's uploads had spooled, with when: at most budget.bytes in any spool_period.
+        self._spooled_by: dict[tuple[str | None, str | None], deque[tuple[float, int]]] = {}
         # Spooled uploads handled since the last checkpoint: their files go once it is written.
         self._spool_done: list[str] = []
 
@@ -136,19 +140,48 @@ class Uploads:
                 self.spool.remove(upload.reassembly.payload_id)
         return expired
 
-    def spool_unfinished(self) -> list[int]:
+    def spool_unfinished(self) -> tuple[list[int], list[Refusal]]:
         """The window is full of unfinished uploads, so nothing more would arrive to finish any:
-        append the chunks they hold to the spool; returns the deliveries now safe to acknowledge."""
+        append the chunks they hold to the spool; returns the deliveries now safe to acknowledge,
+        and the uploads refused instead.
+
+        What a sender's uploads spool in any ``spool_period`` stays within its budget of bytes. A
+        site sends one upload at a time, and each site's queue has a window of its own, so an
+        honest site's uploads are seldom spooled; a sender that abandons its uploads once they are
+        spooled, to begin others, made the coordinator write 939.5 MB in 60 s against a budget of
+        64 MiB before this bound. An upload past it is refused.
+        """
         partial = [upload for upload in self.arriving.values() if upload.tags]
-        tags = [tag for upload in partial for tag in upload.tags]
-        log.info("%d uploads arriving at once fill the window of %d chunks; keeping their %d chunks on disk",
-                 len(partial), self.window, len(tags))
+        log.info("%d uploads arriving at once fill the window of %d chunks; keeping their chunks on disk",
+                 len(partial), self.window)
+        now, acks, refusals = time.monotonic(), [], []
         for upload in partial:
             new = upload.reassembly.seen - upload.spooled
+            size = sum(len(upload.reassembly.chunk(index)) for index in new)
+            lately = self._spooled_lately((upload.user_id, upload.site), now)
+            if lately + size > self.budget.bytes:
+                self.arriving.pop(upload.reassembly.payload_id)
+                if upload.spooled:
+                    self.spool.remove(upload.reassembly.payload_id)
+                refusals.append(Refusal(upload.tags, (
+                    f"user {upload.user_id!r}'s uploads for site {upload.site!r} had {lately} bytes spooled in the last "
+                    f"{self.spool_period:g} s; {size} more of payload {upload.reassembly.payload_id} exceed the budget of "
+                    f"{self.budget.bytes} bytes (FEDQ_SENDER_UPLOAD_BYTES, per FEDQ_UPLOAD_TIMEOUT). A site sends one "
+                    f"upload at a time: send the next once the last is confirmed"), b"", None, upload.user_id))
+                continue
             self.spool.append(upload.reassembly, new, upload.user_id, upload.site)
+            self._spooled_by[(upload.user_id, upload.site)].append((now, size))
             upload.spooled |= new
-            upload.tags.clear()
-        return tags
+            acks += upload.tags
+            upload.tags = []
+        return acks, refusals
+
+    def _spooled_lately(self, sender: tuple[str | None, str | None], now: float) -> int:
+        """Bytes the sender's uploads spooled in the last ``spool_period``."""
+        marks = self._spooled_by.setdefault(sender, deque())
+        while marks and marks[0][0] < now - self.spool_period:
+            marks.popleft()
+        return sum(size for _, size in marks)
 
     def take_spooled(self) -> None:
         """Go on with the uploads a stopped coordinator left in the spool."""

@@ -62,5 +62,5 @@ def test_a_chunk_whose_digest_header_is_no_digest_is_refused_and_never_spooled(t
     refusal = deliver(uploads, ingest, 3, {**last, "fedq-digest": digest}, "site-1", [body2])
     assert isinstance(refusal, Refusal) and refusal.tags == [3]
     assert "header fedq-digest is" in refusal.reason and "64 lowercase hex digits" in refusal.reason
-    assert uploads.spool_unfinished() == [2], "the chunk taken is spooled, the refused one is not held"
+    assert uploads.spool_unfinished() == ([2], []), "the chunk taken is spooled, the refused one is not held"
     assert not ingest.runlog.stage_failures

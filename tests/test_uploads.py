@@ -86,7 +86,7 @@ def test_unfinished_uploads_are_spooled_and_go_on_after_a_restart(tmp_path):
             tag += 1
             table.add(tag, info.to_headers(), "site-1", [body])
     assert held(table) == 6
-    assert sorted(table.spool_unfinished()) == list(range(1, 7)), "every spooled chunk may be acknowledged"
+    assert sorted(table.spool_unfinished()[0]) == list(range(1, 7)), "every spooled chunk may be acknowledged"
     assert held(table) == 0
 
     restarted = uploads(tmp_path)
@@ -157,10 +157,38 @@ def test_spooling_writes_each_chunk_that_arrived_once_whatever_the_upload_claims
     pieces = chunks(os.urandom(1000), "honest")
     for tag, (chunk, body) in enumerate(pieces[:4], start=2):
         table.add(tag, chunk.to_headers(), "site-1", [body])
-    assert sorted(table.spool_unfinished()) == [1, 2, 3, 4, 5]
+    assert sorted(table.spool_unfinished()[0]) == [1, 2, 3, 4, 5]
     after_first = table.spool.bytes_written
     assert 401 <= after_first < 401 + 2000, "the bytes that arrived and a little framing, not 1.5 GB"
     for tag, (chunk, body) in enumerate(pieces[4:6], start=6):
         table.add(tag, chunk.to_headers(), "site-1", [body])
     table.spool_unfinished()
     assert 200 <= table.spool.bytes_written - after_first < 200 + 200, "only the new chunks are appended"
+
+
+def test_a_sender_that_abandons_spooled_uploads_spools_at_most_its_budget_per_period(tmp_path):
+    table = uploads(tmp_path, budget=Budget(2, 1000))
+    table.spool_period = 60.0
+    spooled = refused = 0
+    for cycle in range(4):
+        # Three chunks of a 450-byte upload, spooled, then abandoned: it idles out unfinished.
+        for tag, (chunk, body) in enumerate(chunks(os.urandom(450), f"abandoned-{cycle}")[:3], start=10 * cycle):
+            table.add(tag, chunk.to_headers(), "site-1", [body])
+        acks, refusals = table.spool_unfinished()
+        spooled += len(acks)
+        refused += len(refusals)
+        table.expire(0.0)
+    assert spooled == 9 and refused == 1, "300 bytes a cycle: three cycles fit the budget of 1000, the fourth does not"
+    assert 900 < table.spool.bytes_written < 900 + 3 * 250, "three cycles' bytes and their files' framing, no fourth"
+    [refusal] = refusals
+    assert refusal.tags == [30, 31, 32] and "had 900 bytes spooled in the last 60 s" in refusal.reason
+    assert not list((tmp_path / "uploads").glob("*.upload")) and len(table) == 0
+
+    other = chunks(os.urandom(450), "another-site", site="site-2")
+    for tag, (chunk, body) in enumerate(other[:3], start=100):
+        table.add(tag, chunk.to_headers(), "site-2", [body])
+    assert table.spool_unfinished() == ([100, 101, 102], []), "another sender's own budget"
+    table.spool_period = 0.0
+    for tag, (chunk, body) in enumerate(chunks(os.urandom(450), "later")[:3], start=200):
+        table.add(tag, chunk.to_headers(), "site-1", [body])
+    assert table.spool_unfinished()[0] == [200, 201, 202], "what was spooled long enough ago no longer counts"
