@@ -103,7 +103,8 @@ class CoordinatorSettings(CommonSettings):
     )
     sender_upload_bytes: Optional[int] = Field(
         None, ge=1024, description="Bytes one sender's uploads in flight may claim together, and so hold in memory "
-        "and in the upload spool (empty: max_update_bytes)."
+        "and in the upload spool; also the most its uploads may write to the spool in any upload_timeout "
+        "(empty: max_update_bytes)."
     )
     max_num_samples: int = Field(
         100_000_000, ge=1, description="Most samples an update may claim (its weight in FedBuff's mean and FedAvg); "

@@ -70,13 +70,14 @@ from shared.transport.topology import (
 )
 
 __all__ = [
-    "ANNOUNCEMENTS", "BINDINGS", "EXCHANGES", "EXCHANGE_ARGUMENTS", "LOBBY_EXCHANGE", "LOBBY_KEY", "QUEUES", "RECOVERABLE", "RECV_BYTES", "REFUSALS", "REJECTED",
-    "REJECTED_EXCHANGE", "SITE_QUEUE_ARGUMENTS", "SITE_UPDATE_QUEUES", "SNAPSHOTS", "SNAPSHOT_EXCHANGE", "SNAPSHOT_KEY", "STATUS",
-    "STATUS_EXCHANGE", "UPDATES", "UPDATE_EXCHANGE", "UPDATE_QUEUE_ARGUMENTS", "WATCHED_QUEUES", "bind_site_queue",
-    "Announcements", "Backoff", "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError",
-    "EVIDENCE_BYTES", "MARKER_TIMEOUT", "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader",
-    "TLSSetupError", "TopologyMismatch", "UpdateInbox",
-    "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
-    "declare_shared_topology", "declare_site_queue", "declare_site_updates", "deliver_fragments", "hello_key", "management_call", "probe",
-    "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect", "site_queue", "site_update_queue", "stream_offset_at", "update_key",
+    "ANNOUNCEMENTS", "BINDINGS", "EXCHANGES", "EXCHANGE_ARGUMENTS", "LOBBY_EXCHANGE", "LOBBY_KEY", "QUEUES",
+    "RECOVERABLE", "RECV_BYTES", "REFUSALS", "REJECTED", "REJECTED_EXCHANGE", "SITE_QUEUE_ARGUMENTS",
+    "SITE_UPDATE_QUEUES", "SNAPSHOTS", "SNAPSHOT_EXCHANGE", "SNAPSHOT_KEY", "STATUS", "STATUS_EXCHANGE", "UPDATES",
+    "UPDATE_EXCHANGE", "UPDATE_QUEUE_ARGUMENTS", "WATCHED_QUEUES", "bind_site_queue", "Announcements", "Backoff",
+    "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError", "EVIDENCE_BYTES", "MARKER_TIMEOUT",
+    "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "TopologyMismatch",
+    "UpdateInbox", "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
+    "declare_shared_topology", "declare_site_queue", "declare_site_updates", "deliver_fragments", "hello_key",
+    "management_call", "probe", "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect",
+    "site_queue", "site_update_queue", "stream_offset_at", "update_key",
 ]
