@@ -122,6 +122,7 @@ class RunLog:
             "duplicates_per_site": dict(sorted(self.duplicates_per_site.items())),
             "stage_failures": dict(sorted(self.stage_failures.items())),
             "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
+            "bytes_out": self.bytes_out,
             "curve": self.curve,
             **extra,
         }

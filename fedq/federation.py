@@ -11,9 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from coordinator.server import Coordinator
 from coordinator.settings import CoordinatorSettings
@@ -55,6 +56,7 @@ def run_federation(
     worker_broker_url: str | None = None,
     site_settings: dict[str, dict[str, Any]] | None = None,
     fresh: bool = False,
+    offline: dict[str, list[tuple[float, float]]] | None = None,
 ) -> dict[str, Any]:
     """Run a coordinator and one worker per site until the coordinator stops; returns its summary.
 
@@ -62,7 +64,9 @@ def run_federation(
     ``site_settings`` adds settings for single sites; workers may reach the broker by another URL. Worker logs and state land in ``run_dir/sites/``. The coordinator waits for every site's hello before version 0, so
     the clock starts when the federation is complete, as a benchmark wants. ``fresh`` removes an
     earlier run's folder at ``run_dir`` first, where a run of its own would otherwise resume that
-    run's checkpoint (and a benchmark time its remainder).
+    run's checkpoint (and a benchmark time its remainder). ``offline`` takes sites away and brings
+    them back, as intermittent sites come and go: for each site, (from, to) spans in seconds of the
+    run's clock during which its worker process is killed, to start again on its state at the end.
     """
     worker = worker or {}
     if fresh and ((run_dir / "events.jsonl").exists() or (run_dir / "checkpoint.fedq").exists()):
@@ -71,13 +75,16 @@ def run_federation(
         CoordinatorSettings,
         **{"broker_url": broker_url, "run_dir": run_dir, "wait_for_sites": len(sites), **(coordinator or {})},
     )
-    workers = {
-        site: start_worker(worker_broker_url or broker_url, site, run_dir / "sites" / f"{site}.log",
-                           **{**worker, **(site_settings or {}).get(site, {})})
-        for site in sites
-    }
+    def start(site: str) -> subprocess.Popen:
+        return start_worker(worker_broker_url or broker_url, site, run_dir / "sites" / f"{site}.log",
+                            **{**worker, **(site_settings or {}).get(site, {})})
+
+    workers = {site: start(site) for site in sites}
+    coordinator = Coordinator(settings, load_task(settings.task))
+    if offline:
+        threading.Thread(target=_come_and_go, args=(coordinator, workers, start, offline), daemon=True).start()
     try:
-        summary = Coordinator(settings, load_task(settings.task)).run()
+        summary = coordinator.run()
         _wait_for_exit(workers, timeout=30.0)
     finally:
         for process in workers.values():
@@ -86,6 +93,26 @@ def run_federation(
                 process.wait()
     summary["worker_exit_codes"] = {site: p.returncode for site, p in workers.items()}
     return summary
+
+
+def _come_and_go(coordinator: Coordinator, workers: dict[str, subprocess.Popen],
+                 start: Callable[[str], subprocess.Popen], offline: dict[str, list[tuple[float, float]]]) -> None:
+    """Kill each site's worker at the start of its offline spans and start it again at their end,
+    by the run's clock, until the run stops."""
+    moves = sorted([(begin, "leave", site) for site, spans in offline.items() for begin, _ in spans]
+                   + [(end, "return", site) for site, spans in offline.items() for _, end in spans])
+    for at, move, site in moves:
+        while not coordinator.runlog.clock_started or coordinator.runlog.elapsed < at:
+            if coordinator.stop_reason is not None:
+                return
+            time.sleep(0.05)
+        if move == "leave":
+            workers[site].kill()
+            workers[site].wait()
+            log.info("site %s went offline at %.1f s", site, coordinator.runlog.elapsed)
+        else:
+            workers[site] = start(site)
+            log.info("site %s came back at %.1f s", site, coordinator.runlog.elapsed)
 
 
 def _wait_for_exit(workers: dict[str, subprocess.Popen], timeout: float) -> None:

@@ -39,60 +39,65 @@ def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def site_indices() -> list[np.ndarray]:
     """Training-set indices per site from the Dirichlet label partition."""
-    return _partitions()[0]
+    return partitions()[0]
 
 
 def site_test_indices() -> list[np.ndarray]:
     """Test-set indices per site, each site's held-out data: each class split in the same shares
     as the training set's, so a site is scored on data like its own."""
-    return _partitions()[1]
+    return partitions()[1]
 
 
-@lru_cache(maxsize=1)
-def _partitions() -> tuple[list[np.ndarray], list[np.ndarray]]:
+@lru_cache(maxsize=None)
+def partitions(sites: int = SITES, alpha: float = ALPHA) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Training and test indices per site, for ``sites`` sites and Dirichlet(``alpha``) shares."""
     _, _, y_train, y_test = dataset()
-    train, shares = partition(y_train, np.random.RandomState(0))
-    test, _ = partition(y_test, np.random.RandomState(1), shares)
+    train, shares = partition(y_train, np.random.RandomState(0), sites=sites, alpha=alpha)
+    test, _ = partition(y_test, np.random.RandomState(1), shares, sites=sites)
     return train, test
 
 
-def partition(labels: np.ndarray, rng: np.random.RandomState,
-              shares: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def partition(labels: np.ndarray, rng: np.random.RandomState, shares: list[np.ndarray] | None = None,
+              sites: int = SITES, alpha: float = ALPHA) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Indices of ``labels`` per site, each class split by its ``shares`` across sites (drawn from
-    Dirichlet(ALPHA) when not given); returns the indices and the shares."""
-    pieces: list[list[np.ndarray]] = [[] for _ in range(SITES)]
+    Dirichlet(``alpha``) when not given); returns the indices and the shares."""
+    pieces: list[list[np.ndarray]] = [[] for _ in range(sites)]
     drawn = []
     for c in range(10):
         idx = np.where(labels == c)[0]
         rng.shuffle(idx)
-        p = rng.dirichlet([ALPHA] * SITES) if shares is None else shares[c]
+        p = rng.dirichlet([alpha] * sites) if shares is None else shares[c]
         drawn.append(p)
         for i, piece in enumerate(np.split(idx, (np.cumsum(p) * len(idx)).astype(int)[:-1])):
             pieces[i].append(piece)
     return [np.concatenate(p) for p in pieces], drawn
 
 
-def site_number(site: str) -> int:
-    """The index 0..9 in a site name such as ``site-3``."""
+def site_number(site: str, sites: int = SITES) -> int:
+    """The index 0..sites-1 in a site name such as ``site-3``."""
     match = re.fullmatch(r"\D*(\d+)", site)
-    if not match or not 0 <= int(match.group(1)) < SITES:
-        raise ValueError(f"digits-straggler has sites site-0 .. site-{SITES - 1}; {site!r} is not one of them")
+    if not match or not 0 <= int(match.group(1)) < sites:
+        raise ValueError(f"this task has sites site-0 .. site-{sites - 1}; {site!r} is not one of them")
     return int(match.group(1))
 
 
 class DigitsStraggler(Task):
+    #: How many sites, how unevenly labels are split among them, and each one's delay in seconds:
+    #: a task of other sites is a subclass that changes these.
+    sites, alpha, delays = SITES, ALPHA, DELAYS
+
     def build_model(self) -> nn.Module:
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
     def prepare_site(self, site: str) -> None:
-        site_number(site)
-        site_indices()
+        site_number(site, self.sites)
+        partitions(self.sites, self.alpha)
 
     def train(self, model: nn.Module, site: SiteContext) -> TrainResult:
-        number = site_number(site.site)
+        number = site_number(site.site, self.sites)
         X_train, _, y_train, _ = dataset()
-        idx = site_indices()[number]
+        idx = partitions(self.sites, self.alpha)[0][number]
         X, y = torch.from_numpy(X_train[idx]).to(site.device), torch.from_numpy(y_train[idx]).long().to(site.device)
         # The central team may tune these per run (FEDQ_RUN_CONFIG); the benchmark's values otherwise.
         epochs, lr = int(site.config.get("local_epochs", EPOCHS)), float(site.config.get("lr", LR))
@@ -111,7 +116,7 @@ class DigitsStraggler(Task):
                 total += loss.item()
                 steps += 1
             site.progress((epoch + 1) / epochs)
-        time.sleep(DELAYS[number])
+        time.sleep(self.delays[number])
         return TrainResult(num_samples=len(idx), metrics={"train_loss": total / max(steps, 1)})
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -120,7 +125,7 @@ class DigitsStraggler(Task):
 
     def evaluate_site(self, model: nn.Module, site: SiteContext) -> EvalResult | None:
         _, X_test, _, y_test = dataset()
-        idx = site_test_indices()[site_number(site.site)]
+        idx = partitions(self.sites, self.alpha)[1][site_number(site.site, self.sites)]
         if not len(idx):
             return None
         return EvalResult(num_samples=len(idx), metrics=score(model, X_test[idx], y_test[idx]))

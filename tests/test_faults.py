@@ -112,6 +112,17 @@ def test_a_site_that_outlives_its_coordinator_says_hello_to_the_new_run_and_is_h
     assert {e["site"] for e in events(second, "update")} == {"site-0"}
 
 
+def test_sites_taken_offline_on_a_schedule_come_back_on_their_state_and_rounds_wait_for_them(broker_url, tmp_path):
+    offline = {"site-2": [(0.5, 6.0)]}
+    summary = run_federation(broker_url, tmp_path, site_names(3), offline=offline,
+                             coordinator={"strategy": "fedavg", "sites": 3, "max_versions": 3})
+    assert summary["final_version"] == 3 and summary["applied_per_site"]["site-2"] == 3
+    log = (tmp_path / "sites" / "site-2.log").read_text()
+    assert log.count("site site-2 connected") == 2, "killed once and started again, on the same log and state"
+    rounds = [e["t"] for e in events(tmp_path, "snapshot") if e["version"] >= 1]
+    assert rounds and max(rounds) >= 6.0, "a synchronous round waited for the site to come back"
+
+
 def start_fedasync_coordinator(url, run_dir):
     return start_coordinator(url, run_dir, strategy="fedasync", max_staleness=100_000, checkpoint_seconds=0.2)
 
