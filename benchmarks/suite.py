@@ -63,7 +63,14 @@ MODES = {
     "fedasync": lambda task: {"strategy": "fedasync", "alpha": 0.6, **ASYNC_STALENESS},
     "fedbuff": lambda task: {"strategy": "fedbuff", "buffer_size": 3, **ASYNC_STALENESS},
     "default": lambda task: {},
+    # Candidates for the defaults, run when named in --modes: FedBuff whose server step is scaled so
+    # that a round's worth of buffers (one update per site) moves the model as far as one FedAvg
+    # round does, and FedBuff whose buffer is half the sites.
+    "fedbuff-scaled": lambda task: {"strategy": "fedbuff", "buffer_size": 3, "server_lr": 3 / task.sites,
+                                    **ASYNC_STALENESS},
+    "fedbuff-half": lambda task: {"strategy": "fedbuff", "buffer_size": task.sites // 2, **ASYNC_STALENESS},
 }
+DEFAULT_MODES = "fedavg,fedasync,fedbuff,default"
 
 
 def run_once(broker, name: str, mode: str, repeat: int, max_seconds: float, work_dir: Path) -> dict:
@@ -140,7 +147,7 @@ def plot(name: str, modes: dict[str, list[dict]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, of: " + ", ".join(TASKS))
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
+    parser.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated, of: " + ", ".join(MODES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=240.0, help="a run that has not reached its target stops")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         broker.close()
     text = table(results, args.repeats)
-    suffix = "" if (names, modes) == (list(TASKS), list(MODES)) else "." + "-".join(names + modes)
+    suffix = "" if (names, modes) == (list(TASKS), DEFAULT_MODES.split(",")) else "." + "-".join(names + modes)
     (args.out / f"suite{suffix}.json").write_text(json.dumps(
         {"repeats": args.repeats, "max_seconds": args.max_seconds,
          "tasks": {name: {"task": TASKS[name].task, "sites": TASKS[name].sites, "target": TASKS[name].target,
