@@ -63,12 +63,12 @@ MODES = {
     "fedasync": lambda task: {"strategy": "fedasync", "alpha": 0.6, **ASYNC_STALENESS},
     "fedbuff": lambda task: {"strategy": "fedbuff", "buffer_size": 3, **ASYNC_STALENESS},
     "default": lambda task: {},
-    # Candidates for the defaults, run when named in --modes: FedBuff whose server step is scaled so
-    # that a round's worth of buffers (one update per site) moves the model as far as one FedAvg
-    # round does, and FedBuff whose buffer is half the sites.
+    # Candidates for the defaults, run when named in --modes: FedBuff whose buffer is half the sites
+    # active (FEDQ_BUFFER_SIZE empty), and FedBuff whose server step is scaled so that a round's
+    # worth of buffers (one update per site) moves the model as far as one FedAvg round does.
+    "fedbuff-auto": lambda task: {"strategy": "fedbuff", "buffer_size": "", **ASYNC_STALENESS},
     "fedbuff-scaled": lambda task: {"strategy": "fedbuff", "buffer_size": 3, "server_lr": 3 / task.sites,
                                     **ASYNC_STALENESS},
-    "fedbuff-half": lambda task: {"strategy": "fedbuff", "buffer_size": task.sites // 2, **ASYNC_STALENESS},
 }
 DEFAULT_MODES = "fedavg,fedasync,fedbuff,default"
 

@@ -30,7 +30,15 @@ class CoordinatorSettings(CommonSettings):
     max_staleness: Optional[int] = Field(
         200, ge=0, description="Drop updates whose base is more than this many versions old (empty: never)."
     )
-    buffer_size: int = Field(3, ge=1, description="FedBuff: updates per new version (K).")
+    buffer_size: Optional[int] = Field(
+        3, ge=1, description="FedBuff: updates per new version (K); empty: half the active sites, rounded up (see "
+        "active_seconds), which did better with many non-IID sites and worse on digits-straggler (docs/strategies.md). "
+        "Trimmed mean, median and differential privacy need a fixed K."
+    )
+    active_seconds: float = Field(
+        60.0, gt=0, description="FedBuff without a fixed buffer_size: a site counts as active while its last update "
+        "came within this many seconds."
+    )
     aggregation: Annotated[str, AfterValidator(AGGREGATORS.check)] = Field(
         "mean", description=f"FedBuff: how the buffer is combined: {', '.join(AGGREGATORS.names)}; trimmed-mean and "
         "median resist hostile sites."
@@ -138,4 +146,8 @@ class CoordinatorSettings(CommonSettings):
         if not STRATEGIES[self.strategy].uses_server_optimizer and self.server_optimizer != "sgd":
             users = " and ".join(name for name in STRATEGIES if STRATEGIES[name].uses_server_optimizer)
             raise ValueError(f"strategy {self.strategy} moves the model itself; server_optimizer applies to {users} only")
+        if self.strategy == "fedbuff" and self.buffer_size is None and (self.aggregation != "mean" or self.dp_noise_multiplier):
+            needs = f"aggregation {self.aggregation}" if self.aggregation != "mean" else "differential privacy"
+            raise ValueError(f"{needs} is calibrated for a fixed number of updates per buffer: set buffer_size "
+                             f"(FEDQ_BUFFER_SIZE, --buffer-size), for example 5")
         return self

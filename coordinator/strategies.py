@@ -173,14 +173,19 @@ class FedBuff(Strategy):
 
     uses_server_optimizer = True
 
-    def __init__(self, buffer_size: int = 3, optimizer: ServerOptimizer | None = None,
+    def __init__(self, buffer_size: int | None = 3, optimizer: ServerOptimizer | None = None,
                  aggregation: str = "mean", trim_fraction: float = 0.2,
-                 deadline: float | None = None, **kwargs):
+                 deadline: float | None = None, active_seconds: float = 60.0, **kwargs):
         super().__init__(**kwargs)
+        if buffer_size is None and (aggregation != "mean" or self.privacy is not None):
+            raise ValueError(f"{aggregation if aggregation != 'mean' else 'differential privacy'} needs a fixed buffer_size")
         self.aggregator = AGGREGATORS[aggregation](buffer_size, trim_fraction)
         if self.privacy is not None and not self.aggregator.supports_privacy:
             raise ValueError(f"differential privacy is calibrated for the mean, not the {self.aggregator.name}")
+        #: K, or None for half the active sites (``size``).
         self.buffer_size = buffer_size
+        self.active_seconds = active_seconds
+        self._heard: dict[str, float] = {}  # site -> time.monotonic() of its last update
         self.optimizer = optimizer or ServerSGD(1.0)
         self.deadline = deadline
         self.samples = 0
@@ -190,9 +195,20 @@ class FedBuff(Strategy):
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.buffer_size, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
-                   settings.aggregation, settings.trim_fraction, settings.buffer_deadline,
+                   settings.aggregation, settings.trim_fraction, settings.buffer_deadline, settings.active_seconds,
                    staleness_weight=staleness_from(settings), max_staleness=settings.max_staleness,
                    privacy=privacy_from(settings))
+
+    def size(self, now: float) -> int:
+        """Updates this buffer takes: K, or half the sites whose last update came in the last
+        ``active_seconds``, rounded up. On the benchmark suite (docs/strategies.md, one run each)
+        half the active sites reached 0.90 with 24 non-IID sites in 10.7-13.6 s against K=3's
+        31.9 s, three updates averaging too few sites' labels for a good step; but digits-straggler
+        took 8.3-11.2 s against 4.9 s, so K=3 stays the default."""
+        if self.buffer_size is not None:
+            return self.buffer_size
+        active = sum(1 for heard in self._heard.values() if now - heard <= self.active_seconds)
+        return max(1, math.ceil(active / 2))
 
     @property
     def sum(self) -> FlatTensors:
@@ -215,11 +231,13 @@ class FedBuff(Strategy):
         share = 1 if self.privacy is not None else update.num_samples
         self.aggregator.prepare(params)
         self.aggregator.add(update.delta, weight, share)
+        now = time.monotonic()
         if not self.sites:
-            self._opened = time.monotonic()
+            self._opened = now
+        self._heard[update.site] = now
         self.samples += share
         self.sites.append(update.site)
-        if len(self.sites) < self.buffer_size:
+        if len(self.sites) < self.size(now):
             return Outcome(False, weight)
         self._step(params)
         return Outcome(True, weight)

@@ -5,7 +5,7 @@ import torch
 
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, FedAdam, FedYogi, ServerSGD
 from coordinator.settings import CoordinatorSettings
-from shared.settings import load_settings
+from shared.settings import SettingsError, load_settings
 from coordinator.staleness import staleness_weight
 from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Update
 
@@ -45,6 +45,33 @@ def test_fedbuff_waits_for_k_then_steps_along_the_weighted_mean():
     assert second.new_version and second.weight == pytest.approx(0.5)
     assert torch.allclose(p["w"], torch.tensor([1.25, 1.0]))
     assert strategy.sites == [] and strategy.samples == 0  # buffer emptied
+
+
+def test_fedbuff_without_a_fixed_size_takes_half_the_sites_active_in_the_last_minute(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("coordinator.strategies.time.monotonic", lambda: clock[0])
+    p = params(0.0)
+    strategy = FedBuff(buffer_size=None, active_seconds=60.0)
+    made = []
+    for site in ["s0", "s1", "s2", "s3", "s4", "s5", "s0"]:
+        made.append(strategy.submit(p, update(site, [1.0]), staleness=0).new_version)
+    # active sites after each: 1 2 3 4 5 6 6; K = ceil(active / 2): 1 1 2 2 3 3 3; buffer: 1 1 1 2 1 2 3
+    assert made == [True, True, False, True, False, False, True]
+    assert strategy.size(clock[0]) == 3
+    clock[0] += 61.0  # a minute of silence: only the site that speaks next is active
+    assert strategy.submit(p, update("s1", [1.0]), staleness=0).new_version and strategy.size(clock[0]) == 1
+    assert FedBuff(buffer_size=4).size(0.0) == 4, "a fixed K is K"
+
+
+def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():
+    with pytest.raises(ValueError, match="median needs a fixed buffer_size"):
+        FedBuff(buffer_size=None, aggregation="median")
+    with pytest.raises(SettingsError, match="set buffer_size"):
+        load_settings(CoordinatorSettings, aggregation="trimmed-mean", buffer_size="")
+    with pytest.raises(SettingsError, match="differential privacy is calibrated for a fixed number"):
+        load_settings(CoordinatorSettings, dp_noise_multiplier=1.0, dp_clip_norm=1.0, buffer_size="")
+    assert load_settings(CoordinatorSettings, aggregation="median", buffer_size=5).buffer_size == 5
+    assert load_settings(CoordinatorSettings, buffer_size="").buffer_size is None, "empty: half the active sites"
 
 
 def test_fedbuff_with_all_sites_fresh_and_sgd_step_one_is_fedavg():
