@@ -18,7 +18,8 @@ at its target or after ``--max-seconds``.
 
 Writes benchmarks/results/suite.json, a table (suite.md: median time to target, its ratio to
 FedAvg's, updates applied and bytes moved) and one accuracy-against-time plot per task
-(suite.TASK.png), and prints the table.
+(suite.TASK.png), and prints the table. With other tasks or modes than the default, the file
+names say which: suite.homogeneous-fedavg-fedbuff.md.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                           "offline": TASKS[name].offline, "modes": results[name]} for name in names}}, indent=1))
     (args.out / f"suite{suffix}.md").write_text(text + "\n")
     for name in names:
-        plot(name, results[name], args.out / f"suite.{name}.png")
+        plot(name, results[name], args.out / f"suite{suffix}.{name}.png")
     print(text)
     return 0
 
