@@ -81,10 +81,11 @@ def run_federation(
 
     workers = {site: start(site) for site in sites}
     coordinator = Coordinator(settings, load_task(settings.task))
-    if offline:
-        threading.Thread(target=_come_and_go, args=(coordinator, workers, start, offline), daemon=True).start()
+    churn = threading.Thread(target=_come_and_go, args=(coordinator, workers, start, offline or {}), daemon=True)
+    churn.start()
     try:
         summary = coordinator.run()
+        churn.join()  # it ends with the run; no worker starts again while the others are waited for
         _wait_for_exit(workers, timeout=30.0)
     finally:
         for process in workers.values():
