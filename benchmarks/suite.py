@@ -1,7 +1,7 @@
 """The benchmark suite: every strategy on federations that differ the way real ones do.
 
-Four tasks (benchmarks/suite_tasks.py, and digits-straggler as BENCHMARKS.md defines it), each site
-its own worker process with its own connection to a local broker:
+Four tasks (benchmarks/suite_tasks.py, and digits-straggler as benchmarks/digits_straggler.py
+runs it), each site its own worker process with its own connection to a local broker:
 
   homogeneous       8 equally fast sites, a causal transformer trained with AdamW on Python's help
                     texts; target: next-character accuracy 0.50
@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the suite's tasks live beside this file
 RESULTS = Path(__file__).parent / "results"
+
+from benchmarks.digits_straggler import median_or_none  # noqa: E402 - found through ROOT, set just above
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,6 @@ def run_once(broker, name: str, mode: str, repeat: int, max_seconds: float, work
         "elapsed": summary["elapsed"],
         "curve": [(point[0], point[2]) for point in summary["curve"]],
     }
-
-
-def median_or_none(values: list) -> float | None:
-    """The median, or None unless every run reached the target."""
-    return statistics.median(values) if values and None not in values else None
 
 
 def table(results: dict[str, dict[str, list[dict]]], repeats: int) -> str:
