@@ -151,15 +151,14 @@ def declare_site_updates(channel: BlockingChannel, site: str) -> str:
 SITE_UPDATE_QUEUES = site_update_queue("*")
 
 
-def queue_depths(channel: BlockingChannel, site_queues: Iterable[str] = ()) -> dict[str, int]:
-    """Messages ready in each watched queue, and in all of ``site_queues`` together (each one that
-    exists: passive declares, nothing is created)."""
+def queue_depths(channel: BlockingChannel, site_queues: Iterable[str] | None = None) -> dict[str, int]:
+    """Messages ready in each watched queue, and, unless ``site_queues`` is None, in all of those
+    sites' update queues together (passive declares: nothing is created)."""
     def ready(name: str) -> int:
         return channel.queue_declare(name, passive=True).method.message_count
 
     depths = {name: ready(name) for name in WATCHED_QUEUES}
-    site_queues = list(site_queues)
-    if site_queues:
+    if site_queues is not None:
         depths[SITE_UPDATE_QUEUES] = sum(ready(name) for name in site_queues)
     return depths
 
