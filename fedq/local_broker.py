@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from shared import transport
-from shared.settings import redact_url
+from shared.settings import broker_urls, check_broker_urls, redact_url
 from shared.transport import ManagementError, management_call
 
 # The development credentials from broker_config/definitions.json (stored there only as a hash).
@@ -397,14 +397,18 @@ class Broker:
     scheme: str = "amqp"
     config_dir: Path = DEFAULT_CONFIG_DIR
     management_auth: tuple[str, str] | None = field(default=None, repr=False)  # if not username/password
+    #: The other nodes of a cluster, (host, port) each; url() names them after host:port.
+    other_nodes: tuple[tuple[str, int], ...] = ()
     _rabbitmqctl: Callable[..., str] | None = field(default=None, repr=False)
     _on_close: Callable[[], None] | None = field(default=None, repr=False)
 
     def url(self, vhost: str | None = None) -> str:
-        """AMQP URL of `vhost` (default: this broker's own vhost) with every part percent-encoded."""
+        """AMQP URL of `vhost` (default: this broker's own vhost) with every part percent-encoded; for a
+        cluster, one per node, separated by commas, as FEDQ_BROKER_URL takes them."""
         q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
         credentials = f"{q(self.username)}:{q(self.password)}"
-        return f"{self.scheme}://{credentials}@{self.host}:{self.port}/{q(vhost or self.vhost)}"
+        nodes = [(self.host, self.port), *self.other_nodes]
+        return ",".join(f"{self.scheme}://{credentials}@{host}:{port}/{q(vhost or self.vhost)}" for host, port in nodes)
 
     def management_api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management HTTP API (path like "/api/queues/fedq"); return the decoded JSON, if any."""
@@ -487,9 +491,21 @@ def _split_credentials(url: str) -> tuple[urllib.parse.SplitResult, str, str]:
 
 
 def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
-    parts, user, password = _split_credentials(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} is not an amqp://user:pass@host:port/vhost URL")
+    try:
+        check_broker_urls(url)
+    except ValueError as exc:
+        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} is not usable: {exc}") from None
+    nodes, schemes = [], {one.split("://", 1)[0] for one in broker_urls(url)}
+    if len(schemes) > 1:
+        # Broker.url() writes one scheme for every node (the vhosts it creates are reached that way).
+        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} mixes amqp:// and amqps://; for tests and benchmarks "
+                           "name every node the same way")
+    for one in broker_urls(url):
+        parts, user, password = _split_credentials(one)
+        if not parts.hostname:
+            raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} names no host in {redact_url(one)}; write "
+                               "amqp://user:pass@host:port/vhost, one per node of a cluster, separated by commas")
+        nodes.append((parts.hostname, parts.port or (5671 if parts.scheme == "amqps" else 5672)))
     if (error := transport.probe(url)) is not None:
         raise RuntimeError(
             f"FEDQ_BROKER_URL={redact_url(url)} does not accept a connection ({error!r}); "
@@ -500,11 +516,11 @@ def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
         m, m_user, m_password = _split_credentials(management)
         management_url = f"{m.scheme}://{m.hostname}:{m.port or 15672}{m.path.rstrip('/')}"
         management_auth = (m_user, m_password) if m.username else None
+    (host, port), *others = nodes
     return Broker(
-        kind="env", host=parts.hostname, port=parts.port or (5671 if parts.scheme == "amqps" else 5672),
-        username=user, password=password, management_url=management_url,
+        kind="env", host=host, port=port, username=user, password=password, management_url=management_url,
         vhost=urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/",
-        scheme=parts.scheme, config_dir=config_dir, management_auth=management_auth,
+        scheme=parts.scheme, config_dir=config_dir, management_auth=management_auth, other_nodes=tuple(others),
     )
 
 
