@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ CONTAINER_IMAGE = "rabbitmq:3.13-management"
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
 RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
+RABBITMQ_QUEUES = RABBITMQ_BIN / "rabbitmq-queues"
+RABBITMQ_STREAMS = RABBITMQ_BIN / "rabbitmq-streams"
 # Debian's wrapper switches to the rabbitmq user and the system node's cookie.
 SYSTEM_RABBITMQCTL = Path("/usr/sbin/rabbitmqctl")
 SYSTEM_HOST, SYSTEM_PORT = "127.0.0.1", 5672
@@ -154,10 +157,14 @@ class LocalNode:
         name: str | None = None,
         base_dir: Path | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        cluster: tuple[list[str], str] | None = None,
     ) -> None:
-        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener."""
+        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener.
+        ``cluster`` = (the cluster's node names, its Erlang cookie) loads broker_config/cluster.conf with those
+        nodes: the node joins the first of them that runs when it first boots."""
         self.config_dir = Path(config_dir)
         self.tls = tls
+        self.cluster = cluster
         self.tls_port = _free_port() if tls else None
         self.plugins = _enabled_plugins(self.config_dir)
         self.amqp_port = amqp_port or _free_port()
@@ -165,7 +172,7 @@ class LocalNode:
         # Prometheus and Erlang distribution also listen; fixed defaults would clash with other nodes.
         self.prometheus_port = _free_port()
         self.dist_port = _free_port()
-        self.name = name or f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+        self.name = name or node_name()
         self.folder = Path(base_dir or default_base_dir()) / self.name
         self.pid_file = self.folder / "data" / f"{self.name}.pid"
         self.log_file = self.folder / "log" / f"{self.node}.log"
@@ -245,6 +252,16 @@ class LocalNode:
                              "ssl_options.certfile": copies[1], "ssl_options.keyfile": copies[2]}
             tls_source = (self.config_dir / "tls.conf").read_text()
             (conf / "conf.d" / "10-tls.conf").write_text(_rewrite_conf(tls_source, tls_overrides))
+        if self.cluster:
+            nodes, cookie = self.cluster
+            peers = {f"cluster_formation.classic_config.nodes.{i}": node for i, node in enumerate(nodes, 1)}
+            cluster_source = (self.config_dir / "cluster.conf").read_text()
+            (conf / "conf.d" / "20-cluster.conf").write_text(_rewrite_conf(cluster_source, peers))
+            # Nodes (and their rabbitmqctl) find the cookie in $HOME, which is this folder.
+            cookie_file = self.folder / ".erlang.cookie"
+            cookie_file.unlink(missing_ok=True)
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)
         for name in ("definitions.json", "enabled_plugins"):
             shutil.copyfile(self.config_dir / name, conf / name)
         if self._as_root:
@@ -255,15 +272,16 @@ class LocalNode:
         """OS pid of this node's Erlang VM, or None when it is not running."""
         return _beam_pid(self.folder)
 
-    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
-        """Run rabbitmqctl against this node; return its stdout, raise with its output on failure."""
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0, tool: Path = RABBITMQCTL) -> str:
+        """Run rabbitmqctl (or another of RabbitMQ's CLI tools) against this node; return its stdout, raise
+        with its output on failure."""
         result = subprocess.run(
-            [str(RABBITMQCTL), "-n", self.node, *args], capture_output=True, text=True, timeout=timeout,
+            [str(tool), "-n", self.node, *args], capture_output=True, text=True, timeout=timeout,
             **self._process_kwargs(),
         )
         if result.returncode != 0:
             raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} on node {self.node} failed (exit {result.returncode}):\n"
+                f"{tool.name} {' '.join(args)} on node {self.node} failed (exit {result.returncode}):\n"
                 f"{result.stderr.strip()}\n{result.stdout.strip()}"
             )
         return result.stdout
@@ -351,6 +369,117 @@ class LocalNode:
         _LIVE_NODES.discard(self)
 
 
+class LocalCluster:
+    """Throwaway LocalNodes (three by default) in one RabbitMQ cluster: one Erlang cookie, and
+    broker_config/cluster.conf naming them, as a user's real nodes would load it."""
+
+    def __init__(self, config_dir: Path, *, size: int = 3, base_dir: Path | None = None) -> None:
+        names = [node_name() for _ in range(size)]
+        membership = ([f"{name}@localhost" for name in names], secrets.token_hex(20))
+        self.nodes = [LocalNode(config_dir, name=name, base_dir=base_dir, cluster=membership) for name in names]
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every node and wait until all of them run as one cluster."""
+        # The first forms the cluster alone; the others, started once it runs, join it on their first boot.
+        self.nodes[0].start()
+        self._in_parallel([node.start for node in self.nodes[1:]])
+        deadline = time.monotonic() + timeout
+        while (running := self.running_nodes()) != {node.node for node in self.nodes}:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the local RabbitMQ cluster did not form within {timeout:.0f} s: {sorted(running)} run together "
+                    f"of {[node.node for node in self.nodes]}. Each node's log (under {self.nodes[0].folder.parent}) "
+                    "says why; check broker_config/cluster.conf"
+                )
+            time.sleep(0.5)
+        self.replicate()
+
+    def replicate(self) -> None:
+        """Put a replica of every quorum queue and stream on every node.
+
+        Queues declared while the first node ran alone (broker_config/definitions.json loads at its
+        boot) have one replica; those declared later get one on every node of three by RabbitMQ's
+        defaults. A user's cluster needs the same once after it forms (docs/cluster.md).
+        """
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            first.rabbitmqctl("grow", node.node, "all", tool=RABBITMQ_QUEUES)
+        for vhost in first.rabbitmqctl("list_vhosts", "--silent").split():
+            listing = json.loads(first.rabbitmqctl("list_queues", "-p", vhost, "name", "type", "members",
+                                                   "--formatter", "json"))
+            for queue in listing:
+                if queue["type"] != "stream":
+                    continue
+                for node in self.nodes:
+                    if node.node not in queue["members"]:
+                        first.rabbitmqctl("add_replica", "--vhost", vhost, queue["name"], node.node,
+                                          tool=RABBITMQ_STREAMS)
+
+    @staticmethod
+    def _in_parallel(steps: list[Callable[[], None]]) -> None:
+        errors: list[BaseException] = []
+
+        def run(step: Callable[[], None]) -> None:
+            try:
+                step()
+            except BaseException as exc:  # raised below, on the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(step,)) for step in steps]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def running(self) -> LocalNode:
+        """A node that runs, to ask about the cluster."""
+        for node in self.nodes:
+            if node.beam_pid() is not None:
+                return node
+        raise RuntimeError("no node of the local RabbitMQ cluster runs; restart() one")
+
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """rabbitmqctl against a running node (cluster-wide commands answer the same on each)."""
+        return self.running().rabbitmqctl(*args, timeout=timeout)
+
+    def running_nodes(self) -> set[str]:
+        """The nodes that run together in this cluster, as a running node sees them."""
+        return set(json.loads(self.rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"])
+
+    def by_name(self, node: str) -> LocalNode:
+        """The node called ``node`` (name@localhost, as rabbitmqctl and the management API say it)."""
+        for candidate in self.nodes:
+            if candidate.node == node:
+                return candidate
+        raise KeyError(f"{node} is not a node of this cluster ({[n.node for n in self.nodes]})")
+
+    def kill(self, node: LocalNode) -> None:
+        """SIGKILL one node, as a crash would; the others go on without it."""
+        node.kill()
+
+    def restart(self, node: LocalNode, timeout: float = 60.0) -> None:
+        """Start a stopped or killed node again and wait until it runs in the cluster (it rejoins from its data)."""
+        node.start()
+        deadline = time.monotonic() + timeout
+        while node.node not in self.running_nodes():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {node.node} started but did not rejoin its cluster within "
+                                   f"{timeout:.0f} s; its log {node.log_file} says why")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Kill every node and remove their folders."""
+        for node in self.nodes:
+            node.close()
+
+
+def node_name() -> str:
+    """A fresh throwaway node's name: its folder's too, and the pid in it lets reap_orphan_nodes find it."""
+    return f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def default_base_dir() -> Path:
     """Where throwaway nodes keep their folders: per user, so two users' runs do not collide."""
     base = Path(tempfile.gettempdir()) / f"fedq-rabbitmq-{os.geteuid()}"
@@ -386,13 +515,14 @@ def _close_live_nodes() -> None:
 class Broker:
     """A reachable RabbitMQ broker and what is needed to make fresh vhosts on it."""
 
-    kind: str  # "env" | "container" | "local-node" | "system"
+    kind: str  # "env" | "container" | "local-node" | "local-cluster" | "system"
     host: str
     port: int
     username: str
     password: str
     management_url: str | None  # http://host:port, no credentials inside; None without management
     node: LocalNode | None = None
+    cluster: LocalCluster | None = None  # kind "local-cluster": its nodes, to kill and restart
     vhost: str = DEV_VHOST  # the vhost url() names by default
     scheme: str = "amqp"
     config_dir: Path = DEFAULT_CONFIG_DIR
@@ -579,6 +709,31 @@ def _local_node_broker(config_dir: Path, node: LocalNode) -> Broker:
         kind="local-node", host="127.0.0.1", port=node.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
         management_url=f"http://127.0.0.1:{node.management_port}" if node.has_management else None,
         node=node, config_dir=config_dir, _rabbitmqctl=node.rabbitmqctl, _on_close=node.close,
+    )
+
+
+def start_local_cluster(config_dir: Path | None = None, *, log: Callable[[str], object] = print) -> Broker:
+    """Start a local three-node RabbitMQ cluster from broker_config/ (rabbitmq.conf and cluster.conf); its
+    Broker's url() lists the three nodes. For tests and benchmarks of failover; close() throws it away."""
+    config_dir = Path(config_dir or DEFAULT_CONFIG_DIR)
+    if not LocalNode.available():
+        raise RuntimeError(f"no RabbitMQ in {RABBITMQ_BIN} (and, as root, no rabbitmq user) to start a local cluster "
+                           "from; `apt-get install rabbitmq-server`")
+    reap_orphan_nodes()
+    cluster = LocalCluster(config_dir)
+    log(f"fedq broker: starting a local three-node RabbitMQ cluster ({', '.join(n.node for n in cluster.nodes)}; "
+        f"AMQP ports {', '.join(str(n.amqp_port) for n in cluster.nodes)})")
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.close()
+        raise
+    first, *others = cluster.nodes
+    return Broker(
+        kind="local-cluster", host="127.0.0.1", port=first.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
+        management_url=f"http://127.0.0.1:{first.management_port}" if first.has_management else None,
+        cluster=cluster, config_dir=config_dir, _rabbitmqctl=cluster.rabbitmqctl, _on_close=cluster.close,
+        other_nodes=tuple(("127.0.0.1", node.amqp_port) for node in others),
     )
 
 
