@@ -37,8 +37,6 @@ CONTAINER_IMAGE = "rabbitmq:3.13-management"
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
 RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
-RABBITMQ_QUEUES = RABBITMQ_BIN / "rabbitmq-queues"
-RABBITMQ_STREAMS = RABBITMQ_BIN / "rabbitmq-streams"
 # Debian's wrapper switches to the rabbitmq user and the system node's cookie.
 SYSTEM_RABBITMQCTL = Path("/usr/sbin/rabbitmqctl")
 SYSTEM_HOST, SYSTEM_PORT = "127.0.0.1", 5672
@@ -73,15 +71,19 @@ def _free_port() -> int:
     raise RuntimeError(f"found no free port on 127.0.0.1 between 10000 and {low} in 100 tries")
 
 
-def _rewrite_conf(text: str, overrides: dict[str, str]) -> str:
-    """Replace the values of the given keys in a rabbitmq.conf text; append keys it lacks."""
+def _rewrite_conf(text: str, overrides: dict[str, str | None]) -> str:
+    """Replace the values of the given keys in a rabbitmq.conf text (None: remove the key); append keys it lacks."""
     pending = dict(overrides)
     lines = []
     for line in text.splitlines():
         key = line.split("=", 1)[0].strip()
         if "=" in line and not line.lstrip().startswith("#") and key in pending:
-            line = f"{key} = {pending.pop(key)}"
+            value = pending.pop(key)
+            if value is None:
+                continue
+            line = f"{key} = {value}"
         lines.append(line)
+    pending = {k: v for k, v in pending.items() if v is not None}
     if pending:
         lines += ["", "# Added for this throwaway broker."] + [f"{k} = {v}" for k, v in pending.items()]
     return "\n".join(lines) + "\n"
@@ -233,9 +235,10 @@ class LocalNode:
         conf = self.folder / "conf"
         for sub in ("data", "log", "conf/conf.d"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        overrides = {
+        overrides: dict[str, str | None] = {
             "listeners.tcp.default": f"127.0.0.1:{self.amqp_port}",
-            "load_definitions": str(conf / "definitions.json"),
+            # A cluster's nodes boot without them and LocalCluster imports them once all run (docs/cluster.md).
+            "load_definitions": None if self.cluster else str(conf / "definitions.json"),
         }
         if self.has_management:
             overrides |= {"management.tcp.port": str(self.management_port), "management.tcp.ip": "127.0.0.1"}
@@ -272,16 +275,15 @@ class LocalNode:
         """OS pid of this node's Erlang VM, or None when it is not running."""
         return _beam_pid(self.folder)
 
-    def rabbitmqctl(self, *args: str, timeout: float = 60.0, tool: Path = RABBITMQCTL) -> str:
-        """Run rabbitmqctl (or another of RabbitMQ's CLI tools) against this node; return its stdout, raise
-        with its output on failure."""
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run rabbitmqctl against this node; return its stdout, raise with its output on failure."""
         result = subprocess.run(
-            [str(tool), "-n", self.node, *args], capture_output=True, text=True, timeout=timeout,
+            [str(RABBITMQCTL), "-n", self.node, *args], capture_output=True, text=True, timeout=timeout,
             **self._process_kwargs(),
         )
         if result.returncode != 0:
             raise RuntimeError(
-                f"{tool.name} {' '.join(args)} on node {self.node} failed (exit {result.returncode}):\n"
+                f"rabbitmqctl {' '.join(args)} on node {self.node} failed (exit {result.returncode}):\n"
                 f"{result.stderr.strip()}\n{result.stdout.strip()}"
             )
         return result.stdout
@@ -379,7 +381,7 @@ class LocalCluster:
         self.nodes = [LocalNode(config_dir, name=name, base_dir=base_dir, cluster=membership) for name in names]
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start every node and wait until all of them run as one cluster."""
+        """Start every node, wait until all of them run as one cluster, then load the definitions."""
         # The first forms the cluster alone; the others, started once it runs, join it on their first boot.
         self.nodes[0].start()
         self._in_parallel([node.start for node in self.nodes[1:]])
@@ -392,28 +394,18 @@ class LocalCluster:
                     "says why; check broker_config/cluster.conf"
                 )
             time.sleep(0.5)
-        self.replicate()
+        self.import_definitions()
 
-    def replicate(self) -> None:
-        """Put a replica of every quorum queue and stream on every node.
+    def import_definitions(self) -> None:
+        """Load broker_config/definitions.json into the cluster, once all its nodes run.
 
-        Queues declared while the first node ran alone (broker_config/definitions.json loads at its
-        boot) have one replica; those declared later get one on every node of three by RabbitMQ's
-        defaults. A user's cluster needs the same once after it forms (docs/cluster.md).
+        Not at boot: RabbitMQ 3.10 starts a stream's coordinator on the nodes that run when the first
+        stream is declared, and a node that joins later starts a second one of its own. Clients of
+        the stream were then closed with 541 INTERNAL_ERROR on every connect, and no run got past
+        its first versions. Declared once all three run, every queue has a replica on each.
         """
         first = self.nodes[0]
-        for node in self.nodes[1:]:
-            first.rabbitmqctl("grow", node.node, "all", tool=RABBITMQ_QUEUES)
-        for vhost in first.rabbitmqctl("list_vhosts", "--silent").split():
-            listing = json.loads(first.rabbitmqctl("list_queues", "-p", vhost, "name", "type", "members",
-                                                   "--formatter", "json"))
-            for queue in listing:
-                if queue["type"] != "stream":
-                    continue
-                for node in self.nodes:
-                    if node.node not in queue["members"]:
-                        first.rabbitmqctl("add_replica", "--vhost", vhost, queue["name"], node.node,
-                                          tool=RABBITMQ_STREAMS)
+        first.rabbitmqctl("import_definitions", str(first.folder / "conf" / "definitions.json"))
 
     @staticmethod
     def _in_parallel(steps: list[Callable[[], None]]) -> None:
