@@ -19,7 +19,9 @@ from fedq.local_broker import Broker, LocalNode, start_local_cluster
 from shared import transport
 from tests.federation_helpers import confirmed_updates, events, wait_for
 
-pytestmark = pytest.mark.broker
+# One cluster for the module: its tests run in one test process (scripts/test.sh: --dist loadgroup),
+# not three clusters of three nodes each on a machine that runs the rest of the suite beside them.
+pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("cluster")]
 
 
 @pytest.fixture(scope="module")
