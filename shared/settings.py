@@ -142,7 +142,8 @@ def load_settings(cls: type[S], **overrides) -> S:
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else ""
             where = f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
-            value = f" = {err['input']!r}" if name and not isinstance(err["input"], dict) else ""
+            shown = redact_url(err["input"]) if name == "broker_url" and isinstance(err["input"], str) else err["input"]
+            value = f" = {shown!r}" if name and not isinstance(err["input"], dict) else ""
             lines.append(f"  {where}{value}: {err['msg']}")
         lines.append("Fix the value in the environment, .env or the command line, then start again.")
         raise SettingsError("\n".join(lines)) from None

@@ -96,6 +96,12 @@ def test_a_cluster_url_that_mixes_users_or_vhosts_or_holds_no_url_is_refused_wit
     assert "one such URL per node, separated by commas" in message and "%2C" in message
 
 
+def test_a_refused_broker_url_is_shown_without_its_passwords():
+    with pytest.raises(SettingsError) as caught:
+        load_settings(WorkerSettings, site="site-1", broker_url="amqp://a:secret@mq1/fedq,amqp://b:secret@mq2/fedq")
+    assert "secret" not in str(caught.value) and "amqp://a:***@mq1/fedq" in str(caught.value)
+
+
 def test_the_complaint_about_an_address_never_echoes_it_as_it_may_be_a_cut_password():
     with pytest.raises(ValueError) as caught:
         check_broker_urls("amqp://a:pa,ss@mq1/fedq")
