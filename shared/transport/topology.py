@@ -56,14 +56,21 @@ UPDATE_QUEUE_ARGUMENTS = {
     "x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": DELIVERY_LIMIT,
 }
 
+# Every queue is a replicated type, so that in a cluster (broker_config/cluster.conf) no node is one
+# that fedq cannot lose: a classic queue lives on one node, and while that node is down declaring it
+# fails (404 "home node ... is down or inaccessible"), which held the coordinator (status, rejected)
+# and the sites whose announcement queue lived there until the node came back. No replica count is
+# given: RabbitMQ's defaults put three on a cluster of three (a quorum queue on up to three nodes, a
+# stream on all), and it refuses a redeclaration whose x-quorum-initial-group-size differs, which
+# would stop every deployment whose queues already exist.
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
     # any point in time; retention is bounded by a policy (broker_config/definitions.json).
     SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
     UPDATES: UPDATE_QUEUE_ARGUMENTS,
-    REJECTED: {"x-queue-type": "classic"},
+    REJECTED: {"x-queue-type": "quorum"},
     # Only the newest status matters; readers take it and put it back for the next reader.
-    STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
+    STATUS: {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"},
 }
 BINDINGS: list[tuple[str, str, str]] = [
     (SNAPSHOT_EXCHANGE, SNAPSHOTS, SNAPSHOT_KEY), (LOBBY_EXCHANGE, UPDATES, ""), (REJECTED_EXCHANGE, REJECTED, ""),
@@ -72,7 +79,7 @@ BINDINGS: list[tuple[str, str, str]] = [
 # Queues whose depth the coordinator reports.
 WATCHED_QUEUES = (UPDATES, REJECTED)
 # Only the newest announcement matters to a site that was away; older ones are dropped at the broker.
-SITE_QUEUE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
+SITE_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"}
 
 
 def site_queue(site: str) -> str:
@@ -124,9 +131,19 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
 
 
 def declare_site_queue(channel: BlockingChannel, site: str) -> str:
-    """Declare a site's latest-only announcement queue (a site may declare its own); returns its name."""
+    """Declare a site's latest-only announcement queue (a site may declare its own); returns its name.
+    TopologyMismatch if an older fedq declared it otherwise (a classic queue, before fedq used clusters)."""
     name = site_queue(site)
-    channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    try:
+        channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        raise TopologyMismatch(
+            f"the broker holds this site's queue {name} with other arguments than this fedq declares "
+            f"({exc.reply_text}); an older fedq made it. It holds only the newest announcement, which the "
+            f"coordinator sends again: delete it (rabbitmqctl delete_queue {name} -p <vhost>) and start again"
+        ) from None
     return name
 
 
