@@ -118,20 +118,6 @@ def test_a_queue_an_older_fedq_declared_otherwise_stops_the_coordinator_with_wha
     assert "rabbitmqctl delete_queue fedq.updates" in result.stderr
 
 
-def test_a_site_whose_announcement_queue_an_older_fedq_declared_classic_stops_with_what_to_do(broker_url, tmp_path):
-    from shared import transport
-
-    link = transport.connect(broker_url, 30, "test-older-site")
-    link.channel().queue_declare(transport.site_queue("site-1"), durable=True,
-                                 arguments={"x-max-length": 1, "x-overflow": "drop-head"})
-    link.close()
-    result = run("worker", env={"FEDQ_BROKER_URL": broker_url, "FEDQ_SITE": "site-1",
-                                "FEDQ_STATE_DIR": str(tmp_path)})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "the broker holds this site's queue fedq.site.site-1.announcements with other arguments" in result.stderr
-    assert "rabbitmqctl delete_queue fedq.site.site-1.announcements" in result.stderr
-
-
 def test_provision_gives_a_cluster_user_one_url_per_node():
     from fedq.provision import broker_url
     from shared import transport

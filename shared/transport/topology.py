@@ -6,6 +6,7 @@ it): RabbitMQ refuses a redeclaration with different arguments, so drift would s
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from pika.adapters.blocking_connection import BlockingChannel
@@ -103,6 +104,15 @@ def hello_key(site: str) -> str:
     return f"hello.{site}"
 
 
+log = logging.getLogger(__name__)
+
+# What happens to a queue an older fedq declared with other arguments (a classic queue, before fedq
+# ran on clusters): one that holds only the newest of what is sent again is replaced; the refusals'
+# evidence is kept as it is, with a warning, since deleting it would lose what it holds.
+REPLACED_WHEN_OLDER = (STATUS,)
+KEPT_WHEN_OLDER = (REJECTED,)
+
+
 class TopologyMismatch(RuntimeError):
     """The broker holds a queue or exchange of fedq's name with other arguments; retrying will not help."""
 
@@ -114,7 +124,14 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
                         n, k, durable=True, arguments=EXCHANGE_ARGUMENTS.get(n)))
                     for name, kind in EXCHANGES.items()]
     declarations += [("queue", name, lambda n=name, a=arguments: channel.queue_declare(n, durable=True, arguments=a))
-                     for name, arguments in QUEUES.items()]
+                     for name, arguments in QUEUES.items() if name not in REPLACED_WHEN_OLDER + KEPT_WHEN_OLDER]
+    for name in REPLACED_WHEN_OLDER:
+        _declare_or_replace(channel, name, QUEUES[name])
+    for name in KEPT_WHEN_OLDER:
+        if not _declared(channel, name, QUEUES[name]):
+            log.warning("queue %s was declared by an older fedq with other arguments; it is kept as it is, with the "
+                        "refusals it holds. In a cluster it lives on one node: once what it holds is read, delete it "
+                        "(rabbitmqctl delete_queue %s -p <vhost>) and fedq declares it replicated", name, name)
     for what, name, declare in declarations:
         try:
             declare()
@@ -131,20 +148,35 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
 
 
 def declare_site_queue(channel: BlockingChannel, site: str) -> str:
-    """Declare a site's latest-only announcement queue (a site may declare its own); returns its name.
-    TopologyMismatch if an older fedq declared it otherwise (a classic queue, before fedq used clusters)."""
+    """Declare a site's latest-only announcement queue (a site may declare its own); returns its name."""
     name = site_queue(site)
+    _declare_or_replace(channel, name, SITE_QUEUE_ARGUMENTS)
+    return name
+
+
+def _declared(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> bool:
+    """Declare a queue on a channel of its own (a refused declare closes its channel); False if the
+    broker holds it with other arguments."""
+    trial = channel.connection.channel()
     try:
-        channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+        trial.queue_declare(name, durable=True, arguments=arguments)
     except ChannelClosedByBroker as exc:
         if exc.reply_code != 406:
             raise
-        raise TopologyMismatch(
-            f"the broker holds this site's queue {name} with other arguments than this fedq declares "
-            f"({exc.reply_text}); an older fedq made it. It holds only the newest announcement, which the "
-            f"coordinator sends again: delete it (rabbitmqctl delete_queue {name} -p <vhost>) and start again"
-        ) from None
-    return name
+        return False
+    trial.close()
+    return True
+
+
+def _declare_or_replace(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> None:
+    """Declare a queue that holds only the newest of what is sent again (the status, a site's
+    announcement); one an older fedq declared with other arguments is deleted and declared anew."""
+    if _declared(channel, name, arguments):
+        return
+    log.warning("queue %s was declared by an older fedq with other arguments; it holds only the newest message, "
+                "which is sent again: replacing it", name)
+    channel.queue_delete(name)
+    channel.queue_declare(name, durable=True, arguments=arguments)
 
 
 def bind_site_queue(channel: BlockingChannel, site: str) -> str:
