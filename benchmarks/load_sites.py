@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import random
+import resource
 import sys
 import tempfile
 import threading
@@ -151,8 +152,19 @@ def run_sites(url: str, names: list[str], parameters: int, train_seconds: float,
         time.sleep(0.005)  # a thousand logins at once would measure the login storm, not the federation
     for site in sites:
         site.join(timeout=max(0.0, stop_at - time.time()) + 120)
-    out.write_text(json.dumps({site.site: {"reads": site.reads, "announced_at": site.announced_at, "sent": site.sent,
-                                           "error": site.error} for site in sites}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime,
+                               "sites": {site.site: {"reads": site.reads, "announced_at": site.announced_at,
+                                                     "sent": site.sent, "error": site.error} for site in sites}}))
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU seconds process ``pid`` has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -178,6 +190,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
     coordinator = start_coordinator(url, run_dir, task="benchmarks.load_sites:FlatModel", wait_for_sites=sites,
                                     torch_threads=1, metrics_port="", status_seconds=5)
     samples: list[tuple[float, int]] = []
+    coordinator_cpu = None
     broker_memory: list[int] = []
     connections = 0
     try:
@@ -191,7 +204,10 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
         for worker in workers:
             worker.start()
         tick = 0
+        beam = broker.node.beam_pid() if broker.node is not None else None
+        broker_cpu_before = cpu_seconds(beam)
         while any(worker.is_alive() for worker in workers):
+            coordinator_cpu = cpu_seconds(coordinator.pid) or coordinator_cpu
             rss = resident_bytes(coordinator.pid)
             if rss is not None:
                 samples.append((time.time(), rss))
@@ -204,9 +220,13 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
                 totals = broker.management_api("GET", "/api/overview").get("object_totals", {})
                 connections = max(connections, totals.get("connections", 0))
             time.sleep(1.0)
-        seen = {}
+        broker_cpu = cpu_seconds(beam)
+        seen, sites_cpu = {}, 0.0
         for output in outputs:
-            seen.update(json.loads(output.read_text()) if output.exists() else {})
+            if output.exists():
+                report = json.loads(output.read_text())
+                seen.update(report["sites"])
+                sites_cpu += report["cpu_seconds"]
     finally:
         coordinator.terminate()
         coordinator.wait(timeout=120)
@@ -240,6 +260,11 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
         "coordinator_rss_last": after_start[-1] if after_start else None,
         "coordinator_rss_peak": max((rss for _, rss in samples), default=None),
         "broker_memory_peak": max(broker_memory, default=None), "connections_peak": connections,
+        # Where the machine's CPU went, over the whole measurement (start-up included).
+        "cpu_seconds": {"coordinator": coordinator_cpu, "sites": round(sites_cpu, 1),
+                        "broker": None if broker_cpu is None or broker_cpu_before is None
+                        else round(broker_cpu - broker_cpu_before, 1)},
+        "wall_seconds": round(time.time() - started, 1),
     }
 
 
