@@ -59,7 +59,9 @@ def running_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> Iter
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    """The run log's events so far; a line the coordinator is still writing is not one yet."""
+    text = (run_dir / "events.jsonl").read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
     return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
 
 

@@ -24,6 +24,9 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
         # The link cut while logging in: pika calls it a probable refusal, but the broker said nothing.
         pika.exceptions.ProbableAuthenticationError(repr(pika.exceptions.StreamLostError("Transport indicated EOF"))),
         pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - home node 'n' of durable queue 'q' is down or inaccessible"),
+        # A cluster node that rejoined and holds no replica of the stream yet.
+        pika.exceptions.ChannelClosedByBroker(
+            406, "PRECONDITION_FAILED - queue 'queue 'fedq.snapshots' in vhost 'fedq'' does not have a replica on the local node"),
     ]
 
     def session(backoff):
@@ -33,7 +36,7 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
         return True
 
     transport.serve_with_reconnect(session, "test", lambda: False)
-    assert len(attempts) == 4
+    assert len(attempts) == 5
 
     # pika wraps the repr of what ended a login: the broker's own Connection.Close is a refusal.
     for refusal in (
@@ -46,8 +49,10 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
         with pytest.raises(type(refusal)):
             transport.serve_with_reconnect(refused, "test", lambda: False)
 
-    def forbidden(backoff):
-        raise pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED")
+    for closed in (pika.exceptions.ChannelClosedByBroker(403, "ACCESS_REFUSED"),
+                   pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'")):
+        def forbidden(backoff, closed=closed):
+            raise closed
 
-    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-        transport.serve_with_reconnect(forbidden, "test", lambda: False)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            transport.serve_with_reconnect(forbidden, "test", lambda: False)
