@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import urllib.parse
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -178,3 +181,28 @@ def test_an_engine_without_the_image_or_a_registry_falls_back_to_a_local_node_sa
     assert len(lines) == 1
     assert f"image {absent} is not in the Docker engine and cannot be pulled" in lines[0]
     assert "FEDQ_BROKER_IMAGE" in lines[0] and "starting a local RabbitMQ node" in lines[0]
+
+
+@pytest.mark.container
+def test_a_container_broker_left_open_is_removed_when_its_process_exits(tmp_path):
+    """Without Ryuk (no image for it here) nothing outside the process removes its containers: the
+    process must, at exit, even when the program never closed its broker."""
+    if os.environ.get("FEDQ_BROKER_URL"):
+        pytest.skip("FEDQ_BROKER_URL names a broker: the finder starts no container")
+    script = (
+        "from fedq.local_broker import find_broker\n"
+        "broker = find_broker()\n"
+        "assert broker.kind == 'container', broker.kind\n"
+        "print('CONTAINER', broker.node.node, flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                            cwd=Path(__file__).parent.parent)
+    if "a Docker engine answers" not in result.stdout:
+        pytest.skip(f"no engine with the broker image: {result.stdout.strip() or result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    name = result.stdout.split("CONTAINER ", 1)[1].split()[0]
+    client = docker.from_env(timeout=10)
+    try:
+        assert client.containers.list(all=True, filters={"name": name}) == []
+    finally:
+        client.close()
