@@ -534,8 +534,9 @@ def _image_unavailable_reason(client: Any, image: str) -> str | None:
 
 
 def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    # The engine's own words (APIError.explanation) say why, without the HTTP request wrapped round them.
+    lines = str(getattr(exc, "explanation", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def container_unavailable_reason(image: str) -> str | None:
@@ -554,8 +555,8 @@ def container_unavailable_reason(image: str) -> str | None:
         except Exception as exc:  # noqa: BLE001
             return f"no Docker engine ({_first_line(exc)})"
         if (reason := _image_unavailable_reason(client, image)) is not None:
-            return (f"{reason}; build it (scripts/docker-engine.sh builds one with no registry) or set "
-                    "FEDQ_BROKER_IMAGE to an image the engine has")
+            return (f"{reason}; pull or build it, or set FEDQ_BROKER_IMAGE to an image the engine has "
+                    "(scripts/docker-engine.sh builds fedq/rabbitmq-offline:3.10 with no registry)")
         _disable_ryuk_unless_available(client)
         return None
     finally:
