@@ -296,7 +296,8 @@ class Coordinator:
         s = self.settings
         self.status = build_status(
             self.runlog, run_id=self.run_id, strategy=s.strategy, version=self.version, metrics=self.last_metrics,
-            queue_depths=self._publisher.queue_depths(self._inbox.site_queues), ingest=self.ingest_times, every=s.status_seconds,
+            queue_depths=self._publisher.queue_depths(self._inbox.backed_up if self._inbox.site_queues else None),
+            ingest=self.ingest_times, every=s.status_seconds,
             site_of_user=self.senders.site_of_user,
         )
         self._publisher.status(self.status)

@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--admin-user", default="fedq", help="a management user with the administrator tag")
     provision.add_argument("--admin-password", help="its password (or FEDQ_ADMIN_PASSWORD)")
     provision.add_argument("--vhost", default="fedq")
-    provision.add_argument("--broker-host", default="127.0.0.1", help="the host sites connect to")
+    provision.add_argument("--broker-host", default="127.0.0.1",
+                           help="the host sites connect to; for a cluster, each node's, comma-separated")
     provision.add_argument("--broker-port", type=int, default=5671, help="the AMQP port sites connect to (default 5671)")
     provision.add_argument("--plain", action="store_true", help="amqp:// without TLS (development only)")
     provision.add_argument("--coordinator", metavar="USER", help="also create the coordinator's user")

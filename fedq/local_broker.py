@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from shared import transport
-from shared.settings import redact_url
+from shared.settings import broker_urls, check_broker_urls, redact_url
 from shared.transport import ManagementError, management_call
 
 # The development credentials from broker_config/definitions.json (stored there only as a hash).
@@ -72,15 +73,19 @@ def _free_port() -> int:
     raise RuntimeError(f"found no free port on 127.0.0.1 between 10000 and {low} in 100 tries")
 
 
-def _rewrite_conf(text: str, overrides: dict[str, str]) -> str:
-    """Replace the values of the given keys in a rabbitmq.conf text; append keys it lacks."""
+def _rewrite_conf(text: str, overrides: dict[str, str | None]) -> str:
+    """Replace the values of the given keys in a rabbitmq.conf text (None: remove the key); append keys it lacks."""
     pending = dict(overrides)
     lines = []
     for line in text.splitlines():
         key = line.split("=", 1)[0].strip()
         if "=" in line and not line.lstrip().startswith("#") and key in pending:
-            line = f"{key} = {pending.pop(key)}"
+            value = pending.pop(key)
+            if value is None:
+                continue
+            line = f"{key} = {value}"
         lines.append(line)
+    pending = {k: v for k, v in pending.items() if v is not None}
     if pending:
         lines += ["", "# Added for this throwaway broker."] + [f"{k} = {v}" for k, v in pending.items()]
     return "\n".join(lines) + "\n"
@@ -156,10 +161,14 @@ class LocalNode:
         name: str | None = None,
         base_dir: Path | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        cluster: tuple[list[str], str] | None = None,
     ) -> None:
-        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener."""
+        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener.
+        ``cluster`` = (the cluster's node names, its Erlang cookie) loads broker_config/cluster.conf with those
+        nodes: the node joins the first of them that runs when it first boots."""
         self.config_dir = Path(config_dir)
         self.tls = tls
+        self.cluster = cluster
         self.tls_port = _free_port() if tls else None
         self.plugins = _enabled_plugins(self.config_dir)
         self.amqp_port = amqp_port or _free_port()
@@ -167,7 +176,7 @@ class LocalNode:
         # Prometheus and Erlang distribution also listen; fixed defaults would clash with other nodes.
         self.prometheus_port = _free_port()
         self.dist_port = _free_port()
-        self.name = name or f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+        self.name = name or node_name()
         self.folder = Path(base_dir or default_base_dir()) / self.name
         self.pid_file = self.folder / "data" / f"{self.name}.pid"
         self.log_file = self.folder / "log" / f"{self.node}.log"
@@ -228,9 +237,10 @@ class LocalNode:
         conf = self.folder / "conf"
         for sub in ("data", "log", "conf/conf.d"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        overrides = {
+        overrides: dict[str, str | None] = {
             "listeners.tcp.default": f"127.0.0.1:{self.amqp_port}",
-            "load_definitions": str(conf / "definitions.json"),
+            # A cluster's nodes boot without them and LocalCluster imports them once all run (docs/cluster.md).
+            "load_definitions": None if self.cluster else str(conf / "definitions.json"),
         }
         if self.has_management:
             overrides |= {"management.tcp.port": str(self.management_port), "management.tcp.ip": "127.0.0.1"}
@@ -247,6 +257,16 @@ class LocalNode:
                              "ssl_options.certfile": copies[1], "ssl_options.keyfile": copies[2]}
             tls_source = (self.config_dir / "tls.conf").read_text()
             (conf / "conf.d" / "10-tls.conf").write_text(_rewrite_conf(tls_source, tls_overrides))
+        if self.cluster:
+            nodes, cookie = self.cluster
+            peers = {f"cluster_formation.classic_config.nodes.{i}": node for i, node in enumerate(nodes, 1)}
+            cluster_source = (self.config_dir / "cluster.conf").read_text()
+            (conf / "conf.d" / "20-cluster.conf").write_text(_rewrite_conf(cluster_source, peers))
+            # Nodes (and their rabbitmqctl) find the cookie in $HOME, which is this folder.
+            cookie_file = self.folder / ".erlang.cookie"
+            cookie_file.unlink(missing_ok=True)
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)
         for name in ("definitions.json", "enabled_plugins"):
             shutil.copyfile(self.config_dir / name, conf / name)
         if self._as_root:
@@ -353,6 +373,107 @@ class LocalNode:
         _LIVE_NODES.discard(self)
 
 
+class LocalCluster:
+    """Throwaway LocalNodes (three by default) in one RabbitMQ cluster: one Erlang cookie, and
+    broker_config/cluster.conf naming them, as a user's real nodes would load it."""
+
+    def __init__(self, config_dir: Path, *, size: int = 3, base_dir: Path | None = None) -> None:
+        names = [node_name() for _ in range(size)]
+        membership = ([f"{name}@localhost" for name in names], secrets.token_hex(20))
+        self.nodes = [LocalNode(config_dir, name=name, base_dir=base_dir, cluster=membership) for name in names]
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every node, wait until all of them run as one cluster, then load the definitions."""
+        # The first forms the cluster alone; the others, started once it runs, join it on their first boot.
+        self.nodes[0].start()
+        self._in_parallel([node.start for node in self.nodes[1:]])
+        deadline = time.monotonic() + timeout
+        while (running := self.running_nodes()) != {node.node for node in self.nodes}:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the local RabbitMQ cluster did not form within {timeout:.0f} s: {sorted(running)} run together "
+                    f"of {[node.node for node in self.nodes]}. Each node's log (under {self.nodes[0].folder.parent}) "
+                    "says why; check broker_config/cluster.conf"
+                )
+            time.sleep(0.5)
+        self.import_definitions()
+
+    def import_definitions(self) -> None:
+        """Load broker_config/definitions.json into the cluster, once all its nodes run.
+
+        Not at boot: RabbitMQ 3.10 starts a stream's coordinator on the nodes that run when the first
+        stream is declared, and a node that joins later starts a second one of its own. Clients of
+        the stream were then closed with 541 INTERNAL_ERROR on every connect, and no run got past
+        its first versions. Declared once all three run, every queue has a replica on each.
+        """
+        first = self.nodes[0]
+        first.rabbitmqctl("import_definitions", str(first.folder / "conf" / "definitions.json"))
+
+    @staticmethod
+    def _in_parallel(steps: list[Callable[[], None]]) -> None:
+        errors: list[BaseException] = []
+
+        def run(step: Callable[[], None]) -> None:
+            try:
+                step()
+            except BaseException as exc:  # raised below, on the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(step,)) for step in steps]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def running(self) -> LocalNode:
+        """A node that runs, to ask about the cluster."""
+        for node in self.nodes:
+            if node.beam_pid() is not None:
+                return node
+        raise RuntimeError("no node of the local RabbitMQ cluster runs; restart() one")
+
+    def rabbitmqctl(self, *args: str, timeout: float = 60.0) -> str:
+        """rabbitmqctl against a running node (cluster-wide commands answer the same on each)."""
+        return self.running().rabbitmqctl(*args, timeout=timeout)
+
+    def running_nodes(self) -> set[str]:
+        """The nodes that run together in this cluster, as a running node sees them."""
+        return set(json.loads(self.rabbitmqctl("cluster_status", "--formatter", "json"))["running_nodes"])
+
+    def by_name(self, node: str) -> LocalNode:
+        """The node called ``node`` (name@localhost, as rabbitmqctl and the management API say it)."""
+        for candidate in self.nodes:
+            if candidate.node == node:
+                return candidate
+        raise KeyError(f"{node} is not a node of this cluster ({[n.node for n in self.nodes]})")
+
+    def kill(self, node: LocalNode) -> None:
+        """SIGKILL one node, as a crash would; the others go on without it."""
+        node.kill()
+
+    def restart(self, node: LocalNode, timeout: float = 60.0) -> None:
+        """Start a stopped or killed node again and wait until it runs in the cluster (it rejoins from its data)."""
+        node.start()
+        deadline = time.monotonic() + timeout
+        while node.node not in self.running_nodes():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {node.node} started but did not rejoin its cluster within "
+                                   f"{timeout:.0f} s; its log {node.log_file} says why")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Kill every node and remove their folders."""
+        for node in self.nodes:
+            node.close()
+
+
+def node_name() -> str:
+    """A fresh throwaway node's name: its folder's too, and the pid in it lets reap_orphan_nodes find it."""
+    return f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def default_base_dir() -> Path:
     """Where throwaway nodes keep their folders: per user, so two users' runs do not collide."""
     base = Path(tempfile.gettempdir()) / f"fedq-rabbitmq-{os.geteuid()}"
@@ -388,25 +509,30 @@ def _close_live_nodes() -> None:
 class Broker:
     """A reachable RabbitMQ broker and what is needed to make fresh vhosts on it."""
 
-    kind: str  # "env" | "container" | "local-node" | "system"
+    kind: str  # "env" | "container" | "local-node" | "local-cluster" | "system"
     host: str
     port: int
     username: str
     password: str
     management_url: str | None  # http://host:port, no credentials inside; None without management
     node: LocalNode | ContainerNode | None = None
+    cluster: LocalCluster | None = None  # kind "local-cluster": its nodes, to kill and restart
     vhost: str = DEV_VHOST  # the vhost url() names by default
     scheme: str = "amqp"
     config_dir: Path = DEFAULT_CONFIG_DIR
     management_auth: tuple[str, str] | None = field(default=None, repr=False)  # if not username/password
+    #: The other nodes of a cluster, (host, port) each; url() names them after host:port.
+    other_nodes: tuple[tuple[str, int], ...] = ()
     _rabbitmqctl: Callable[..., str] | None = field(default=None, repr=False)
     _on_close: Callable[[], None] | None = field(default=None, repr=False)
 
     def url(self, vhost: str | None = None) -> str:
-        """AMQP URL of `vhost` (default: this broker's own vhost) with every part percent-encoded."""
+        """AMQP URL of `vhost` (default: this broker's own vhost) with every part percent-encoded; for a
+        cluster, one per node, separated by commas, as FEDQ_BROKER_URL takes them."""
         q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
         credentials = f"{q(self.username)}:{q(self.password)}"
-        return f"{self.scheme}://{credentials}@{self.host}:{self.port}/{q(vhost or self.vhost)}"
+        nodes = [(self.host, self.port), *self.other_nodes]
+        return ",".join(f"{self.scheme}://{credentials}@{host}:{port}/{q(vhost or self.vhost)}" for host, port in nodes)
 
     def management_api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management HTTP API (path like "/api/queues/fedq"); return the decoded JSON, if any."""
@@ -489,9 +615,21 @@ def _split_credentials(url: str) -> tuple[urllib.parse.SplitResult, str, str]:
 
 
 def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
-    parts, user, password = _split_credentials(url)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} is not an amqp://user:pass@host:port/vhost URL")
+    try:
+        check_broker_urls(url)
+    except ValueError as exc:
+        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} is not usable: {exc}") from None
+    nodes, schemes = [], {one.split("://", 1)[0] for one in broker_urls(url)}
+    if len(schemes) > 1:
+        # Broker.url() writes one scheme for every node (the vhosts it creates are reached that way).
+        raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} mixes amqp:// and amqps://; for tests and benchmarks "
+                           "name every node the same way")
+    for one in broker_urls(url):
+        parts, user, password = _split_credentials(one)
+        if not parts.hostname:
+            raise RuntimeError(f"FEDQ_BROKER_URL={redact_url(url)} names no host in {redact_url(one)}; write "
+                               "amqp://user:pass@host:port/vhost, one per node of a cluster, separated by commas")
+        nodes.append((parts.hostname, parts.port or (5671 if parts.scheme == "amqps" else 5672)))
     if (error := transport.probe(url)) is not None:
         raise RuntimeError(
             f"FEDQ_BROKER_URL={redact_url(url)} does not accept a connection ({error!r}); "
@@ -502,11 +640,11 @@ def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
         m, m_user, m_password = _split_credentials(management)
         management_url = f"{m.scheme}://{m.hostname}:{m.port or 15672}{m.path.rstrip('/')}"
         management_auth = (m_user, m_password) if m.username else None
+    (host, port), *others = nodes
     return Broker(
-        kind="env", host=parts.hostname, port=parts.port or (5671 if parts.scheme == "amqps" else 5672),
-        username=user, password=password, management_url=management_url,
+        kind="env", host=host, port=port, username=user, password=password, management_url=management_url,
         vhost=urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/",
-        scheme=parts.scheme, config_dir=config_dir, management_auth=management_auth,
+        scheme=parts.scheme, config_dir=config_dir, management_auth=management_auth, other_nodes=tuple(others),
     )
 
 
@@ -702,6 +840,31 @@ def _local_node_broker(config_dir: Path, node: LocalNode) -> Broker:
         kind="local-node", host="127.0.0.1", port=node.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
         management_url=f"http://127.0.0.1:{node.management_port}" if node.has_management else None,
         node=node, config_dir=config_dir, _rabbitmqctl=node.rabbitmqctl, _on_close=node.close,
+    )
+
+
+def start_local_cluster(config_dir: Path | None = None, *, log: Callable[[str], object] = print) -> Broker:
+    """Start a local three-node RabbitMQ cluster from broker_config/ (rabbitmq.conf and cluster.conf); its
+    Broker's url() lists the three nodes. For tests and benchmarks of failover; close() throws it away."""
+    config_dir = Path(config_dir or DEFAULT_CONFIG_DIR)
+    if not LocalNode.available():
+        raise RuntimeError(f"no RabbitMQ in {RABBITMQ_BIN} (and, as root, no rabbitmq user) to start a local cluster "
+                           "from; `apt-get install rabbitmq-server`")
+    reap_orphan_nodes()
+    cluster = LocalCluster(config_dir)
+    log(f"fedq broker: starting a local three-node RabbitMQ cluster ({', '.join(n.node for n in cluster.nodes)}; "
+        f"AMQP ports {', '.join(str(n.amqp_port) for n in cluster.nodes)})")
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.close()
+        raise
+    first, *others = cluster.nodes
+    return Broker(
+        kind="local-cluster", host="127.0.0.1", port=first.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
+        management_url=f"http://127.0.0.1:{first.management_port}" if first.has_management else None,
+        cluster=cluster, config_dir=config_dir, _rabbitmqctl=cluster.rabbitmqctl, _on_close=cluster.close,
+        other_nodes=tuple(("127.0.0.1", node.amqp_port) for node in others),
     )
 
 

@@ -75,7 +75,13 @@ def provision_sites(
         if site:
             transport.management_call(management_url, admin_user, admin_password, "PUT",
                                       f"/api/topic-permissions/{q(vhost)}/{q(user)}", site_topic_permissions(site))
-        scheme = "amqps" if tls else "amqp"
-        url = f"{scheme}://{q(user)}:{q(password)}@{broker_host}:{broker_port}/{q(vhost)}"
-        created.append(SiteCredentials(site, user, password, url))
+        created.append(SiteCredentials(site, user, password, broker_url(user, password, vhost, broker_host, broker_port, tls)))
     return created
+
+
+def broker_url(user: str, password: str, vhost: str, hosts: str, port: int, tls: bool = True) -> str:
+    """The FEDQ_BROKER_URL of a user: one AMQP URL per host in ``hosts`` (a cluster's nodes, comma-separated;
+    users and permissions are the cluster's, so one user reaches every node)."""
+    q = lambda s: urllib.parse.quote(s, safe="")  # noqa: E731
+    scheme = "amqps" if tls else "amqp"
+    return ",".join(f"{scheme}://{q(user)}:{q(password)}@{host.strip()}:{port}/{q(vhost)}" for host in hosts.split(","))

@@ -9,6 +9,7 @@ that names the variable and says what would be accepted. What every process take
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
@@ -20,8 +21,40 @@ DEFAULT_TASK = "shared.digits_task:DigitsStraggler"
 
 
 def redact_url(url: str) -> str:
-    """An AMQP URL with its password replaced by ***, fit for logs and run logs."""
+    """An AMQP URL, or a comma-separated list of them, with each password replaced by ***, fit for logs and
+    run logs."""
+    # Everything up to the next @ goes, commas included: a password with a raw comma stays hidden.
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def broker_urls(value: str) -> list[str]:
+    """The AMQP URLs in a broker URL setting: one, or the nodes of a cluster separated by commas."""
+    return [part.strip() for part in value.split(",")]
+
+
+def check_broker_urls(value: str) -> str:
+    """``value`` if each of its URLs is amqp(s):// and all name the same user and vhost; else ValueError
+    saying which URL is wrong and how to write the setting."""
+    urls = broker_urls(value)
+    fix = ("write amqp://user:password@host:port/vhost (amqps:// for TLS), or for a cluster one such URL per node, "
+           "separated by commas, each with the same user and vhost (a comma in a password is written %2C)")
+    for number, url in enumerate(urls, 1):
+        if not url.startswith(("amqp://", "amqps://")):
+            # Not echoed: it may be the tail of a password cut at a raw comma.
+            raise ValueError(f"address {number} of {len(urls)} does not start with amqp:// or amqps://; {fix}")
+    # One process is one user in one vhost: its messages carry that user as user_id, whichever node takes them.
+    identities = {_identity(url) for url in urls}
+    if len(identities) > 1:
+        named = ", ".join(redact_url(url) for url in urls)
+        raise ValueError(f"the addresses name different users or vhosts ({named}); {fix}")
+    return value
+
+
+def _identity(url: str) -> tuple[str, str]:
+    """The user and vhost an AMQP URL names, decoded; no path and "/" both mean vhost "/"."""
+    parts = urllib.parse.urlsplit(url)
+    vhost = urllib.parse.unquote(parts.path[1:]) if parts.path not in ("", "/") else "/"
+    return urllib.parse.unquote(parts.username or ""), vhost
 
 
 class SettingsError(SystemExit):
@@ -36,7 +69,8 @@ class CommonSettings(BaseSettings):
 
     broker_url: str = Field(
         "amqp://fedq:fedq@127.0.0.1:5672/fedq",
-        description="AMQP URL of the broker: amqp://user:password@host:port/vhost (amqps:// for TLS).",
+        description="AMQP URL of the broker: amqp://user:password@host:port/vhost (amqps:// for TLS); for a cluster, "
+        "one URL per node separated by commas, each with the same user and vhost.",
     )
     task: str = Field(DEFAULT_TASK, description="Import path of the task class, module:Class.")
     heartbeat: int = Field(30, ge=1, le=600, description="AMQP heartbeat in seconds.")
@@ -91,10 +125,8 @@ class CommonSettings(BaseSettings):
 
     @field_validator("broker_url")
     @classmethod
-    def _amqp_scheme(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
-        return value
+    def _amqp_urls(cls, value: str) -> str:
+        return check_broker_urls(value)
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -110,7 +142,8 @@ def load_settings(cls: type[S], **overrides) -> S:
         for err in exc.errors():
             name = str(err["loc"][0]) if err["loc"] else ""
             where = f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')})" if name else "settings"
-            value = f" = {err['input']!r}" if name and not isinstance(err["input"], dict) else ""
+            shown = redact_url(err["input"]) if name == "broker_url" and isinstance(err["input"], str) else err["input"]
+            value = f" = {shown!r}" if name and not isinstance(err["input"], dict) else ""
             lines.append(f"  {where}{value}: {err['msg']}")
         lines.append("Fix the value in the environment, .env or the command line, then start again.")
         raise SettingsError("\n".join(lines)) from None

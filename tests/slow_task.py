@@ -32,3 +32,12 @@ class SlowlyScoredDigits(DigitsStraggler):
     def evaluate(self, model):
         time.sleep(EVALUATE_SECONDS)
         return super().evaluate(model)
+
+
+class PacedDigits(DigitsStraggler):
+    """A second per task: a run paced by the clock rather than by how fast this machine trains, so a
+    test can act in its middle."""
+
+    def train(self, model, site):
+        time.sleep(1.0)
+        return super().train(model, site)

@@ -2,7 +2,11 @@
 RabbitMQ refuses to redeclare a queue with other arguments, so drift would stop a deployment."""
 
 import json
+import logging
+import urllib.parse
 from pathlib import Path
+
+import pytest
 
 from shared import transport
 
@@ -31,3 +35,34 @@ def test_snapshot_retention_is_bounded_by_a_policy():
     retention = policies["fedq-snapshot-retention"]
     assert retention["pattern"] == "^fedq\\.snapshots$" and retention["apply-to"] == "queues"
     assert retention["definition"]["max-length-bytes"] > 0
+
+
+@pytest.mark.broker
+def test_queues_an_older_fedq_declared_classic_are_replaced_or_kept(broker, broker_url, caplog):
+    """Before fedq ran on clusters, the status and the sites' announcement queues were classic: they
+    hold only the newest of what is sent again, so they are replaced by replicated ones; the refusals'
+    evidence is kept as it is, with a warning that says how to move it."""
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(broker_url).path[1:])
+    older = {"x-max-length": 1, "x-overflow": "drop-head"}
+    link = transport.connect(broker_url, 30, "test-older-fedq")
+    channel = link.channel()
+    for name in (transport.STATUS, transport.REJECTED):
+        channel.queue_delete(name)
+    channel.queue_declare(transport.STATUS, durable=True, arguments=older)
+    channel.queue_declare(transport.REJECTED, durable=True)
+    channel.queue_declare(transport.site_queue("site-1"), durable=True, arguments=older)
+    channel.confirm_delivery()
+    channel.basic_publish("", transport.REJECTED, b"a refused chunk")
+
+    with caplog.at_level(logging.WARNING, logger="shared.transport.topology"):
+        transport.Publisher(link, declare_topology=True)
+        transport.Announcements(link, "site-1", lambda headers, body: None)
+
+    kinds = {q["name"]: q["type"] for q in broker.management_api("GET", f"/api/queues/{urllib.parse.quote(vhost, safe='')}")}
+    assert kinds[transport.STATUS] == "quorum" and kinds[transport.site_queue("site-1")] == "quorum"
+    assert kinds[transport.REJECTED] == "classic"
+    assert link.channel().queue_declare(transport.REJECTED, passive=True).method.message_count == 1
+    warnings = " ".join(record.getMessage() for record in caplog.records)
+    assert f"{transport.STATUS} was declared by an older fedq" in warnings and "replacing it" in warnings
+    assert f"rabbitmqctl delete_queue {transport.REJECTED}" in warnings
+    link.close()

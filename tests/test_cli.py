@@ -116,3 +116,16 @@ def test_a_queue_an_older_fedq_declared_otherwise_stops_the_coordinator_with_wha
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the broker holds queue fedq.updates with other arguments" in result.stderr
     assert "rabbitmqctl delete_queue fedq.updates" in result.stderr
+
+
+def test_provision_gives_a_cluster_user_one_url_per_node():
+    from fedq.provision import broker_url
+    from shared import transport
+    from shared.settings import check_broker_urls
+
+    url = broker_url("site-3", "p@ss,word", "fedq", "mq1.example.org, mq2.example.org,mq3.example.org", 5671)
+    assert check_broker_urls(url) == url
+    assert transport.broker_address(url) == "mq1.example.org:5671,mq2.example.org:5671,mq3.example.org:5671/fedq"
+    assert url.count("p%40ss%2Cword") == 3, "the password is quoted, its comma too"
+    assert broker_url("site-3", "pw", "fedq", "broker.example.org", 5671, tls=False) == \
+        "amqp://site-3:pw@broker.example.org:5671/fedq"

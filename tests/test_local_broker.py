@@ -17,7 +17,7 @@ from testcontainers.core.config import testcontainers_config
 
 from shared import transport
 from fedq.local_broker import (
-    DEFAULT_CONFIG_DIR, Broker, LocalNode, container_unavailable_reason, find_broker, vhost_definitions,
+    DEFAULT_CONFIG_DIR, Broker, LocalNode, _free_port, container_unavailable_reason, find_broker, vhost_definitions,
 )
 
 pytestmark = pytest.mark.broker
@@ -206,3 +206,19 @@ def test_a_container_broker_left_open_is_removed_when_its_process_exits(tmp_path
         assert client.containers.list(all=True, filters={"name": name}) == []
     finally:
         client.close()
+
+
+def test_a_url_list_connects_to_whichever_node_answers_and_finds_the_broker(broker_url, monkeypatch) -> None:
+    dead = urllib.parse.urlsplit(broker_url)._replace(netloc=f"fedq:fedq@127.0.0.1:{_free_port()}").geturl()
+    listed = f"{dead},{broker_url}"
+    # Shuffled on each connect: in ten, the dead node comes first in some, and costs only a refusal.
+    for _ in range(10):
+        link = transport.connect(listed, 30, "test-url-list")
+        assert link.is_open
+        link.close()
+    assert transport.probe(listed) is None
+    assert transport.probe(f"{dead},{dead}") is not None, "no node answers: probe says why"
+    monkeypatch.setenv("FEDQ_BROKER_URL", listed)
+    found = find_broker(log=lambda line: None)
+    assert found.url() == listed and found.kind == "env"
+    assert found.other_nodes == ((urllib.parse.urlsplit(broker_url).hostname, urllib.parse.urlsplit(broker_url).port),)

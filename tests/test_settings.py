@@ -4,7 +4,8 @@ import pytest
 
 from coordinator.settings import CoordinatorSettings
 from fedq.settings_page import settings_table
-from shared.settings import SettingsError, load_settings
+from shared import transport
+from shared.settings import SettingsError, broker_urls, check_broker_urls, load_settings, redact_url
 from worker.settings import WorkerSettings
 
 
@@ -60,3 +61,52 @@ def test_worker_needs_a_valid_site_name(monkeypatch):
 def test_server_optimizer_with_fedasync_is_refused():
     with pytest.raises(SettingsError, match="server_optimizer applies to fedbuff and fedavg only"):
         load_settings(CoordinatorSettings, strategy="fedasync", server_optimizer="adam")
+
+
+CLUSTER = "amqp://site-1:s%2Ccret@mq1:5672/fedq, amqp://site-1:s%2Ccret@mq2:5673/fedq,amqps://site-1:s%2Ccret@mq3/fedq"
+
+
+def test_a_cluster_is_a_comma_separated_list_of_its_nodes_urls():
+    settings = load_settings(WorkerSettings, site="site-1", broker_url=CLUSTER)
+    assert broker_urls(settings.broker_url) == [
+        "amqp://site-1:s%2Ccret@mq1:5672/fedq", "amqp://site-1:s%2Ccret@mq2:5673/fedq", "amqps://site-1:s%2Ccret@mq3/fedq"]
+    assert transport.broker_address(settings.broker_url) == "mq1:5672,mq2:5673,mq3:5671/fedq"
+    assert transport.broker_user(settings.broker_url) == "site-1"
+    assert transport.broker_address("amqp://u:p@h:1/%2F") == "h:1//", "one URL reads as before"
+
+
+def test_every_password_of_a_cluster_url_is_redacted_in_logs_and_run_logs():
+    public = load_settings(WorkerSettings, site="site-1", broker_url=CLUSTER).public()
+    assert "s%2Ccret" not in public["broker_url"] and public["broker_url"].count("site-1:***@") == 3
+    # A raw comma in a password (it should be %2C) still leaves nothing of it in a redacted line.
+    assert redact_url("amqp://u:pa,ss@h:1/v") == "amqp://u:***@h:1/v"
+
+
+@pytest.mark.parametrize("value, complaint", [
+    ("amqp://a:p@mq1/fedq,amqp://b:p@mq2/fedq", "different users or vhosts"),
+    ("amqp://a:p@mq1/fedq,amqp://a:p@mq2/other", "different users or vhosts"),
+    ("amqp://a:p@mq1/fedq,", "address 2 of 2 does not start with amqp:// or amqps://"),
+    ("amqp://a:pa,ss@mq1/fedq", "address 2 of 2 does not start with amqp:// or amqps://"),
+])
+def test_a_cluster_url_that_mixes_users_or_vhosts_or_holds_no_url_is_refused_with_the_fix(value, complaint):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(WorkerSettings, site="site-1", broker_url=value)
+    message = str(caught.value)
+    assert "FEDQ_BROKER_URL (--broker-url)" in message and complaint in message
+    assert "one such URL per node, separated by commas" in message and "%2C" in message
+
+
+def test_a_refused_broker_url_is_shown_without_its_passwords():
+    with pytest.raises(SettingsError) as caught:
+        load_settings(WorkerSettings, site="site-1", broker_url="amqp://a:secret@mq1/fedq,amqp://b:secret@mq2/fedq")
+    assert "secret" not in str(caught.value) and "amqp://a:***@mq1/fedq" in str(caught.value)
+
+
+def test_the_complaint_about_an_address_never_echoes_it_as_it_may_be_a_cut_password():
+    with pytest.raises(ValueError) as caught:
+        check_broker_urls("amqp://a:pa,ss@mq1/fedq")
+    assert "ss@" not in str(caught.value) and "address 2 of 2" in str(caught.value)
+
+
+def test_the_same_vhost_written_two_ways_is_one_vhost():
+    assert check_broker_urls("amqp://a:p@mq1,amqp://a:p@mq2/") == "amqp://a:p@mq1,amqp://a:p@mq2/"

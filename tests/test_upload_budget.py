@@ -157,7 +157,8 @@ def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_pat
     site's update overtakes the backlog of a site that floods the coordinator."""
     hostile_user, honest_user = site_users
     flood = 3000
-    with running_coordinator(broker_url, tmp_path, strategy="fedasync", any_site_users=[], prefetch=PREFETCH) as coordinator:
+    with running_coordinator(broker_url, tmp_path, strategy="fedasync", any_site_users=[], prefetch=PREFETCH,
+                             status_seconds=0.2) as coordinator:
         honest = SiteClient(honest_user.broker_url, site=honest_user.site)
         hostile = SiteClient(hostile_user.broker_url, site=hostile_user.site)
         for client in (honest, hostile):
@@ -172,6 +173,9 @@ def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_pat
             info = ChunkInfo(payload_id, index, flood, flood * CHUNK, CHUNK, "0" * 64 if index == flood - 1 else None)
             channel.basic_publish(transport.UPDATE_EXCHANGE, transport.update_key(hostile.site), b"x", pika.BasicProperties(
                 headers={**info.to_headers(), SITE_HEADER: hostile.site}, user_id=hostile_user.user))
+        # The status asks only queues whose window is full for their depth: the backlog shows there.
+        wait_for(lambda: coordinator.status.queue_depths.get(transport.SITE_UPDATE_QUEUES, 0) > 0, 15,
+                 "the flooding site's backlog in the status")
         update_id = honest.send(coordinator, coordinator.version, constant_delta(coordinator, 0.01))
         event_for(tmp_path, update_id, timeout=30)
         wait_for(lambda: len([e for e in events(tmp_path, "rejected") if e["user"] == hostile_user.user]) == flood, 60,

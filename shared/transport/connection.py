@@ -18,6 +18,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from shared.settings import broker_urls
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -119,60 +121,82 @@ class Link:
             self._connection.close()
 
 
+def _parameters(url: str) -> list[pika.URLParameters]:
+    """pika's parameters for each address in ``url`` (one AMQP URL, or a cluster's, comma-separated)."""
+    return [pika.URLParameters(one) for one in broker_urls(url)]
+
+
 def connect(
     url: str, heartbeat: int, name: str, *, ca_file: Path | None = None, cert_file: Path | None = None,
     key_file: Path | None = None,
 ) -> Link:
-    """Open a connection named ``name`` (shown in the management UI).
+    """Open a connection named ``name`` (shown in the management UI) to the node at ``url``, or to
+    any node that answers when ``url`` lists a cluster's nodes.
 
     amqps:// URLs use TLS with the broker's certificate always verified, against ``ca_file`` or the
     system's trust store; ``cert_file``/``key_file`` present a client certificate.
     """
-    params = pika.URLParameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 300
-    params.client_properties = {"connection_name": name}
-    if url.startswith("amqps://"):
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        if cert_file:
-            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-        params.ssl_options = pika.SSLOptions(context, params.host)
+    nodes = list(zip(broker_urls(url), _parameters(url)))
+    # Shuffled on every connect: sites spread over the nodes, and one whose node died tries the others
+    # on its next connect (a dead node refuses at once, so trying it costs little).
+    random.shuffle(nodes)
+    configs = [params for _, params in nodes]
+    context = None
+    for one, params in nodes:
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 300
+        params.client_properties = {"connection_name": name}
+        if one.startswith("amqps://"):
+            if context is None:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                if cert_file:
+                    context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+            params.ssl_options = pika.SSLOptions(context, params.host)
+    # pika tries each in turn and raises what the last one met.
+    where = f"the broker at {_addresses(configs)}" if len(configs) == 1 else f"a node of {_addresses(configs)}"
     try:
-        return Link(pika.BlockingConnection(params))
+        return Link(pika.BlockingConnection(configs))
     except ssl.SSLCertVerificationError as exc:
         raise TLSSetupError(
-            f"the broker at {params.host}:{params.port} presented a certificate that "
-            f"{ca_file or 'the system trust store'} does not trust ({exc.verify_message}); set FEDQ_TLS_CA_FILE "
-            "to the CA that signed the broker's certificate"
+            f"{where} presented a certificate that {ca_file or 'the system trust store'} does not trust "
+            f"({exc.verify_message}); set FEDQ_TLS_CA_FILE to the CA that signed the broker's certificate"
         ) from None
     except ssl.SSLError as exc:
         if exc.reason != "WRONG_VERSION_NUMBER":
             raise
         raise TLSSetupError(
-            f"{params.host}:{params.port} does not speak TLS; amqps:// needs the broker's TLS port (5671 by default)"
+            f"{where} does not speak TLS; amqps:// needs the broker's TLS port (5671 by default)"
         ) from None
 
 
 def probe(url: str, timeout: float = 3.0) -> Exception | None:
-    """Why a connection to ``url`` cannot be opened within ``timeout`` seconds, or None if it can."""
-    params = pika.URLParameters(url)
-    params.connection_attempts, params.socket_timeout, params.blocked_connection_timeout = 1, timeout, timeout
+    """Why no connection to ``url`` (any of its nodes) can be opened within ``timeout`` seconds each,
+    or None if one can."""
+    configs = _parameters(url)
+    for params in configs:
+        params.connection_attempts, params.socket_timeout, params.blocked_connection_timeout = 1, timeout, timeout
     try:
-        pika.BlockingConnection(params).close()
+        pika.BlockingConnection(configs).close()
     except pika.exceptions.AMQPError as exc:
         return exc
     return None
 
 
+def _addresses(configs: list[pika.URLParameters]) -> str:
+    return ",".join(f"{params.host}:{params.port}" for params in configs)
+
+
 def broker_address(url: str) -> str:
-    """Where an AMQP URL points, without its credentials: host:port/vhost."""
-    params = pika.URLParameters(url)
-    return f"{params.host}:{params.port}/{params.virtual_host}"
+    """Where an AMQP URL points, without its credentials: host:port/vhost, or host:port,host:port/vhost
+    for a cluster's nodes (one vhost: check_broker_urls)."""
+    configs = _parameters(url)
+    return f"{_addresses(configs)}/{configs[0].virtual_host}"
 
 
 def broker_user(url: str) -> str:
-    """The user name in an AMQP URL, sent as user_id so the broker vouches for the sender."""
-    return pika.URLParameters(url).credentials.username
+    """The user name in an AMQP URL (the same in each of a cluster's), sent as user_id so the broker
+    vouches for the sender."""
+    return _parameters(url)[0].credentials.username
 
 
 def refused_by_broker(exc: BaseException) -> bool:

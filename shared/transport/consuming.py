@@ -41,11 +41,14 @@ class UpdateInbox:
         deliver_fragments(self._channel)  # copied into the upload's buffer without pika's join first
         # Per consumer, RabbitMQ's default: each queue has a window of its own.
         self._channel.basic_qos(prefetch_count=prefetch)
+        self._prefetch = prefetch
         self._waiting: deque[Delivery] = deque()
         self._queue_of: dict[str, str] = {}  # consumer tag -> queue
         # Deliveries taken and not yet acknowledged, by queue: what fills each queue's window.
         self._taken: dict[int, str] = {}
         self._taken_from: Counter[str] = Counter()
+        # Deliveries received and not yet acknowledged (waiting or taken), by queue: each queue's window.
+        self._held_from: Counter[str] = Counter()
         self._consume(UPDATES)
 
     def listen(self, site: str) -> None:
@@ -59,12 +62,21 @@ class UpdateInbox:
         """The sites' own update queues this inbox consumes."""
         return [queue for queue in self._queue_of.values() if queue != UPDATES]
 
+    @property
+    def backed_up(self) -> list[str]:
+        """The sites' update queues that may hold messages the broker has not delivered: those whose
+        window is full. Below its window, a queue's consumer is sent whatever comes in, so the queue
+        holds none (in flight aside); a status that asks only these queues for their depth asks a few,
+        not one per site every tick."""
+        return [queue for queue in self.site_queues if self._held_from[queue] >= self._prefetch]
+
     def _consume(self, queue: str) -> None:
         self._queue_of[self._channel.basic_consume(queue, self._receive)] = queue
 
     def _receive(self, channel, method, properties, body: list[bytes]) -> None:
         queue = self._queue_of[method.consumer_tag]
         self._waiting.append(Delivery(method.delivery_tag, properties.headers, properties.user_id, body, queue))
+        self._held_from[queue] += 1
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -86,7 +98,9 @@ class UpdateInbox:
         """Acknowledge deliveries: the broker forgets them."""
         for tag in tags:
             self._channel.basic_ack(tag)
-            self._taken_from[self._taken.pop(tag)] -= 1
+            queue = self._taken.pop(tag)
+            self._taken_from[queue] -= 1
+            self._held_from[queue] -= 1
 
 
 class Announcements:

@@ -185,8 +185,8 @@ class Publisher:
         """Replace the status on the broker with ``status``."""
         publish_payload(self.channel, STATUS_EXCHANGE, "", encode_payload(status, []), new_id(), mandatory=False)
 
-    def queue_depths(self, site_queues: Iterable[str] = ()) -> dict[str, int]:
-        """Messages ready in each watched queue, and in ``site_queues`` together."""
+    def queue_depths(self, site_queues: Iterable[str] | None = None) -> dict[str, int]:
+        """Messages ready in each watched queue, and, unless None, in ``site_queues`` together."""
         return queue_depths(self.channel, site_queues)
 
     # -- a site's ---------------------------------------------------------------------------------

@@ -28,7 +28,11 @@ READ_TIMEOUT = 300.0
 # of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good). Frames count,
 # not whole messages: over a slow link one 4 MiB chunk takes many seconds.
 STALL_SECONDS = 1.0
-# Chunks the broker may send a reader ahead of its acknowledgements.
+# Chunks the broker may send a reader ahead of its acknowledgements, at most; a snapshot of fewer
+# chunks gets a window of its own size. The stream goes on past the snapshot a reader wants (later
+# versions follow it), and the broker fills each reader's window from there: 1000 simulated sites
+# reading a 4 MB snapshot with a window of 16 took the broker to 14.9 GB, past its memory alarm,
+# and delivery's p50 to 23 s (benchmarks/load_sites.py).
 PREFETCH = 16
 
 
@@ -76,7 +80,7 @@ class SnapshotReader:
         started = time.monotonic()
         self._channel = self.link.channel()
         self._frames = deliver_fragments(self._channel)  # copied into the buffer without pika's join first
-        self._channel.basic_qos(prefetch_count=PREFETCH)
+        self._channel.basic_qos(prefetch_count=min(PREFETCH, max(1, self.announcement.chunks)))
         self._attach()
         # A lost connection raises out of here as it is: its channel and consumer are gone with it.
         while (self.payload is None and self.error is None and not self.superseded()

@@ -6,6 +6,7 @@ it): RabbitMQ refuses a redeclaration with different arguments, so drift would s
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 from pika.adapters.blocking_connection import BlockingChannel
@@ -56,14 +57,21 @@ UPDATE_QUEUE_ARGUMENTS = {
     "x-queue-type": "quorum", "x-dead-letter-exchange": REJECTED_EXCHANGE, "x-delivery-limit": DELIVERY_LIMIT,
 }
 
+# Every queue is a replicated type, so that in a cluster (broker_config/cluster.conf) no node is one
+# that fedq cannot lose: a classic queue lives on one node, and while that node is down declaring it
+# fails (404 "home node ... is down or inaccessible"), which held the coordinator (status, rejected)
+# and the sites whose announcement queue lived there until the node came back. No replica count is
+# given: RabbitMQ's defaults put three on a cluster of three (a quorum queue on up to three nodes, a
+# stream on all), and it refuses a redeclaration whose x-quorum-initial-group-size differs, which
+# would stop every deployment whose queues already exist.
 QUEUES: dict[str, dict[str, Any]] = {
     # A stream stores each snapshot once however many sites read it, and lets a reader attach at
     # any point in time; retention is bounded by a policy (broker_config/definitions.json).
     SNAPSHOTS: {"x-queue-type": "stream", "x-stream-max-segment-size-bytes": 50 * 1024 * 1024},
     UPDATES: UPDATE_QUEUE_ARGUMENTS,
-    REJECTED: {"x-queue-type": "classic"},
+    REJECTED: {"x-queue-type": "quorum"},
     # Only the newest status matters; readers take it and put it back for the next reader.
-    STATUS: {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"},
+    STATUS: {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"},
 }
 BINDINGS: list[tuple[str, str, str]] = [
     (SNAPSHOT_EXCHANGE, SNAPSHOTS, SNAPSHOT_KEY), (LOBBY_EXCHANGE, UPDATES, ""), (REJECTED_EXCHANGE, REJECTED, ""),
@@ -72,7 +80,7 @@ BINDINGS: list[tuple[str, str, str]] = [
 # Queues whose depth the coordinator reports.
 WATCHED_QUEUES = (UPDATES, REJECTED)
 # Only the newest announcement matters to a site that was away; older ones are dropped at the broker.
-SITE_QUEUE_ARGUMENTS = {"x-max-length": 1, "x-overflow": "drop-head"}
+SITE_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"}
 
 
 def site_queue(site: str) -> str:
@@ -96,6 +104,15 @@ def hello_key(site: str) -> str:
     return f"hello.{site}"
 
 
+log = logging.getLogger(__name__)
+
+# What happens to a queue an older fedq declared with other arguments (a classic queue, before fedq
+# ran on clusters): one that holds only the newest of what is sent again is replaced; the refusals'
+# evidence is kept as it is, with a warning, since deleting it would lose what it holds.
+REPLACED_WHEN_OLDER = (STATUS,)
+KEPT_WHEN_OLDER = (REJECTED,)
+
+
 class TopologyMismatch(RuntimeError):
     """The broker holds a queue or exchange of fedq's name with other arguments; retrying will not help."""
 
@@ -107,7 +124,14 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
                         n, k, durable=True, arguments=EXCHANGE_ARGUMENTS.get(n)))
                     for name, kind in EXCHANGES.items()]
     declarations += [("queue", name, lambda n=name, a=arguments: channel.queue_declare(n, durable=True, arguments=a))
-                     for name, arguments in QUEUES.items()]
+                     for name, arguments in QUEUES.items() if name not in REPLACED_WHEN_OLDER + KEPT_WHEN_OLDER]
+    for name in REPLACED_WHEN_OLDER:
+        _declare_or_replace(channel, name, QUEUES[name])
+    for name in KEPT_WHEN_OLDER:
+        if not _declared(channel, name, QUEUES[name]):
+            log.warning("queue %s was declared by an older fedq with other arguments; it is kept as it is, with the "
+                        "refusals it holds. In a cluster it lives on one node: once what it holds is read, delete it "
+                        "(rabbitmqctl delete_queue %s -p <vhost>) and fedq declares it replicated", name, name)
     for what, name, declare in declarations:
         try:
             declare()
@@ -126,8 +150,33 @@ def declare_shared_topology(channel: BlockingChannel) -> None:
 def declare_site_queue(channel: BlockingChannel, site: str) -> str:
     """Declare a site's latest-only announcement queue (a site may declare its own); returns its name."""
     name = site_queue(site)
-    channel.queue_declare(name, durable=True, arguments=SITE_QUEUE_ARGUMENTS)
+    _declare_or_replace(channel, name, SITE_QUEUE_ARGUMENTS)
     return name
+
+
+def _declared(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> bool:
+    """Declare a queue on a channel of its own (a refused declare closes its channel); False if the
+    broker holds it with other arguments."""
+    trial = channel.connection.channel()
+    try:
+        trial.queue_declare(name, durable=True, arguments=arguments)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        return False
+    trial.close()
+    return True
+
+
+def _declare_or_replace(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> None:
+    """Declare a queue that holds only the newest of what is sent again (the status, a site's
+    announcement); one an older fedq declared with other arguments is deleted and declared anew."""
+    if _declared(channel, name, arguments):
+        return
+    log.warning("queue %s was declared by an older fedq with other arguments; it holds only the newest message, "
+                "which is sent again: replacing it", name)
+    channel.queue_delete(name)
+    channel.queue_declare(name, durable=True, arguments=arguments)
 
 
 def bind_site_queue(channel: BlockingChannel, site: str) -> str:
@@ -151,15 +200,14 @@ def declare_site_updates(channel: BlockingChannel, site: str) -> str:
 SITE_UPDATE_QUEUES = site_update_queue("*")
 
 
-def queue_depths(channel: BlockingChannel, site_queues: Iterable[str] = ()) -> dict[str, int]:
-    """Messages ready in each watched queue, and in all of ``site_queues`` together (each one that
-    exists: passive declares, nothing is created)."""
+def queue_depths(channel: BlockingChannel, site_queues: Iterable[str] | None = None) -> dict[str, int]:
+    """Messages ready in each watched queue, and, unless ``site_queues`` is None, in all of those
+    sites' update queues together (passive declares: nothing is created)."""
     def ready(name: str) -> int:
         return channel.queue_declare(name, passive=True).method.message_count
 
     depths = {name: ready(name) for name in WATCHED_QUEUES}
-    site_queues = list(site_queues)
-    if site_queues:
+    if site_queues is not None:
         depths[SITE_UPDATE_QUEUES] = sum(ready(name) for name in site_queues)
     return depths
 
