@@ -12,4 +12,6 @@ COPY worker ./worker
 RUN pip install --no-cache-dir .
 RUN useradd --create-home fedq
 USER fedq
+# A site's state (.fedq-state) and a run's files land under the working folder: /app is root's.
+WORKDIR /home/fedq
 ENTRYPOINT ["fedq"]

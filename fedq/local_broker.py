@@ -34,6 +34,8 @@ DEV_VHOST = "fedq"
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
 CONTAINER_IMAGE = "rabbitmq:3.13-management"
+# How long the finder waits for the engine and the registry to say whether an image can be had.
+ENGINE_TIMEOUT_S = 10
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBITMQ_SERVER = RABBITMQ_BIN / "rabbitmq-server"
 RABBITMQCTL = RABBITMQ_BIN / "rabbitmqctl"
@@ -513,7 +515,7 @@ class Broker:
     username: str
     password: str
     management_url: str | None  # http://host:port, no credentials inside; None without management
-    node: LocalNode | None = None
+    node: LocalNode | ContainerNode | None = None
     cluster: LocalCluster | None = None  # kind "local-cluster": its nodes, to kill and restart
     vhost: str = DEV_VHOST  # the vhost url() names by default
     scheme: str = "amqp"
@@ -646,49 +648,186 @@ def _env_broker(url: str, management: str | None, config_dir: Path) -> Broker:
     )
 
 
-def _docker_unavailable_reason() -> str | None:
+def broker_image() -> str:
+    """The RabbitMQ image of the container path: FEDQ_BROKER_IMAGE, or the official management image."""
+    return os.environ.get("FEDQ_BROKER_IMAGE") or CONTAINER_IMAGE
+
+
+def _image_unavailable_reason(client: Any, image: str) -> str | None:
+    """None when the engine has `image` or its registry can serve it; otherwise why not."""
+    import docker.errors
+
+    try:
+        client.images.get(image)
+        return None
+    except docker.errors.ImageNotFound:
+        pass
+    # Asks the registry for the manifest only: says within the client's timeout whether a pull would
+    # work, where a pull itself would take as long as the download (or the engine's own dial timeout).
+    try:
+        client.api.inspect_distribution(image)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means the image cannot be had
+        return f"image {image} is not in the Docker engine and cannot be pulled ({_first_line(exc)})"
+
+
+def _first_line(exc: Exception) -> str:
+    # The engine's own words (APIError.explanation) say why, without the HTTP request wrapped round them.
+    lines = str(getattr(exc, "explanation", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def container_unavailable_reason(image: str) -> str | None:
+    """None when a Docker engine answers and has or can pull `image`; otherwise why the container path
+    cannot be used. An engine that answers is not enough: with no registry it cannot start a container
+    from an image it lacks. Disables testcontainers' Ryuk when its image cannot be had."""
     try:
         import docker
 
-        client = docker.from_env(timeout=3)
+        client = docker.from_env(timeout=ENGINE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable Docker engine"
+        return f"no Docker engine ({_first_line(exc)})"
+    try:
         try:
             client.ping()
-        finally:
-            client.close()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no usable Docker engine"
-        return f"no Docker engine ({type(exc).__name__})"
-    return None
+        except Exception as exc:  # noqa: BLE001
+            return f"no Docker engine ({_first_line(exc)})"
+        if (reason := _image_unavailable_reason(client, image)) is not None:
+            return (f"{reason}; pull or build it, or set FEDQ_BROKER_IMAGE to an image the engine has "
+                    "(scripts/docker-engine.sh builds fedq/rabbitmq-offline:3.10 with no registry)")
+        _disable_ryuk_unless_available(client)
+        return None
+    finally:
+        client.close()
 
 
-def _container_broker(config_dir: Path) -> Broker:
-    from testcontainers.community.rabbitmq import RabbitMqContainer
+def _disable_ryuk_unless_available(client: Any) -> None:
+    # Ryuk removes containers when the process dies; without it, _close_live_containers does at exit.
+    from testcontainers.core.config import testcontainers_config
 
-    overrides = {"listeners.tcp.default": "5672", "load_definitions": "/etc/rabbitmq/definitions.json"}
-    if "rabbitmq_management" in _enabled_plugins(config_dir):
-        overrides["management.tcp.port"] = "15672"
-    conf = _rewrite_conf((config_dir / "rabbitmq.conf").read_text(), overrides)
-    # The definitions create fedq/fedq and vhost fedq (no guest), so the readiness probe logs in as fedq.
-    container = RabbitMqContainer(
-        CONTAINER_IMAGE, port=5672, username=DEV_USER, password=DEV_PASSWORD, vhost=DEV_VHOST
+    if testcontainers_config.ryuk_disabled:
+        return
+    if _image_unavailable_reason(client, testcontainers_config.ryuk_image) is not None:
+        os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+        testcontainers_config.ryuk_disabled = True
+
+
+class ContainerNode:
+    """A throwaway RabbitMQ broker in a container started by testcontainers, with broker_config/ copied in.
+    Its ports are published on 127.0.0.1 only, and stay the same across restart()."""
+
+    def __init__(self, config_dir: Path, image: str | None = None, *,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls`` = (CA certificate, server certificate, server key) also opens broker_config/tls.conf's listener."""
+        self.config_dir = Path(config_dir)
+        self.image = image or broker_image()
+        self.tls = tls
+        self.plugins = _enabled_plugins(self.config_dir)
+        self.amqp_port = _free_port()
+        self.management_port = _free_port()
+        self.tls_port = _free_port() if tls else None
+        self.node = f"fedq-{os.getpid()}-{secrets.token_hex(3)}"
+        self._container: Any = None
+
+    @property
+    def has_management(self) -> bool:
+        return "rabbitmq_management" in self.plugins
+
+    def _make_container(self) -> Any:
+        from testcontainers.core.container import DockerContainer
+
+        overrides = {"listeners.tcp.default": "5672", "load_definitions": "/etc/rabbitmq/definitions.json"}
+        if self.has_management:
+            overrides["management.tcp.port"] = "15672"
+        conf = _rewrite_conf((self.config_dir / "rabbitmq.conf").read_text(), overrides)
+        # Not RabbitMqContainer: its readiness probe connects to the engine's idea of the host's address
+        # (the bridge gateway when this process itself runs in a container), where nothing is published.
+        container = DockerContainer(self.image, name=self.node)
+        # with_bind_ports cannot name an address, and exposed ports are published on every interface.
+        container.ports[5672] = ("127.0.0.1", self.amqp_port)
+        if self.has_management:
+            container.ports[15672] = ("127.0.0.1", self.management_port)
+        # Copied rather than bind-mounted: the engine need not see this checkout.
+        container.with_copy_into_container(conf.encode(), "/etc/rabbitmq/rabbitmq.conf")
+        for name in ("definitions.json", "enabled_plugins"):
+            container.with_copy_into_container(self.config_dir / name, f"/etc/rabbitmq/{name}")
+        if self.tls:
+            container.ports[5671] = ("127.0.0.1", self.tls_port)
+            for path, name in zip(self.tls, ("ca.pem", "server.pem", "server.key")):
+                container.with_copy_into_container(Path(path), f"/etc/rabbitmq/tls/{name}")
+            container.with_copy_into_container((self.config_dir / "tls.conf").read_bytes(),
+                                               "/etc/rabbitmq/conf.d/10-tls.conf")
+        return container
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the container (again, on its data, after stop() or kill()) and wait until it serves clients."""
+        if self._container is None:
+            self._container = self._make_container()
+            _LIVE_CONTAINERS.add(self)
+            try:
+                self._container.start()
+                self._wait_ready(timeout)
+            except BaseException:
+                self.close()
+                raise
+            return
+        self._container.get_wrapped_container().start()
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"amqp://{DEV_USER}:{DEV_PASSWORD}@127.0.0.1:{self.amqp_port}/{DEV_VHOST}"
+        # The definitions create fedq/fedq and vhost fedq (no guest): ready means fedq can log in there.
+        while (error := transport.probe(url)) is not None:
+            if time.monotonic() > deadline:
+                logs = self._container.get_wrapped_container().logs(tail=15).decode(errors="replace")
+                raise RuntimeError(
+                    f"RabbitMQ container {self.node} ({self.image}) did not serve AMQP on 127.0.0.1:{self.amqp_port} "
+                    f"within {timeout:.0f} s (last error {error!r}). Its log ends with:\n{logs}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the container gracefully, keeping its data."""
+        self._container.get_wrapped_container().stop(timeout=30)
+
+    def restart(self) -> None:
+        """Stop and start again on the same data and ports."""
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would; start() recovers from its data."""
+        self._container.get_wrapped_container().kill()
+
+    def close(self) -> None:
+        """Remove the container and its data."""
+        if self._container is not None:
+            self._container.stop()
+        _LIVE_CONTAINERS.discard(self)
+
+
+_LIVE_CONTAINERS: set[ContainerNode] = set()
+
+
+@atexit.register
+def _close_live_containers() -> None:
+    for node in list(_LIVE_CONTAINERS):
+        try:
+            node.close()
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say what is left behind
+            print(f"fedq: could not remove RabbitMQ container {node.node}: {exc}; `docker rm -f {node.node}`",
+                  file=sys.stderr)
+
+
+def start_container_broker(config_dir: Path, image: str | None = None) -> Broker:
+    node = ContainerNode(config_dir, image)
+    node.start()
+    return Broker(
+        kind="container", host="127.0.0.1", port=node.amqp_port, username=DEV_USER, password=DEV_PASSWORD,
+        management_url=f"http://127.0.0.1:{node.management_port}" if node.has_management else None,
+        node=node, config_dir=config_dir, _on_close=node.close,
     )
-    container.with_exposed_ports(15672)
-    # Copied rather than bind-mounted: works with a remote or rootless Docker engine too.
-    container.with_copy_into_container(conf.encode(), "/etc/rabbitmq/rabbitmq.conf")
-    for name in ("definitions.json", "enabled_plugins"):
-        container.with_copy_into_container(config_dir / name, f"/etc/rabbitmq/{name}")
-    try:
-        container.start()
-        host = container.get_container_host_ip()
-        management_url = None
-        if "management.tcp.port" in overrides:
-            management_url = f"http://{host}:{container.get_exposed_port(15672)}"
-        return Broker(
-            kind="container", host=host, port=int(container.get_exposed_port(5672)), username=DEV_USER,
-            password=DEV_PASSWORD, management_url=management_url, config_dir=config_dir, _on_close=container.stop,
-        )
-    except BaseException:
-        container.stop()
-        raise
 
 
 def _local_node_broker(config_dir: Path, node: LocalNode) -> Broker:
@@ -759,9 +898,11 @@ def _system_broker(config_dir: Path) -> Broker:
     return broker
 
 
-def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] = print) -> Broker:
-    """Find or start a real RabbitMQ broker: FEDQ_BROKER_URL, a Docker container, a throwaway local node,
-    or a fresh vhost on the system broker at 127.0.0.1:5672, in that order. Logs one line saying which and why.
+def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] = print,
+                container: bool = True) -> Broker:
+    """Find or start a real RabbitMQ broker: FEDQ_BROKER_URL, a Docker container from FEDQ_BROKER_IMAGE, a
+    throwaway local node, or a fresh vhost on the system broker at 127.0.0.1:5672, in that order (without
+    the container when ``container`` is false). Logs one line saying which and why.
     config_dir defaults to the project's broker_config/ folder."""
     config_dir = Path(config_dir or DEFAULT_CONFIG_DIR)
     env_url = os.environ.get("FEDQ_BROKER_URL")
@@ -769,25 +910,29 @@ def find_broker(config_dir: Path | None = None, *, log: Callable[[str], object] 
         broker = _env_broker(env_url, os.environ.get("FEDQ_BROKER_MANAGEMENT_URL"), config_dir)
         log(f"fedq broker: FEDQ_BROKER_URL is set: using {redact_url(env_url)}")
         return broker
-    no_docker = _docker_unavailable_reason()
-    if no_docker is None:
-        log(f"fedq broker: a Docker engine answers: starting container {CONTAINER_IMAGE}")
-        return _container_broker(config_dir)
+    image = broker_image()
+    if container:
+        no_container = container_unavailable_reason(image)
+        if no_container is None:
+            log(f"fedq broker: a Docker engine answers and has or can pull {image}: starting a container")
+            return start_container_broker(config_dir, image)
+    else:
+        no_container = "no container asked for"
     # A node that fails to start means broken broker_config/ or a broken machine: raise, do not fall through.
     if LocalNode.available():
         reap_orphan_nodes()
         node = LocalNode(config_dir)
         log(
-            f"fedq broker: {no_docker}: starting a local RabbitMQ node from {RABBITMQ_BIN.parent} "
+            f"fedq broker: {no_container}: starting a local RabbitMQ node from {RABBITMQ_BIN.parent} "
             f"({node.node}, AMQP 127.0.0.1:{node.amqp_port}, management {node.management_port}, folder {node.folder})"
         )
         return _local_node_broker(config_dir, node)
     if transport.probe(f"amqp://guest:guest@{SYSTEM_HOST}:{SYSTEM_PORT}/%2F") is None:
-        log(f"fedq broker: {no_docker} and no RabbitMQ in {RABBITMQ_BIN}: using the system broker on "
+        log(f"fedq broker: {no_container} and no RabbitMQ in {RABBITMQ_BIN}: using the system broker on "
             f"{SYSTEM_HOST}:{SYSTEM_PORT} in a fresh vhost")
         return _system_broker(config_dir)
     raise RuntimeError(
-        f"No RabbitMQ broker: FEDQ_BROKER_URL is unset, {no_docker}, no RabbitMQ binaries in {RABBITMQ_BIN}, "
+        f"No RabbitMQ broker: FEDQ_BROKER_URL is unset, {no_container}, no RabbitMQ binaries in {RABBITMQ_BIN}, "
         f"and nothing accepts guest/guest on {SYSTEM_HOST}:{SYSTEM_PORT}. Set FEDQ_BROKER_URL, start Docker, "
         "or `apt-get install rabbitmq-server`."
     )

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from coordinator.checkpoint import read_checkpoint
-from fedq.local_broker import LocalNode
 from fedq.federation import run_federation, site_names, start_coordinator, start_worker
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
@@ -59,9 +58,10 @@ def test_connections_cut_repeatedly_still_reach_090(broker, broker_url, tmp_path
     assert "reconnecting in" in logs
 
 
-def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
-    node = LocalNode(BROKER_CONFIG)
-    node.start()
+@pytest.mark.container
+def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path):
+    """On the container path the restart is `docker stop` and `docker start` of the broker's container."""
+    node = make_node(BROKER_CONFIG)
     url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
     restarted = threading.Event()
 
@@ -74,14 +74,11 @@ def test_broker_restart_mid_run_resumes_by_itself(tmp_path):
         restarted.set()
 
     threading.Thread(target=restart_after_version_1, daemon=True).start()
-    try:
-        summary = run_federation(
-            url, tmp_path, site_names(10),
-            coordinator={"strategy": "fedbuff", "buffer_size": 10, "server_lr": 0.3, "stop_at_accuracy": 0.90,
-                         "max_seconds": 240, "max_staleness": 10_000},
-        )
-    finally:
-        node.close()
+    summary = run_federation(
+        url, tmp_path, site_names(10),
+        coordinator={"strategy": "fedbuff", "buffer_size": 10, "server_lr": 0.3, "stop_at_accuracy": 0.90,
+                     "max_seconds": 240, "max_staleness": 10_000},
+    )
     assert restarted.is_set()
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     update_events = [e["update_id"] for e in events(tmp_path, "update")]

@@ -34,6 +34,7 @@ from worker.site import SiteWorker
 pytestmark = pytest.mark.broker
 
 
+@pytest.mark.container
 def test_a_coordinator_without_data_reaches_090_scored_by_its_sites_with_topk_updates_50x_smaller(broker_url,
                                                                                                    tmp_path):
     """The coordinator's task has no evaluate: the sites score versions on their held-out data, and

@@ -16,7 +16,7 @@ from shared.task import load_task
 from tests.federation_helpers import events, running_coordinator, wait_for
 from worker.site import SiteWorker
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.container]
 
 
 @pytest.fixture

@@ -8,22 +8,31 @@ from pathlib import Path
 import pytest
 
 from shared import transport
-from fedq.local_broker import LocalNode
+from fedq.local_broker import ContainerNode, LocalNode
 from tests.certificates import issue, make_ca
+from tests.conftest import record_path, wants_container
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.container]
 CONFIG = Path(__file__).parent.parent / "broker_config"
 
 
 @pytest.fixture(scope="module")
-def tls_node(tmp_path_factory):
+def tls_broker(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("tls")
     ca = make_ca(folder, "fedq-test-ca")
     cert, key = issue(ca, folder, "broker", hosts=("localhost",))
-    node = LocalNode(CONFIG, tls=(ca, cert, key))
-    node.start()
-    yield node, ca, folder
-    node.close()
+    node = (ContainerNode if wants_container(request) else LocalNode)(CONFIG, tls=(ca, cert, key))
+    try:
+        node.start()
+        yield node, ca, folder
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def tls_node(tls_broker, request):
+    record_path(request, "container" if isinstance(tls_broker[0], ContainerNode) else "local-node")
+    return tls_broker
 
 
 def tls_url(node, host="localhost"):
