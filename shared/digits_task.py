@@ -140,3 +140,11 @@ def score(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
         loss = nn.functional.cross_entropy(logits, target).item()
         accuracy = (logits.argmax(1) == target).float().mean().item()
     return {"accuracy": accuracy, "loss": loss}
+
+
+class ThreeSiteDigits(DigitsStraggler):
+    """The digits task shared by three sites, as the compose stack runs it: every label is split among
+    the three, so together they hold the whole training set. Three sites of the ten-site split hold
+    almost no zeros between them, and a federation of them stayed near 0.87."""
+
+    sites, delays = 3, [0.1, 0.3, 1.0]

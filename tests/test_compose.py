@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 import yaml
 
 from shared import transport
@@ -52,3 +53,23 @@ def test_every_fedq_service_reaches_that_broker_and_its_vhost():
         assert url.path.lstrip("/") in vhosts and url.username in users, name
     sites = [s["environment"]["FEDQ_SITE"] for n, s in fedq_services.items() if s["command"] == ["worker"]]
     assert len(sites) == len(set(sites)) >= 3
+
+
+@pytest.mark.broker
+def test_the_compose_federation_reaches_its_target_with_its_own_settings(broker_url, tmp_path):
+    """The stack's coordinator and site settings, run as processes on a local broker: what `docker
+    compose up` runs reaches the accuracy its coordinator stops at."""
+    from fedq.federation import run_federation
+
+    def settings(environment: dict[str, str]) -> dict[str, str]:
+        # Where the stack connects, writes and listens is the container's business, not the run's.
+        local = {"FEDQ_BROKER_URL", "FEDQ_RUN_DIR", "FEDQ_METRICS_HOST", "FEDQ_SITE"}
+        return {key.removeprefix("FEDQ_").lower(): value for key, value in environment.items() if key not in local}
+
+    coordinator = settings(SERVICES["coordinator"]["environment"])
+    sites = {s["environment"]["FEDQ_SITE"]: settings(s["environment"]) for s in SERVICES.values()
+             if s.get("command") == ["worker"]}
+    target = float(coordinator["stop_at_accuracy"])
+    summary = run_federation(broker_url, tmp_path, sorted(sites), coordinator={**coordinator, "max_seconds": 180},
+                             site_settings=sites)
+    assert summary["best_accuracy"] >= target, summary["stop_reason"]
