@@ -51,16 +51,23 @@ def test_queues_an_older_fedq_declared_classic_are_replaced_or_kept(broker, brok
     channel.queue_declare(transport.STATUS, durable=True, arguments=older)
     channel.queue_declare(transport.REJECTED, durable=True)
     channel.queue_declare(transport.site_queue("site-1"), durable=True, arguments=older)
+    channel.queue_declare(transport.site_queue("site-2"), durable=True, arguments=older)  # a site still on the older fedq
     channel.confirm_delivery()
     channel.basic_publish("", transport.REJECTED, b"a refused chunk")
 
     with caplog.at_level(logging.WARNING, logger="shared.transport.topology"):
-        transport.Publisher(link, declare_topology=True)
+        publisher = transport.Publisher(link, declare_topology=True)
         transport.Announcements(link, "site-1", lambda headers, body: None)
+        # The coordinator greets the older site: its queue, which it consumes, is bound as it is.
+        assert publisher.welcome("site-2") is None
+    channel = link.channel()
+    channel.confirm_delivery()
+    channel.basic_publish(transport.ANNOUNCEMENTS, "", b"an announcement")
+    assert channel.queue_declare(transport.site_queue("site-2"), passive=True).method.message_count == 1
 
     kinds = {q["name"]: q["type"] for q in broker.management_api("GET", f"/api/queues/{urllib.parse.quote(vhost, safe='')}")}
     assert kinds[transport.STATUS] == "quorum" and kinds[transport.site_queue("site-1")] == "quorum"
-    assert kinds[transport.REJECTED] == "classic"
+    assert kinds[transport.REJECTED] == "classic" and kinds[transport.site_queue("site-2")] == "classic"
     assert link.channel().queue_declare(transport.REJECTED, passive=True).method.message_count == 1
     warnings = " ".join(record.getMessage() for record in caplog.records)
     assert f"{transport.STATUS} was declared by an older fedq" in warnings and "replacing it" in warnings

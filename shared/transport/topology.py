@@ -180,9 +180,13 @@ def _declare_or_replace(channel: BlockingChannel, name: str, arguments: dict[str
 
 
 def bind_site_queue(channel: BlockingChannel, site: str) -> str:
-    """Declare a site's announcement queue and bind it to the announcements (the coordinator's, and
-    the development user's, to do); returns its name."""
-    name = declare_site_queue(channel, site)
+    """Declare a site's announcement queue unless it exists, and bind it to the announcements (the
+    coordinator's, and the development user's, to do); returns its name. A queue that a site running
+    an older fedq declared otherwise is bound as it is: replacing it is the site's own to do (its
+    consumer would be left on a deleted queue, hearing nothing: seen with an older worker)."""
+    name = site_queue(site)
+    if not _declared(channel, name, SITE_QUEUE_ARGUMENTS):
+        log.info("site %s's announcement queue %s was declared by an older fedq; binding it as it is", site, name)
     channel.queue_bind(name, ANNOUNCEMENTS)
     return name
 
