@@ -211,14 +211,33 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_provision(args: argparse.Namespace) -> int:
-    from fedq.provision import provision_sites
+    from fedq.provision import BundleError, check_bundle, provision_sites, write_bundle
 
     password = args.admin_password or os.environ.get("FEDQ_ADMIN_PASSWORD")
     if not password:
         print("fedq provision needs the admin password: --admin-password or FEDQ_ADMIN_PASSWORD", file=sys.stderr)
         return 2
+    if args.bundle is None and (args.ca_file or args.force):
+        print("fedq provision: --ca-file and --force go with --bundle DIR; add it, or leave them out to print the "
+              "settings", file=sys.stderr)
+        return 2
+    ca_file = Path(args.ca_file) if args.ca_file else None
+    if args.bundle is not None:
+        try:
+            ca = check_bundle(Path(args.bundle), args.sites, bool(args.coordinator), ca_file, not args.plain, args.force)
+        except BundleError as exc:
+            print(f"fedq provision: {exc}", file=sys.stderr)
+            return 2
     created = provision_sites(args.management_url, args.admin_user, password, args.vhost, args.sites,
                               args.broker_host, args.broker_port, tls=not args.plain, coordinator_user=args.coordinator)
+    if args.bundle is not None:
+        # The passwords go only into the bundle's private files, never to a terminal or a CI log.
+        address = ", ".join(f"{host.strip()}:{args.broker_port}" for host in args.broker_host.split(","))
+        written = write_bundle(Path(args.bundle), created, ca, ca_file, address)
+        print(f"# provisioned in vhost {args.vhost!r}. Give each site its folder, privately:")
+        for path in written:
+            print(path)
+        return 0
     print(f"# provisioned in vhost {args.vhost!r}. Give each its lines, privately:")
     for entry in created:
         if entry.site:
@@ -315,10 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     provision = commands.add_parser(
         "provision", help="create broker users for sites", formatter_class=formatter,
         description="Create one broker user per site, with a generated password and only the permissions a site "
-        "needs (its own announcement queue, the snapshot stream, publishing updates), and print each site's settings.",
+        "needs (its own announcement queue, the snapshot stream, publishing updates), and print each site's settings, "
+        "or with --bundle write each site a folder to join with: site.env, the CA certificate, start.sh, README.txt.",
         epilog="""examples:
   FEDQ_ADMIN_PASSWORD=... fedq provision hospital-a hospital-b --management-url https://broker.example.org:15671 \\
-      --broker-host broker.example.org""",
+      --broker-host broker.example.org
+  FEDQ_ADMIN_PASSWORD=... fedq provision hospital-a hospital-b --coordinator central --broker-host broker.example.org \\
+      --bundle bundles --ca-file ca.pem     # bundles/hospital-a/, bundles/hospital-b/, bundles/coordinator.env""",
     )
     provision.add_argument("sites", nargs="+", metavar="SITE", help="site names, e.g. site-0 hospital-a")
     provision.add_argument("--management-url", default="http://127.0.0.1:15672", help="RabbitMQ management API")
@@ -330,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--broker-port", type=int, default=5671, help="the AMQP port sites connect to (default 5671)")
     provision.add_argument("--plain", action="store_true", help="amqp:// without TLS (development only)")
     provision.add_argument("--coordinator", metavar="USER", help="also create the coordinator's user")
+    provision.add_argument("--bundle", metavar="DIR",
+                           help="write DIR/SITE/ per site (site.env, ca.pem, start.sh, README.txt; private, mode 0700) "
+                           "and DIR/coordinator.env instead of printing passwords")
+    provision.add_argument("--ca-file", metavar="PATH",
+                           help="with --bundle: the CA certificate that signed the broker's, copied into each bundle "
+                           "(needed unless --plain)")
+    provision.add_argument("--force", action="store_true",
+                           help="with --bundle: overwrite existing bundle folders (their old passwords stop working)")
     provision.set_defaults(handler=run_provision)
     return parser
 
