@@ -56,3 +56,33 @@ def test_connection_losses_and_recovering_queues_are_retried_but_bad_credentials
 
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             transport.serve_with_reconnect(forbidden, "test", lambda: False)
+
+
+@pytest.mark.broker
+def test_a_site_whose_announcement_queue_is_deleted_reconnects_and_hears_again(broker_url):
+    """The broker cancels the consumer of a deleted queue; the site's session ends with an error it
+    reconnects from, and the new session's queue hears the next announcement."""
+    heard: list[bytes] = []
+    sessions = []
+
+    def session(backoff):
+        link = transport.connect(broker_url, 30, "test-site")
+        try:
+            sessions.append(link)
+            transport.Announcements(link, "site-1", lambda headers, body: heard.append(body))
+            if len(sessions) == 1:
+                other = transport.connect(broker_url, 30, "test-operator")
+                other.channel().queue_delete(transport.site_queue("site-1"))
+                other.close()
+                link.serve(10.0)  # the cancel arrives and is raised from here
+                return True  # not reached when the cancel is noticed
+            channel = link.channel()
+            channel.queue_bind(transport.site_queue("site-1"), transport.ANNOUNCEMENTS)
+            channel.basic_publish(transport.ANNOUNCEMENTS, "", b"version 2")
+            return link.serve_until(lambda: bool(heard), 10)
+        finally:
+            link.close()
+
+    transport.serve_with_reconnect(session, "site site-1", lambda: False)
+    assert len(sessions) == 2, "the cancelled consumer ended the first session"
+    assert heard == [b"version 2"]

@@ -33,6 +33,9 @@ class TLSSetupError(RuntimeError):
 # own message. Nor is a TLS set-up error, which is no OSError.
 RECOVERABLE = (
     pika.exceptions.AMQPConnectionError,
+    # The broker cancelled a consumer: its queue was deleted (by an operator, or by a fedq that replaced
+    # it); a new connection declares it again.
+    pika.exceptions.ConsumerCancelled,
     pika.exceptions.ConnectionWrongStateError,
     pika.exceptions.ChannelWrongStateError,
     pika.exceptions.NackError,

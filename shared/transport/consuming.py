@@ -6,6 +6,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pika.exceptions
+
 from shared.transport.connection import Link
 from shared.transport.frames import deliver_fragments
 from shared.transport.topology import UPDATES, declare_site_queue, site_update_queue
@@ -110,7 +112,14 @@ class Announcements:
     def __init__(self, link: Link, site: str, on_message: Callable[[dict[str, Any] | None, bytes], None]):
         self._channel = link.channel()
         self._on_message = on_message
-        self._channel.basic_consume(declare_site_queue(self._channel, site), self._receive)
+        self._queue = declare_site_queue(self._channel, site)
+        # Without this a site whose queue was deleted would wait for announcements that never come.
+        self._channel.add_on_cancel_callback(self._cancelled)
+        self._channel.basic_consume(self._queue, self._receive)
+
+    def _cancelled(self, frame) -> None:
+        raise pika.exceptions.ConsumerCancelled(
+            f"the broker cancelled this site's consumer of {self._queue} (the queue was deleted); reconnecting declares it again")
 
     def _receive(self, channel, method, properties, body: bytes) -> None:
         channel.basic_ack(method.delivery_tag)
