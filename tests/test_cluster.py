@@ -111,10 +111,11 @@ def newest_version(run_dir: Path) -> int:
         return -1
 
 
-# Known bug, not yet found: in one full CI run of three (2026-12-05), after the first kill the
-# coordinator reconnected twice (the second after a NackError) and then made no new version; the sites
-# went on sending confirmed updates that it never took. Marked so that it does not stop a landing while
-# it is found; a pass still shows as XPASS.
+# Known bugs, not yet found, in two full CI runs of four (2026-12-05): once the coordinator reconnected
+# twice after the first kill (the second after a NackError) and made no new version while the sites'
+# updates were confirmed; once every site's connection was closed with 541 INTERNAL_ERROR (the stream
+# coordinator's) after the killed node rejoined. Marked so that they do not stop a landing while they
+# are found; a pass still shows as XPASS.
 @pytest.mark.xfail(reason="the coordinator sometimes stalls after a failover reconnect (issue 22)", strict=False)
 @pytest.mark.timeout(200)
 def test_a_federation_rides_out_the_death_of_the_updates_leader_and_then_of_the_stream_leader(cluster, tmp_path):
