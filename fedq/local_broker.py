@@ -364,6 +364,11 @@ class LocalNode:
             self._server.wait(timeout=10)
             self._server = None
 
+    @property
+    def left_behind(self) -> str:
+        """What stays if closing fails, and where."""
+        return f"RabbitMQ node {self.node} in {self.folder}"
+
     def close(self) -> None:
         """Stop the node and remove its folder."""
         # The data is thrown away, so a graceful stop (~9 s: RabbitMQ 3.10 idles 5 s in it) buys nothing.
@@ -493,7 +498,8 @@ def reap_orphan_nodes(base_dir: Path | None = None) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-_LIVE_NODES: set[LocalNode] = set()
+# Throwaway brokers, local nodes and containers, still running: closed at exit if their owner did not.
+_LIVE_NODES: set[LocalNode | ContainerNode] = set()
 
 
 @atexit.register
@@ -502,7 +508,7 @@ def _close_live_nodes() -> None:
         try:
             node.close()
         except Exception as exc:  # noqa: BLE001 - exiting anyway; say what is left behind
-            print(f"fedq: could not close RabbitMQ node {node.node} in {node.folder}: {exc}", file=sys.stderr)
+            print(f"fedq: could not close {node.left_behind}: {exc}", file=sys.stderr)
 
 
 @dataclass
@@ -702,7 +708,7 @@ def container_unavailable_reason(image: str) -> str | None:
 
 
 def _disable_ryuk_unless_available(client: Any) -> None:
-    # Ryuk removes containers when the process dies; without it, _close_live_containers does at exit.
+    # Ryuk removes containers when the process dies; without it, _close_live_nodes does at exit.
     from testcontainers.core.config import testcontainers_config
 
     if testcontainers_config.ryuk_disabled:
@@ -763,7 +769,7 @@ class ContainerNode:
         """Start the container (again, on its data, after stop() or kill()) and wait until it serves clients."""
         if self._container is None:
             self._container = self._make_container()
-            _LIVE_CONTAINERS.add(self)
+            _LIVE_NODES.add(self)
             try:
                 self._container.start()
                 self._wait_ready(timeout)
@@ -800,24 +806,16 @@ class ContainerNode:
         """SIGKILL the broker, as a crash would; start() recovers from its data."""
         self._container.get_wrapped_container().kill()
 
+    @property
+    def left_behind(self) -> str:
+        """What stays if closing fails, and how to remove it."""
+        return f"RabbitMQ container {self.node} (remove it with `docker rm -f {self.node}`)"
+
     def close(self) -> None:
         """Remove the container and its data."""
         if self._container is not None:
             self._container.stop()
-        _LIVE_CONTAINERS.discard(self)
-
-
-_LIVE_CONTAINERS: set[ContainerNode] = set()
-
-
-@atexit.register
-def _close_live_containers() -> None:
-    for node in list(_LIVE_CONTAINERS):
-        try:
-            node.close()
-        except Exception as exc:  # noqa: BLE001 - exiting anyway; say what is left behind
-            print(f"fedq: could not remove RabbitMQ container {node.node}: {exc}; `docker rm -f {node.node}`",
-                  file=sys.stderr)
+        _LIVE_NODES.discard(self)
 
 
 def start_container_broker(config_dir: Path, image: str | None = None) -> Broker:
