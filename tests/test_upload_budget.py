@@ -174,8 +174,12 @@ def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_pat
             channel.basic_publish(transport.UPDATE_EXCHANGE, transport.update_key(hostile.site), b"x", pika.BasicProperties(
                 headers={**info.to_headers(), SITE_HEADER: hostile.site}, user_id=hostile_user.user))
         # The status asks only queues whose window is full for their depth: the backlog shows there.
+        def count_refused() -> int:
+            return sum(e["user"] == hostile_user.user for e in events(tmp_path, "rejected"))
+
         wait_for(lambda: coordinator.status.queue_depths.get(transport.SITE_UPDATE_QUEUES, 0) > 0, 15,
                  "the flooding site's backlog in the status")
+        refused_before_send = count_refused()
         update_id = honest.send(coordinator, coordinator.version, constant_delta(coordinator, 0.01))
         event_for(tmp_path, update_id, timeout=30)
         wait_for(lambda: len([e for e in events(tmp_path, "rejected") if e["user"] == hostile_user.user]) == flood, 60,
@@ -186,8 +190,12 @@ def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_pat
     log = [e for e in events(tmp_path) if e.get("update_id") == update_id or e.get("user") == hostile_user.user]
     applied_at = next(i for i, e in enumerate(log) if e.get("update_id") == update_id)
     assert log[applied_at]["event"] == "update"
-    refused_after = sum(e["event"] == "rejected" for e in log[applied_at:])
-    # Through one shared queue it would have come after all 3000; here only the hostile deliveries
-    # already in the coordinator's hands went first.
-    assert refused_after > flood // 2, f"the honest update came after {flood - refused_after} of {flood} refusals"
+    refused_first = sum(e["event"] == "rejected" for e in log[:applied_at])
+    # Through one shared queue it would have come after the whole backlog. Here it waits only for the
+    # hostile deliveries already in the coordinator's hands (its window of PREFETCH) and those it
+    # refused while the honest update crossed the broker: 15-32 in three runs here. How many it
+    # refused before the send depends on the machine's speed, not on fedq.
+    assert refused_first - refused_before_send <= 3 * PREFETCH, \
+        f"{refused_first - refused_before_send} hostile chunks went first after the honest update was sent"
+    assert refused_first < flood, "hostile chunks were still waiting when the honest update was applied"
     assert coordinator.version == 1
