@@ -149,6 +149,13 @@ def _boot_errors(path: Path, limit: int = 15) -> str:
     return "\n".join(picked or lines[-limit:])
 
 
+PORT_DRAWS = 3  # first boots tried, each on freshly drawn ports, before a port clash is an error
+
+
+class _PortTaken(RuntimeError):
+    """A node's boot failed because one of its ports was taken (``eaddrinuse``)."""
+
+
 class LocalNode:
     """A throwaway RabbitMQ node run from the installed binaries, in its own folder and on its own ports."""
 
@@ -169,19 +176,25 @@ class LocalNode:
         self.config_dir = Path(config_dir)
         self.tls = tls
         self.cluster = cluster
-        self.tls_port = _free_port() if tls else None
         self.plugins = _enabled_plugins(self.config_dir)
-        self.amqp_port = amqp_port or _free_port()
-        self.management_port = management_port or _free_port()
-        # Prometheus and Erlang distribution also listen; fixed defaults would clash with other nodes.
-        self.prometheus_port = _free_port()
-        self.dist_port = _free_port()
+        self._chosen_ports = (amqp_port, management_port)
+        self._draw_ports()
+        self._booted = False
         self.name = name or node_name()
         self.folder = Path(base_dir or default_base_dir()) / self.name
         self.pid_file = self.folder / "data" / f"{self.name}.pid"
         self.log_file = self.folder / "log" / f"{self.node}.log"
         self._as_root = os.geteuid() == 0
         self._server: subprocess.Popen[bytes] | None = None
+
+    def _draw_ports(self) -> None:
+        amqp_port, management_port = self._chosen_ports
+        self.tls_port = _free_port() if self.tls else None
+        self.amqp_port = amqp_port or _free_port()
+        self.management_port = management_port or _free_port()
+        # Prometheus and Erlang distribution also listen; fixed defaults would clash with other nodes.
+        self.prometheus_port = _free_port()
+        self.dist_port = _free_port()
 
     @staticmethod
     def available() -> bool:
@@ -295,6 +308,20 @@ class LocalNode:
         if self.beam_pid() is not None:
             return
         _LIVE_NODES.add(self)
+        for attempt in range(1, PORT_DRAWS + 1):
+            try:
+                self._boot(timeout)
+                self._booted = True
+                return
+            except _PortTaken:
+                # A port _free_port drew was free when drawn, and another process (a parallel test's
+                # node or connection) bound it before this node did. Clients learn a node's ports from
+                # it after its first boot, so only then may they change.
+                if self._booted or attempt == PORT_DRAWS:
+                    raise
+                self._draw_ports()
+
+    def _boot(self, timeout: float) -> None:
         self._write_config()
         # Left by a killed VM; a stale one would name a pid that is not this node.
         self.pid_file.unlink(missing_ok=True)
@@ -316,10 +343,20 @@ class LocalNode:
                 last_error = str(exc)
             if self._server.poll() is not None:
                 what = f"exited while starting (exit {self._server.returncode})"
-                raise RuntimeError(self._startup_failure(what, last_error))
+                failure = self._startup_failure(what, last_error)
+                raise _PortTaken(failure) if self._port_was_taken() else RuntimeError(failure)
             # The first calls fail until the node has registered with epmd.
             time.sleep(0.5)
         raise RuntimeError(self._startup_failure(f"did not start within {timeout:.0f} s", last_error))
+
+    def _port_was_taken(self) -> bool:
+        for path in (self.folder / "log" / "startup.out", self.log_file):
+            try:
+                if "eaddrinuse" in path.read_text(errors="replace"):
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
 
     def _startup_failure(self, what: str, last_error: str) -> str:
         startup_out = self.folder / "log" / "startup.out"

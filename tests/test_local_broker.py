@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -91,6 +92,25 @@ def test_local_node_keeps_durable_message_across_restart_and_kill() -> None:
     finally:
         node.close()
     assert not node.folder.exists()
+
+
+def test_a_first_boot_whose_port_was_taken_meanwhile_draws_fresh_ports() -> None:
+    """Ports are drawn free, yet a parallel test's node or connection can bind one before the node
+    does; a first boot then draws again instead of failing the run."""
+    if not LocalNode.available():
+        pytest.skip("no RabbitMQ binaries in /usr/lib/rabbitmq to start a separate node")
+    node = LocalNode(DEFAULT_CONFIG_DIR)
+    taken = node.prometheus_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            node.start()
+            assert node.prometheus_port != taken
+            _publish_update(f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq", b"booted")
+            assert "eaddrinuse" in (node.folder / "log" / "startup.out").read_text() + node.log_file.read_text()
+        finally:
+            node.close()
 
 
 @pytest.mark.container
