@@ -270,8 +270,7 @@ def publish_updates(url: str, exchange: str, routing_key: str, parameters: int, 
     payloads = _update_payloads(parameters, codec, count, run_id, base_version)
     sizes = [payload_size(buffers) for _, buffers in payloads]
     connection = transport.connect(url, 30, "bench-publisher")
-    channel = connection.channel()
-    channel.confirm_delivery()
+    channel = transport.confirmed_channel(connection)
     user = transport.broker_user(url)
     reports.put(("ready", sum(sizes), sum(chunk_count(size, MAX_CHUNK_BYTES) for size in sizes)))
     go.wait()

@@ -269,8 +269,7 @@ def honest_update(url: str, run_id: str, version: int) -> str:
     header = UpdateHeader(protocol=PROTOCOL_VERSION, update_id=new_id(), run_id=run_id, site=user,
                           base_version=version, num_samples=10, train_seconds=0.0, tensors=specs)
     link = transport.connect(url, 30, f"honest-{user}")
-    channel = link.channel()
-    channel.confirm_delivery()
+    channel = transport.confirmed_channel(link)
     transport.publish_payload(channel, transport.UPDATE_EXCHANGE, transport.update_key(user), encode_payload(header, parts),
                               header.update_id, user_id=user, headers={SITE_HEADER: user})
     link.close()
@@ -285,8 +284,7 @@ def say_hello(url: str) -> None:
 
     user = transport.broker_user(url)
     link = transport.connect(url, 30, f"hello-{user}")
-    channel = link.channel()
-    channel.confirm_delivery()
+    channel = transport.confirmed_channel(link)
     transport.publish_payload(channel, transport.UPDATE_EXCHANGE, transport.hello_key(user),
                               encode_payload(Hello(protocol=PROTOCOL_VERSION, site=user), []), new_id(), user_id=user,
                               headers={SITE_HEADER: user})

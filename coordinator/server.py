@@ -213,7 +213,8 @@ class Coordinator:
             backoff.reset()
             self.uploads.reconnected()
             self.pending_acks.clear()
-            self._publisher = transport.Publisher(self._link, declare_topology=True)
+            self._publisher = transport.Publisher(self._link, declare_topology=True,
+                                                 confirm_timeout=transport.SNAPSHOT_CONFIRM_TIMEOUT)
             if self._publisher.find_stream_end() is None:
                 log.warning("could not read back a marker written to stream %s within %g s: sites will look for "
                             "snapshots by time, which needs the coordinator's clock to agree with the broker's "

@@ -77,7 +77,8 @@ class SiteClient:
     def __init__(self, broker_url: str, site: str = "site-1"):
         self.connection = transport.connect(broker_url, 30, f"test-{site}")
         self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
+        self.channel.confirm_delivery()  # raw publishes, each confirmed before the next
+        self.payloads = transport.confirmed_channel(self.connection)  # payloads, chunked as a worker sends them
         self.site = site
         self.user = transport.broker_user(broker_url)
 
@@ -95,14 +96,14 @@ class SiteClient:
                 site: str | None = None) -> None:
         """Publish payload bytes as chunks, naming ``site`` (this client's by default); ``user_id=None``
         sends none, "" sends this client's user."""
-        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.update_key(site or self.site),
+        transport.publish_payload(self.payloads, transport.UPDATE_EXCHANGE, transport.update_key(site or self.site),
                                   [memoryview(payload)],
                                   payload_id or new_id(), user_id=self.user if user_id == "" else user_id,
                                   headers={SITE_HEADER: site or self.site})
 
     def hello(self) -> None:
         """Say hello as a worker does: the coordinator opens this site's own update queue."""
-        transport.publish_payload(self.channel, transport.UPDATE_EXCHANGE, transport.hello_key(self.site),
+        transport.publish_payload(self.payloads, transport.UPDATE_EXCHANGE, transport.hello_key(self.site),
                                   encode_payload(Hello(protocol=PROTOCOL_VERSION, site=self.site), []), new_id(),
                                   user_id=self.user, headers={SITE_HEADER: self.site})
 

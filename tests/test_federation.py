@@ -226,7 +226,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
     client = SiteClient(broker_url)
     with running_coordinator(broker_url, tmp_path, strategy="fedasync", prefetch=8) as coordinator:
         update_id, payload = client.update_payload(coordinator, 0, constant_delta(coordinator, 0.01))
-        transport.publish_payload(client.channel, transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, [memoryview(payload)], update_id,
+        transport.publish_payload(client.payloads, transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, [memoryview(payload)], update_id,
                                   user_id=client.user, headers={SITE_HEADER: client.site},
                                   chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
         refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],

@@ -68,3 +68,13 @@ def _greet_then_hang_up(listener: socket.socket) -> None:
         start = pika.spec.Connection.Start(server_properties={"product": "test"}, mechanisms="PLAIN", locales="en_US")
         client.sendall(pika.frame.Method(0, start).marshal())
         client.recv(4096)  # Connection.StartOk, with the credentials
+
+
+def test_a_blocking_channel_can_hand_its_confirms_to_callbacks_of_its_own():
+    # shared.transport.confirms turns confirm mode on through the channel's implementation, so that
+    # basic_publish does not wait for each confirm; a pika upgrade that changed it fails here.
+    from pika.adapters.blocking_connection import BlockingChannel
+    from pika.channel import Channel
+
+    assert {"ack_nack_callback", "callback"} <= set(inspect.signature(Channel.confirm_delivery).parameters)
+    assert "self._impl.basic_publish" in inspect.getsource(BlockingChannel.basic_publish)

@@ -14,6 +14,7 @@
 The coordinator and the workers use what is named here; neither sees a pika object.
 """
 
+from shared.transport.confirms import ConfirmedChannel, ConfirmTimeout
 from shared.transport.connection import (
     RECOVERABLE,
     REFUSALS,
@@ -32,7 +33,10 @@ from shared.transport.connection import (
 from shared.transport.consuming import Announcements, Delivery, UpdateInbox
 from shared.transport.frames import RECV_BYTES, cancel_stream_consumer, deliver_fragments
 from shared.transport.management import ManagementError, management_call
-from shared.transport.publishing import EVIDENCE_BYTES, MARKER_TIMEOUT, Publisher, publish_payload
+from shared.transport.publishing import (
+    CONFIRM_TIMEOUT, CONFIRM_WINDOW, EVIDENCE_BYTES, MARKER_TIMEOUT, SNAPSHOT_CONFIRM_TIMEOUT, Publisher, confirmed_channel,
+    publish_payload,
+)
 from shared.transport.status import StatusReader
 from shared.transport.stream import SnapshotReader, SnapshotUnavailable, stream_offset_at
 from shared.transport.topology import (
@@ -74,9 +78,10 @@ __all__ = [
     "RECOVERABLE", "RECV_BYTES", "REFUSALS", "REJECTED", "REJECTED_EXCHANGE", "SITE_QUEUE_ARGUMENTS",
     "SITE_UPDATE_QUEUES", "SNAPSHOTS", "SNAPSHOT_EXCHANGE", "SNAPSHOT_KEY", "STATUS", "STATUS_EXCHANGE", "UPDATES",
     "UPDATE_EXCHANGE", "UPDATE_QUEUE_ARGUMENTS", "WATCHED_QUEUES", "bind_site_queue", "Announcements", "Backoff",
-    "ChannelClosed", "ConnectionFailed", "Delivery", "Link", "ManagementError", "EVIDENCE_BYTES", "MARKER_TIMEOUT",
+    "CONFIRM_TIMEOUT", "CONFIRM_WINDOW", "ChannelClosed", "ConfirmTimeout", "ConfirmedChannel", "ConnectionFailed",
+    "Delivery", "SNAPSHOT_CONFIRM_TIMEOUT", "Link", "ManagementError", "EVIDENCE_BYTES", "MARKER_TIMEOUT",
     "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "TopologyMismatch",
-    "UpdateInbox", "broker_address", "broker_user", "cancel_stream_consumer", "connect", "declare_definitions",
+    "UpdateInbox", "broker_address", "broker_user", "cancel_stream_consumer", "confirmed_channel", "connect", "declare_definitions",
     "declare_shared_topology", "declare_site_queue", "declare_site_updates", "deliver_fragments", "hello_key",
     "management_call", "probe", "publish_payload", "queue_depths", "refused_by_broker", "serve_with_reconnect",
     "site_queue", "site_update_queue", "stream_offset_at", "update_key",
