@@ -46,6 +46,12 @@ else
   fi
 fi
 
+# The compose test runs the project's docker-compose.yml with Debian's docker-compose (1.29).
+if ! command -v docker-compose >/dev/null; then
+  say "installing Debian's docker-compose"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+fi
+
 # The image is rebuilt when its Dockerfile changes, so a machine that kept an older one does not test it.
 recipe=$(sha256sum scripts/rabbitmq-offline.Dockerfile | cut -c1-16)
 if [ "$(docker image inspect -f '{{index .Config.Labels "fedq.recipe"}}' "$image" 2>/dev/null)" = "$recipe" ]; then
