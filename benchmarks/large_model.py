@@ -7,20 +7,27 @@ one site fetches and verifies it, trains, and returns a top-k + int8 update, whi
 applies with a plain server step (FedAsync: no optimizer moments, no error-feedback residual).
 
 Legs come from the two processes' own logs and run log; peak resident memory from each process's
-``ru_maxrss``, reported against the target of 2x the model's size plus 512 MB.
+``ru_maxrss``, reported against the target of 2x the model's size plus 512 MB. After each run, on
+the same broker, pika alone publishes the snapshot's bytes to a fresh stream while a reader reads
+them (``bare_stream``): the snapshot's legs are reported as a share of that bare throughput, against
+a target of 80%.
 
-    python benchmarks/large_model.py                      # 500M parameters
-    python benchmarks/large_model.py --parameters 20000000 # a quick check
+    python benchmarks/large_model.py                          # 500M parameters, 3 runs
+    python benchmarks/large_model.py --parameters 1000000000  # 1B parameters (4 GB)
+    python benchmarks/large_model.py --parameters 20000000 --repeats 1  # a quick check
 
-Writes benchmarks/results/large_model.json and prints the legs and the memory.
+Writes benchmarks/results/large_model.json (large_model_N.json for N parameters) and prints the
+legs' medians, bare's, and the memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -28,17 +35,23 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pika
 import torch
 from torch import nn
 
-from fedq.local_broker import find_broker
 from fedq.federation import start_coordinator, start_worker
+from fedq.local_broker import DEFAULT_CONFIG_DIR, find_broker, vhost_definitions
+from shared import transport
+from shared.chunking import chunk_count
+from shared.protocol import MAX_CHUNK_BYTES
 from shared.task import SiteContext, Task, TrainResult
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 64
 PARAMETERS_VARIABLE = "FEDQ_BENCH_PARAMETERS"  # both processes build the same model from it
 EPOCHS, BATCH_SIZE, LR = 3, 32, 0.2
+PUBLISH = "coordinator publishes the snapshot"  # encoding, digest and announcement included
+FETCH = "site fetches, verifies and decodes it"  # from the announcement, while the chunks are written
 
 
 @lru_cache(maxsize=1)
@@ -119,6 +132,60 @@ def _found(pattern: str, text: str, what: str) -> re.Match:
     return match
 
 
+def _bare_read(url: str, chunks: int, attached, done) -> None:
+    """The bare reader, in a process of its own as a site is: every chunk from the stream's start."""
+    link = transport.connect(url, 60, "bare-reader")
+    got: list[int] = []
+
+    def on_message(ch, method, properties, chunk):
+        got.append(len(chunk))
+        ch.basic_ack(method.delivery_tag)
+
+    reader = link.channel()
+    reader.basic_qos(prefetch_count=min(16, chunks))
+    reader.basic_consume("bare", on_message, arguments={"x-stream-offset": "first"})
+    attached.set()
+    link.serve_until(lambda: len(got) >= chunks, timeout=600)
+    done.put((time.time(), sum(got)))
+    link.close()
+
+
+def bare_stream(broker, size: int) -> dict[str, float]:
+    """pika alone on the same broker, as the twin of the snapshot's legs: ``size`` bytes in chunks of
+    fedq's size, published persistent with a confirm each (pika's BlockingChannel in confirm mode) to
+    a fresh stream declared as fedq.snapshots is, while a reader process with a site's prefetch takes
+    them from the stream's start and only acknowledges them. Like a site, which is told of a snapshot
+    before its chunks go out, the reader reads while they are written: "read" is the time from the
+    first publish to the last chunk read. No encoding, digest or decoding."""
+    body = os.urandom(MAX_CHUNK_BYTES)
+    chunks = chunk_count(size, MAX_CHUNK_BYTES)
+    last = size - (chunks - 1) * MAX_CHUNK_BYTES
+    arguments = next(q["arguments"] for q in vhost_definitions(DEFAULT_CONFIG_DIR)["queues"]
+                     if q["name"] == transport.SNAPSHOTS)
+    context = multiprocessing.get_context("spawn")
+    with broker.temporary_vhost(f"bare-{os.getpid()}-{time.monotonic_ns()}") as url:
+        publisher = transport.connect(url, 60, "bare-publisher")
+        channel = publisher.channel()
+        channel.queue_declare("bare", durable=True, arguments=arguments)
+        attached, done = context.Event(), context.Queue()
+        reader = context.Process(target=_bare_read, args=(url, chunks, attached, done), daemon=True)
+        reader.start()
+        if not attached.wait(60):
+            raise RuntimeError("the bare reader did not attach to the stream within 60 s")
+        channel.confirm_delivery()
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+        began, began_wall = time.monotonic(), time.time()
+        for index in range(chunks):
+            channel.basic_publish("", "bare", body if index < chunks - 1 else body[:last], properties)
+        published = time.monotonic() - began
+        publisher.close()
+        read_at, got = done.get(timeout=600)
+        reader.join(30)
+    if got != size:
+        raise RuntimeError(f"the bare reader got {got} of {size} bytes")
+    return {"publish": round(published, 4), "read": round(read_at - began_wall, 4)}
+
+
 def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
     task = "benchmarks.large_model:HashedDigits"
     os.environ[PARAMETERS_VARIABLE] = str(parameters)
@@ -148,9 +215,10 @@ def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
                     print(coordinator_log[-3000:], worker_log[-3000:], sep="\n", file=sys.stderr)
             summary = json.loads((run_dir / "summary.json").read_text())
             run_events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        snapshot = next(e for e in run_events if e["event"] == "snapshot" and e["version"] == 0)
+        bare = bare_stream(broker, snapshot["bytes"])
     finally:
         broker.close()
-    snapshot = next(e for e in run_events if e["event"] == "snapshot" and e["version"] == 0)
     update = next(e for e in run_events if e["event"] == "update")
     fetched = _found(r"snapshot version 0 \((\d+) bytes\) in ([\d.]+) s", worker_log, "the snapshot fetch")
     trained = _found(r"trained on version 0 \(\d+ samples\) in ([\d.]+) s; update \w+: (\d+) bytes .*"
@@ -162,13 +230,14 @@ def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
         "parameters": model_bytes // 4, "model_bytes": model_bytes, "codec": codec, "topk_fraction": fraction,
         "snapshot_bytes": snapshot["bytes"], "update_bytes": int(trained.group(2)),
         "legs_seconds": {
-            "coordinator publishes the snapshot": snapshot["seconds"],
-            "site fetches, verifies and decodes it": float(fetched.group(2)),
+            PUBLISH: snapshot["seconds"],
+            FETCH: float(fetched.group(2)),
             "site trains": float(trained.group(1)),
             "site encodes the update and stores it in its outbox": float(trained.group(3)),
             "site uploads the update (confirmed)": float(uploaded.group(1)),
             "coordinator receives, decodes, validates and applies it": update["ingest_seconds"],
         },
+        "bare_seconds": bare,
         "final_accuracy": summary["final_accuracy"],
         "peak_resident_bytes": {"coordinator": summary["peak_resident_bytes"], "worker": int(worker_peak)},
         "budget_bytes": budget,
@@ -180,18 +249,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parameters", type=int, default=500_000_000)
     parser.add_argument("--codec", default="topk-int8")
     parser.add_argument("--topk-fraction", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=3, help="runs, each with its bare twin (medians are reported)")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args.parameters, args.codec, args.topk_fraction, args.timeout)
+    runs = []
+    for repeat in range(1, args.repeats + 1):
+        runs.append(run(args.parameters, args.codec, args.topk_fraction, args.timeout))
+        fedq, bare = runs[-1]["legs_seconds"], runs[-1]["bare_seconds"]
+        print(f"run {repeat} of {args.repeats}: publish {fedq[PUBLISH]:.2f} s (bare {bare['publish']:.2f} s), "
+              f"fetch {fedq[FETCH]:.2f} s (bare read {bare['read']:.2f} s)", flush=True)
+    result = {key: value for key, value in runs[0].items() if key not in ("legs_seconds", "bare_seconds")}
+    result["legs_seconds"] = {leg: statistics.median([r["legs_seconds"][leg] for r in runs]) for leg in runs[0]["legs_seconds"]}
+    result["bare_seconds"] = {leg: statistics.median([r["bare_seconds"][leg] for r in runs]) for leg in runs[0]["bare_seconds"]}
+    # Throughput against bare's, run by run (each fedq run and its twin shared the broker's state).
+    result["of_bare"] = {
+        "publish": statistics.median([r["bare_seconds"]["publish"] / r["legs_seconds"][PUBLISH] for r in runs]),
+        "fetch": statistics.median([r["bare_seconds"]["read"] / r["legs_seconds"][FETCH] for r in runs]),
+    }
+    result["peak_resident_bytes"] = {who: max(r["peak_resident_bytes"][who] for r in runs)
+                                     for who in runs[0]["peak_resident_bytes"]}
+    result["runs"] = runs
     args.out.mkdir(parents=True, exist_ok=True)
     name = "large_model.json" if args.parameters == 500_000_000 else f"large_model_{args.parameters}.json"
     (args.out / name).write_text(json.dumps({"benchmark": "large model", **result}, indent=1))
     model_gb = result["model_bytes"] / 1e9
     print(f"large model: {result['parameters']:,} parameters ({model_gb:.2f} GB fp32), snapshot "
-          f"{result['snapshot_bytes'] / 1e9:.2f} GB, update {result['update_bytes'] / 1e6:.1f} MB ({args.codec})")
+          f"{result['snapshot_bytes'] / 1e9:.2f} GB, update {result['update_bytes'] / 1e6:.1f} MB ({args.codec}); "
+          f"medians of {len(runs)}")
+    twins = {PUBLISH: ("publish", "bare pika publish, a confirm per chunk"),
+             FETCH: ("read", "bare pika read of the stream, as it is written")}
     for leg, seconds in result["legs_seconds"].items():
         print(f"  {leg:58s} {seconds:7.2f} s")
+        if leg in twins:
+            key, what = twins[leg]
+            share = result["of_bare"]["publish" if key == "publish" else "fetch"]
+            print(f"    {what:56s} {result['bare_seconds'][key]:7.2f} s: fedq at {share:.0%} of bare's throughput "
+                  f"(target 80%)")
     within = True
     for process, peak in result["peak_resident_bytes"].items():
         ok = peak < result["budget_bytes"]

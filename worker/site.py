@@ -384,7 +384,7 @@ class SiteWorker:
 
         def progress(info: ChunkInfo) -> None:
             if throttle.due():
-                log.info("site %s: uploading %s: %d of %d chunks confirmed (%s of %s)", self.settings.site, payload_id,
+                log.info("site %s: uploading %s: %d of %d chunks sent (%s of %s)", self.settings.site, payload_id,
                          info.index + 1, info.count, megabytes(info.offset + info.length),
                          megabytes(info.size))
 
