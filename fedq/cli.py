@@ -228,6 +228,11 @@ def run_provision(args: argparse.Namespace) -> int:
         except BundleError as exc:
             print(f"fedq provision: {exc}", file=sys.stderr)
             return 2
+    if args.definitions:
+        from fedq.local_broker import load_vhost_definitions
+
+        load_vhost_definitions(args.management_url, args.admin_user, password, args.vhost)
+        print(f"# loaded fedq's exchanges, queues, bindings and policies into vhost {args.vhost!r}")
     created = provision_sites(args.management_url, args.admin_user, password, args.vhost, args.sites,
                               args.broker_host, args.broker_port, tls=not args.plain, coordinator_user=args.coordinator)
     if args.bundle is not None:
@@ -352,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--broker-port", type=int, default=5671, help="the AMQP port sites connect to (default 5671)")
     provision.add_argument("--plain", action="store_true", help="amqp:// without TLS (development only)")
     provision.add_argument("--coordinator", metavar="USER", help="also create the coordinator's user")
+    provision.add_argument("--definitions", action="store_true",
+                           help="first load fedq's exchanges, queues, bindings and policies (broker_config/"
+                           "definitions.json) into the vhost, creating it if missing: for a broker started without "
+                           "them, as docker-compose.production.yml's is")
     provision.add_argument("--bundle", metavar="DIR",
                            help="write DIR/SITE/ per site (site.env, ca.pem, start.sh, README.txt; private, mode 0700) "
                            "and DIR/coordinator.env instead of printing passwords")

@@ -108,6 +108,15 @@ def vhost_definitions(config_dir: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def load_vhost_definitions(management_url: str, user: str, password: str, vhost: str,
+                           config_dir: Path = DEFAULT_CONFIG_DIR) -> None:
+    """Create ``vhost`` if it is missing and load into it the vhost-scoped definitions of
+    definitions.json (exchanges, queues, bindings, policies), through the management API."""
+    v = urllib.parse.quote(vhost, safe="")
+    management_call(management_url, user, password, "PUT", f"/api/vhosts/{v}")
+    management_call(management_url, user, password, "POST", f"/api/definitions/{v}", vhost_definitions(config_dir))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -591,10 +600,10 @@ class Broker:
         defs = vhost_definitions(self.config_dir)
         v, u = urllib.parse.quote(name, safe=""), urllib.parse.quote(self.username, safe="")
         if self.management_url is not None:
-            self.management_api("PUT", f"/api/vhosts/{v}")
+            load_vhost_definitions(self.management_url, *(self.management_auth or (self.username, self.password)), name,
+                                   self.config_dir)
             everything = {"configure": ".*", "write": ".*", "read": ".*"}
             self.management_api("PUT", f"/api/permissions/{v}/{u}", everything)
-            self.management_api("POST", f"/api/definitions/{v}", defs)
         elif self._rabbitmqctl is not None:
             self._rabbitmqctl("add_vhost", name)
             self._rabbitmqctl("set_permissions", "-p", name, self.username, ".*", ".*", ".*")
