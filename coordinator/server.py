@@ -50,7 +50,7 @@ from shared.protocol import (
     now,
     payload_size,
 )
-from shared.settings import SettingsError
+from shared.settings import SettingsError, writable_folder
 from shared.task import Task
 from shared.model_state import checked_names, frozen_digest, load_values, master_state, trained_state
 from shared.validation import check_matches_model, non_finite_tensor
@@ -98,7 +98,7 @@ class Coordinator:
         #: The values of the version the open round of site evaluation scores, for model-best: the
         #: model has moved on by the time the sites' answers are in.
         self._round_values: dict[str, torch.Tensor] | None = None
-        self.runlog = RunLog(settings.run_dir)
+        self.runlog = RunLog(writable_folder(settings.run_dir, "FEDQ_RUN_DIR"))
         self.senders = Senders(frozenset(settings.any_site_users), settings.site_users)
         self.ingest = Ingest(
             self.state, self.strategy, self.runlog, senders=self.senders,

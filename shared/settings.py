@@ -8,6 +8,7 @@ that names the variable and says what would be accepted. What every process take
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -59,6 +60,22 @@ def _identity(url: str) -> tuple[str, str]:
 
 class SettingsError(SystemExit):
     """Start-up stops here: the message names each bad setting and how to fix it."""
+
+
+def writable_folder(path: Path, setting: str) -> Path:
+    """``path``, made if missing, once this process can write in it; SettingsError naming ``setting``
+    (as FEDQ_RUN_DIR) otherwise. A folder a container's user cannot write otherwise surfaced as a
+    PermissionError traceback from wherever the first file was opened."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".fedq-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise SettingsError(
+            f"fedq cannot start: it cannot write in {path} ({exc.strerror}), which {setting} names. Give this user "
+            f"(uid {os.getuid()}) that folder, or set {setting} to a folder it can write in") from None
+    return path
 
 
 class CommonSettings(BaseSettings):

@@ -110,3 +110,25 @@ def test_the_complaint_about_an_address_never_echoes_it_as_it_may_be_a_cut_passw
 
 def test_the_same_vhost_written_two_ways_is_one_vhost():
     assert check_broker_urls("amqp://a:p@mq1,amqp://a:p@mq2/") == "amqp://a:p@mq1,amqp://a:p@mq2/"
+
+
+def test_a_folder_the_process_cannot_write_stops_start_up_naming_the_setting(tmp_path):
+    from shared.settings import writable_folder
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(SettingsError, match=r"cannot write in .*a-file/run .*FEDQ_RUN_DIR"):
+        writable_folder(blocked / "run", "FEDQ_RUN_DIR")
+    assert writable_folder(tmp_path / "new" / "run", "FEDQ_RUN_DIR").is_dir()
+
+
+def test_the_coordinator_command_says_which_folder_it_cannot_write_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "fedq", "coordinator", "--run-dir", str(blocked / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "FEDQ_RUN_DIR" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -22,6 +22,7 @@ from shared.chunking import ChunkInfo, read_single
 from shared.codecs import Layout, decode_tensors, encode_tensors, get_codec
 from shared.memory import peak_resident_bytes
 from shared.progress import Throttle, megabytes
+from shared.settings import writable_folder
 from shared.protocol import (
     PROTOCOL_VERSION,
     MAX_METRICS,
@@ -84,6 +85,7 @@ class SiteWorker:
         #: The run and round of site evaluation this site last answered.
         self.evaluated: tuple[str | None, int] | None = None
         self.codec = get_codec(settings.codec, settings.topk_fraction)
+        writable_folder(settings.state_dir, "FEDQ_STATE_DIR")
         self.feedback = (
             ErrorFeedback(settings.state_dir / f"{settings.site}.residual", self.layout)
             if self.codec.lossy and settings.error_feedback else None
