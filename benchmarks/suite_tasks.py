@@ -37,6 +37,13 @@ class ManyDigits(DigitsStraggler):
     sites, alpha, delays = 24, 0.1, [0.0] * 24
 
 
+class SoakDigits(DigitsStraggler):
+    """benchmarks/soak.py's 20 sites, each pausing a second per task: 20 workers on two cores still
+    leave the brokers and the coordinator room to run."""
+
+    sites, delays = 20, [1.0] * 20
+
+
 # The character model: printable ASCII and the newline, everything else a space.
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 CONTEXT, WIDTH, HEADS, LAYERS = 32, 64, 4, 2
