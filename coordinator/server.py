@@ -408,10 +408,14 @@ class Coordinator:
 
         Updates that arrived together all go into the model before one snapshot goes out: sites
         want only the newest version, and a snapshot per update would let a backlog grow whenever
-        updates come faster than versions can be checkpointed and published.
+        updates come faster than versions can be checkpointed and published. Only those in hand when
+        the round began: publishing the status drives the connection, which hands over more, and a
+        steady flood would otherwise hold the next snapshot back for as long as it lasts.
         """
         self._link.serve(0.5)
-        while self._inbox and self.stop_reason is None:
+        for _ in range(len(self._inbox)):
+            if self.stop_reason is not None or not self._inbox:
+                break
             delivery = self._inbox.pop()
             self._on_delivery(delivery)
             self._close_site_round()

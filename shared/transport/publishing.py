@@ -16,30 +16,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import ChannelClosedByBroker
 
 from shared.chunking import SITE_HEADER, ChunkInfo, iter_chunks
-from shared.protocol import (
-    MAX_CHUNK_BYTES,
-    Announcement,
-    Status,
-    encode_payload,
-    new_id,
-)
+from shared.protocol import MAX_CHUNK_BYTES, Announcement, Status, encode_payload, new_id
 from shared.transport.confirms import ConfirmedChannel
 from shared.transport.connection import Link
 from shared.transport.frames import cancel_stream_consumer
 from shared.transport.topology import (
-    ANNOUNCEMENTS,
-    REJECTED_EXCHANGE,
-    SNAPSHOT_EXCHANGE,
-    SNAPSHOT_KEY,
-    SNAPSHOTS,
-    STATUS_EXCHANGE,
-    UPDATE_EXCHANGE,
-    bind_site_queue,
-    declare_shared_topology,
-    declare_site_updates,
-    hello_key,
-    queue_depths,
-    update_key,
+    ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, SNAPSHOTS, STATUS_EXCHANGE, UPDATE_EXCHANGE,
+    bind_site_queue, declare_shared_topology, declare_site_updates, hello_key, queue_depths, update_key,
 )
 
 #: A marker is a message of the stream with this header and no payload: read back, it tells the
