@@ -375,12 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from shared.model_state import TaskMismatch
-    from shared.transport import REFUSALS, TLSSetupError, TopologyMismatch, refused_by_broker
+    from shared.transport import REFUSALS, ManagementError, TLSSetupError, TopologyMismatch, refused_by_broker
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SettingsError, TLSSetupError, TopologyMismatch, TaskMismatch) as exc:
+    except (SettingsError, TLSSetupError, TopologyMismatch, TaskMismatch, ManagementError) as exc:
         print(exc if isinstance(exc, SettingsError) else f"fedq: {exc}", file=sys.stderr)
         return 2
     except REFUSALS as exc:

@@ -35,6 +35,15 @@ def test_bad_setting_stops_with_the_variable_named():
     assert "Traceback" not in result.stderr
 
 
+def test_provision_with_no_management_api_says_so_without_a_traceback():
+    from fedq.local_broker import _free_port
+
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    result = run("provision", "site-a", "--management-url", closed, "--admin-password", "x", "--definitions", "--plain")
+    assert result.returncode == 2
+    assert f"management API at {closed} does not answer" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_list_and_map_flags_take_json():
     from fedq.cli import _settings_from, build_parser
     from coordinator.settings import CoordinatorSettings
