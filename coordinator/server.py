@@ -412,7 +412,8 @@ class Coordinator:
         the round began: publishing the status drives the connection, which hands over more, and a
         steady flood would otherwise hold the next snapshot back for as long as it lasts.
         """
-        self._link.serve(0.5)
+        # Deliveries handed over during the last round wait in the inbox: take them without waiting.
+        self._link.serve(0 if self._inbox else 0.5)
         for _ in range(len(self._inbox)):
             if self.stop_reason is not None or not self._inbox:
                 break
