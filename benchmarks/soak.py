@@ -41,6 +41,7 @@ from coordinator.checkpoint import read_checkpoint  # noqa: E402
 from fedq.federation import site_names, start_coordinator, start_worker  # noqa: E402
 from fedq.local_broker import start_local_cluster  # noqa: E402
 from tests.chaos_proxy import ChaosProxy  # noqa: E402
+from tests.federation_helpers import confirmed_updates  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TASK = "benchmarks.suite_tasks:SoakDigits"  # digits split 20 ways
@@ -144,7 +145,7 @@ def soak(run_dir: Path, minutes: float, workers: int, seed: int, log) -> dict:
         for process in processes.values():
             process.wait(60)
         # Drained once every update a worker saw confirmed has reached the run log.
-        confirmed = confirmed_updates(run_dir / "sites")
+        confirmed = set(confirmed_updates(run_dir / "sites"))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not confirmed <= {e["update_id"] for e in read_events(run_dir)
                                                                  if e["event"] == "update"}:
@@ -175,13 +176,6 @@ def soak(run_dir: Path, minutes: float, workers: int, seed: int, log) -> dict:
         "versions": max((e["version"] for e in events if e["event"] == "snapshot"), default=0),
         "sites_stuck": stuck, "memory": memory, "trend_mb_per_10_min": trend,
     }
-
-
-def confirmed_updates(log_folder: Path) -> set[str]:
-    ids: set[str] = set()
-    for log_file in log_folder.glob("*.log"):
-        ids |= set(re.findall(r"update ([0-9a-f]{16}) confirmed by the broker", log_file.read_text()))
-    return ids
 
 
 def plot(result: dict, path: Path) -> None:
