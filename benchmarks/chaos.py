@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the chaos proxy lives with the tests
 
 from coordinator.checkpoint import read_checkpoint  # noqa: E402
-from coordinator.runlog import time_to_accuracy  # noqa: E402
+from coordinator.runlog import read_events, time_to_accuracy  # noqa: E402
 from fedq.local_broker import LocalNode  # noqa: E402
 from fedq.federation import site_names, start_coordinator, start_worker  # noqa: E402
 from tests.chaos_proxy import ChaosProxy  # noqa: E402
@@ -37,11 +37,6 @@ from tests.chaos_proxy import ChaosProxy  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 COORDINATOR = {"strategy": "fedbuff", "buffer_size": 3, "stop_at_accuracy": 0.95, "max_seconds": 300,
                "max_staleness": 100_000, "wait_for_sites": 10}
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def run(run_dir: Path, faults: bool, log) -> dict:

@@ -39,6 +39,7 @@ import pika
 import torch
 from torch import nn
 
+from coordinator.runlog import read_events
 from fedq.federation import start_coordinator, start_worker
 from fedq.local_broker import DEFAULT_CONFIG_DIR, find_broker, vhost_definitions
 from shared import transport
@@ -214,7 +215,7 @@ def run(parameters: int, codec: str, fraction: float, timeout: float) -> dict:
                 if coordinator.returncode or worker.returncode:
                     print(coordinator_log[-3000:], worker_log[-3000:], sep="\n", file=sys.stderr)
             summary = json.loads((run_dir / "summary.json").read_text())
-            run_events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+            run_events = read_events(run_dir)
         snapshot = next(e for e in run_events if e["event"] == "snapshot" and e["version"] == 0)
         bare = bare_stream(broker, snapshot["bytes"])
     finally:

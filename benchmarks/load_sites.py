@@ -179,6 +179,7 @@ def resident_bytes(pid: int) -> int | None:
 
 def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: float, processes: int,
             work_dir: Path) -> dict:
+    from coordinator.runlog import read_events
     from fedq.federation import site_names, start_coordinator
 
     vhost = f"load-{sites}-{int(time.time())}"
@@ -231,7 +232,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
         coordinator.terminate()
         coordinator.wait(timeout=120)
         broker.delete_vhost(vhost)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     first = next((e["t"] for e in events if e["event"] == "snapshot"), None)
     applied = [e for e in events if e["event"] == "update"]
     refused = [e for e in events if e["event"] == "rejected"]

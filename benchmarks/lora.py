@@ -29,6 +29,7 @@ TARGET = 0.70
 
 
 def federated(broker, repeat: int, max_seconds: float, work_dir: Path, threads: int) -> dict:
+    from coordinator.runlog import read_events
     from fedq.federation import run_federation, site_names
     from shared.sentiment_task import SITES
 
@@ -41,7 +42,7 @@ def federated(broker, repeat: int, max_seconds: float, work_dir: Path, threads: 
                                               "torch_threads": threads})
     finally:
         broker.delete_vhost(vhost)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     updates = [e["bytes"] for e in events if e["event"] == "update"]
     snapshots = [e["bytes"] for e in events if e["event"] == "snapshot"]
     rounds = [e for e in events if e["event"] == "federated_evaluation"]

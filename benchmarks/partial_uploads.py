@@ -92,14 +92,6 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-def run_events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
-
-
 class Sampler(threading.Thread):
     """Every 50 ms: the coordinator's resident memory, and the files in its upload spool."""
 
@@ -321,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the moves each cycle makes, comma-separated (default: all but abandon)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    from coordinator.runlog import read_events
     from fedq.federation import start_coordinator
     from fedq.local_broker import find_broker
     from fedq.provision import provision_sites
@@ -361,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             torch_threads=1,
         )
         pid = coordinator.pid
-        start = wait_for(lambda: next(iter(run_events(run_dir, "start")), None), 120, "the coordinator's first version")
-        wait_for(lambda: run_events(run_dir, "snapshot") and run_events(run_dir, "evaluation"), 60, "version 0")
+        start = wait_for(lambda: next(iter(read_events(run_dir, "start")), None), 120, "the coordinator's first version")
+        wait_for(lambda: read_events(run_dir, "snapshot") and read_events(run_dir, "evaluation"), 60, "version 0")
         time.sleep(3.0)  # settled: version 0 published and evaluated, nothing arriving
         idle = proc_status(pid)
         peak_reset = reset_peak(pid)
@@ -425,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         sampler.sample()
         attack_status, io_after, attack_max_rss = proc_status(pid), proc_io(pid), sampler.max_rss
 
-        version = max(e["version"] for e in run_events(run_dir, "snapshot"))
+        version = max(e["version"] for e in read_events(run_dir, "snapshot"))
         update_id = honest_update(site_urls[honest_site], start["run_id"], version)
-        applied = wait_for(lambda: next((e for e in run_events(run_dir, "update") if e["update_id"] == update_id),
+        applied = wait_for(lambda: next((e for e in read_events(run_dir, "update") if e["update_id"] == update_id),
                                         None), 120, "the honest site's update")
         after_honest = proc_status(pid)
         rejected_depth = ready(transport.REJECTED)
@@ -435,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stopped.set()
         sampler.join()
 
-        refusals = [e for e in run_events(run_dir, "rejected") if e["user"] == hostile_site]
+        refusals = [e for e in read_events(run_dir, "rejected") if e["user"] == hostile_site]
         kinds = Counter(refusal_kind(e["reason"]) for e in refusals)
         spool_log = [line for line in (run_dir / "coordinator.log").read_text().splitlines() if "fill the window" in line]
     finally:

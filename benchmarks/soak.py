@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the chaos proxy lives with the tests
 
 from coordinator.checkpoint import read_checkpoint  # noqa: E402
+from coordinator.runlog import read_events  # noqa: E402
 from fedq.federation import site_names, start_coordinator, start_worker  # noqa: E402
 from fedq.local_broker import start_local_cluster  # noqa: E402
 from tests.chaos_proxy import ChaosProxy  # noqa: E402
@@ -68,15 +69,6 @@ def slope_mb_per_10_min(samples: list[tuple[float, int]]) -> float | None:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     spread = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / spread * 600 if spread else None
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-    return [json.loads(line) for line in lines]
 
 
 def soak(run_dir: Path, minutes: float, workers: int, seed: int, log) -> dict:

@@ -57,10 +57,10 @@ def export_run(run_dir: Path, out: Path, version: int | None = None, task: str |
     """Write a version of a run folder's model to ``out``: the checkpointed one (the newest), or the
     best scored; returns the version written. ``task`` builds the model (default: the run's own,
     from its run log). FileNotFoundError or ValueError say what is missing."""
-    import json
     import shutil
 
     from coordinator.checkpoint import CHECKPOINT_FILE, read_checkpoint
+    from coordinator.runlog import read_events
     from shared.task import load_task
 
     checkpoint_path = run_dir / CHECKPOINT_FILE
@@ -70,8 +70,7 @@ def export_run(run_dir: Path, out: Path, version: int | None = None, task: str |
     best = exported_metadata(run_dir / BEST_FILE)
     if version is None or version == checkpoint.version:
         if task is None:
-            starts = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
-                      if '"event": "start"' in line]
+            starts = read_events(run_dir, "start")
             if not starts:
                 raise ValueError(f"{run_dir}'s run log names no task; give it with --task module:Class")
             task = starts[-1]["settings"]["task"]

@@ -10,7 +10,6 @@ held-out data and the pooled one, by version), plus ``report.html``.
 from __future__ import annotations
 
 import html
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,12 +18,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from coordinator.runlog import EVENTS_FILE, read_events  # noqa: E402
 
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
+
+def latest_run(run_dir: Path) -> list[dict]:
+    """The events of the latest run in ``run_dir``'s log; a clear error where there is none to report."""
+    path = run_dir / EVENTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; point fedq report at a coordinator's run folder (FEDQ_RUN_DIR)")
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = read_events(run_dir)
     # A folder reused for a new run holds several; the report is of the latest (resumes continue it).
     starts = [i for i, e in enumerate(events) if e["event"] == "start"]
     events = events[starts[-1]:] if starts else events
@@ -37,7 +39,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the report's PNGs and HTML page; returns their paths."""
     out_dir = out_dir or run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    events = read_events(run_dir)
+    events = latest_run(run_dir)
     evaluations = [e for e in events if e["event"] == "evaluation"]
     updates = [e for e in events if e["event"] == "update"]
     dropped = [e for e in events if e["event"] == "dropped"]

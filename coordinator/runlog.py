@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 ACCURACY_MILESTONES = (0.90, 0.95)
+EVENTS_FILE = "events.jsonl"
 
 
 class RunLog:
-    """Appends events to ``run_dir/events.jsonl`` and keeps what the summary needs."""
+    """Appends events to ``run_dir/events.jsonl`` (:func:`read_events` reads them back) and keeps what
+    the summary needs."""
 
     def __init__(self, run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        self._file = open(run_dir / "events.jsonl", "a", buffering=1, encoding="utf-8")
+        self._file = open(run_dir / EVENTS_FILE, "a", buffering=1, encoding="utf-8")
         self._t0 = time.monotonic()
         self.started_at = time.time()
         #: Whether the run's clock started (its first version), here or before a resume.
@@ -164,3 +166,15 @@ class RunLog:
 def time_to_accuracy(curve: list[tuple[float, int, float, float]], threshold: float) -> float | None:
     """Seconds until accuracy first reached ``threshold``, or None if it never did."""
     return next((t for t, _, accuracy, _ in curve if accuracy >= threshold), None)
+
+
+def read_events(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The events in ``run_dir``'s run log so far, oldest first, those named ``kind`` only if given; none
+    while the log does not exist. A last line without its newline is one the coordinator is still
+    writing, not an event yet: reading a live run's log never fails on it."""
+    path = run_dir / EVENTS_FILE
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [e for e in map(json.loads, filter(str.strip, lines)) if kind is None or e["event"] == kind]

@@ -3,7 +3,6 @@ protocol to the real broker. Nothing here stands in for RabbitMQ."""
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -13,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from coordinator.runlog import read_events
 from coordinator.server import Coordinator
 from shared import transport
 from shared.chunking import SITE_HEADER
@@ -58,12 +58,7 @@ def running_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> Iter
         raise errors[0]
 
 
-def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    """The run log's events so far; a line the coordinator is still writing is not one yet."""
-    text = (run_dir / "events.jsonl").read_text()
-    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-    return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
-
+events = read_events  # the tests' name for it
 
 def event_for(run_dir: Path, update_id: str, timeout: float = 15) -> dict:
     return wait_for(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from coordinator.runlog import read_events
 from shared.task import load_task
 
 FEDQ = [sys.executable, "-m", "fedq"]
@@ -63,8 +64,7 @@ def test_demo_runs_ten_sites_to_the_target_reports_it_and_leaves_a_model_that_lo
     assert "time to 0.90:" in result.stdout and "not reached" not in result.stdout.split("time to 0.90:")[1][:20]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best_accuracy"] >= 0.90 and summary["updates_rejected"] == 0
-    applied = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    applied = [e for e in applied if e["event"] == "update"]
+    applied = read_events(tmp_path, "update")
     assert len(applied) == summary["updates_applied"] > 0
     # Fast sites carry an asynchronous run; the 3-second site may not have answered by 0.90.
     assert len({e["site"] for e in applied}) >= 5
@@ -98,8 +98,8 @@ def test_demo_runs_ten_sites_to_the_target_reports_it_and_leaves_a_model_that_lo
     missing = run("export", str(tmp_path), "--version", "100000", "--out", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 2 and "version 100000 was not kept" in missing.stderr
     assert f"version {summary['final_version']} (the checkpoint)" in missing.stderr
-    best_version = next(e["version"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
-                        if e["event"] == "evaluation" and e.get("accuracy") == summary["best_accuracy"])
+    best_version = next(e["version"] for e in read_events(tmp_path, "evaluation")
+                        if e.get("accuracy") == summary["best_accuracy"])
     best = tmp_path / "best.safetensors"
     assert run("export", str(tmp_path), "--version", str(best_version), "--out", str(best)).returncode == 0
     assert score(best) == pytest.approx(summary["best_accuracy"], abs=1e-6)

@@ -5,6 +5,7 @@ such tasks reaches 0.90 in tests/test_progress.py); the device setting; the run 
 import pytest
 import torch
 
+from coordinator.runlog import read_events
 from shared.settings import SettingsError, load_settings
 from shared.model_state import load_values, trained_delta, trained_state
 from tests.moving_task import reallocate
@@ -54,8 +55,6 @@ def test_frozen_weights_stay_home_and_the_run_configuration_reaches_every_sites_
     """Sites of a frozen-backbone task, configured from the centre: updates and snapshots carry the
     trained head alone, every site's task sees the run configuration, and a site that built other
     frozen weights says so and stops instead of training."""
-    import json
-
     from fedq.federation import run_federation, site_names
     from tests.frozen_task import FrozenBackboneDigits
 
@@ -65,8 +64,7 @@ def test_frozen_weights_stay_home_and_the_run_configuration_reaches_every_sites_
         site_settings={"site-3": {"task": "tests.frozen_task:OtherBackboneDigits"}},
         coordinator={"task": task, "strategy": "fedasync", "max_versions": 6, "max_seconds": 60,
                      "run_config": {"lr": 0.05, "local_epochs": 1, "note": "from the centre"}})
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    updates = [e for e in events if e["event"] == "update"]
+    updates = read_events(tmp_path, "update")
     assert updates and all(e["metrics"]["config_lr"] == 0.05 and e["metrics"]["config_local_epochs"] == 1 for e in updates)
 
     model = FrozenBackboneDigits().build_model()
@@ -74,11 +72,11 @@ def test_frozen_weights_stay_home_and_the_run_configuration_reaches_every_sites_
     frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     assert frozen > 5 * trained
     assert max(e["bytes"] for e in updates) <= 1.3 * trained, "an fp32 update carries the trained head alone"
-    snapshots = [e["bytes"] for e in events if e["event"] == "snapshot"]
+    snapshots = [e["bytes"] for e in read_events(tmp_path, "snapshot")]
     assert snapshots and max(snapshots) <= 1.3 * trained
 
     assert summary["worker_exit_codes"]["site-3"] == 2
     assert {e["site"] for e in updates} == {"site-0", "site-1", "site-2"}
     said = (tmp_path / "sites" / "site-3.log").read_text()
     assert "cannot train: the frozen part of its model" in said and "same pretrained weights" in said
-    assert [e["site"] for e in events if e["event"] == "frozen_mismatch"] == ["site-3"]
+    assert [e["site"] for e in read_events(tmp_path, "frozen_mismatch")] == ["site-3"]

@@ -1,7 +1,6 @@
 """The ingest stages, one by one and every verdict, without a broker: payloads go straight into
 ``Ingest.take`` as the coordinator hands them over after reassembly."""
 
-import json
 import math
 import struct
 import time
@@ -14,7 +13,7 @@ import torch
 from coordinator.ingest import APPLIED, DROPPED, DUPLICATE, GREETED, REFUSED, Ingest, NormBound
 from coordinator.senders import Senders
 from coordinator.privacy import GaussianPrivacy
-from coordinator.runlog import RunLog
+from coordinator.runlog import RunLog, read_events
 from coordinator.staleness import staleness_weight
 from coordinator.state import FederationState
 from coordinator.strategies import FedAsync, FedBuff
@@ -49,9 +48,7 @@ def update(ingest, value=0.1, *, site="site-1", base=None, run_id=None, codec="f
     return header.update_id, memoryview(bytearray(b"".join(encode_payload(header, parts))))
 
 
-def events(tmp_path, kind):
-    return [e for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines()) if e["event"] == kind]
-
+events = read_events
 
 def unchanged(ingest):
     return all(torch.count_nonzero(t) == 0 for t in ingest.state.params.values()) and ingest.state.version == 0
