@@ -120,10 +120,9 @@ class SimulatedSite(threading.Thread):
                     continue
                 buffer = memoryview(bytearray(announcement.size))
                 reader = transport.SnapshotReader(
-                    link, announcement, buffer, log=log, who=self.site,
-                    superseded=lambda a=announcement: self.announcement.payload_id != a.payload_id)
+                    link, announcement, buffer, log=log, who=self.site, newest=lambda: self.announcement)
                 if reader.read() is None:
-                    continue  # a newer version came first: read that one
+                    continue  # it gave way to a newer announcement: read that one
                 self.reads.append((announcement.version, announcement.published_at, time.time()))
                 held = announcement.version
                 link.sleep(self.rng.expovariate(1.0 / self.train_seconds))

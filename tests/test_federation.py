@@ -385,6 +385,39 @@ def test_sites_find_each_snapshot_by_its_offset_whatever_the_coordinators_clock_
     client.close()
 
 
+@pytest.mark.parametrize("newer_run", [False, True], ids=["newer-version", "new-run"])
+def test_a_snapshot_read_that_is_moving_finishes_whatever_version_is_announced_meanwhile(broker_url, tmp_path, newer_run):
+    """Reads that started over on every newer version never ended where versions came faster than a
+    snapshot reads. A read that is moving finishes; only a new run (or the run's end) stops it."""
+    params, buffers, announcement = digits_snapshot(3)
+    assert announcement.chunks >= 4
+    newer = announcement.model_copy(update={"version": 4, "payload_id": new_id()})
+    if newer_run:
+        newer = newer.model_copy(update={"run_id": new_id()})
+    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-1", state_dir=tmp_path),
+                        load_task("shared.digits_task:DigitsStraggler"))
+    worker.announcement = announcement
+    publisher = threading.Thread(target=publish_snapshot_chunks, args=(broker_url, buffers, announcement),
+                                 kwargs={"pause": 0.2}, daemon=True)
+    announced = threading.Timer(0.5, lambda: setattr(worker, "announcement", newer))
+    connection = transport.connect(broker_url, 30, "test-read-moving")
+    try:
+        publisher.start()
+        announced.start()
+        fetched = worker.fetch_snapshot(connection, announcement)
+        heard = worker.announcement
+    finally:
+        announced.cancel()
+        connection.close()
+        publisher.join(10)
+    assert heard is newer, "the newer announcement came while the snapshot was being read"
+    if newer_run:
+        assert not fetched and worker.base is None, "a snapshot of an earlier run is of no use"
+    else:
+        assert fetched and worker.base_version == 3, "read whole though version 4 was announced meanwhile"
+        assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
+
+
 def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
     """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
     attaches again after a silence. Here every pause between chunks is such a silence."""

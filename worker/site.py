@@ -197,7 +197,8 @@ class SiteWorker:
         """Read the announced snapshot from the stream, verify it, and make it the base to train from.
 
         Returns False if it did not arrive in time (the stream's retention may have dropped it) or
-        a newer version was announced first; the worker then follows the newest announcement.
+        gave way to a newer announcement (``transport.SnapshotReader`` says when); the worker then
+        follows the newest announcement.
         """
         started = time.monotonic()
         site = self.settings.site
@@ -205,12 +206,12 @@ class SiteWorker:
         # keeps a large model's worker at two copies (model and base), never three.
         self.base = self.base_version = self.base_run = None
         reader = transport.SnapshotReader(link, announcement, self.snapshot_buffer, log=log, who=f"site {site}",
-                                          superseded=lambda: self._superseded(announcement))
+                                          newest=lambda: self.announcement)
         try:
             payload = reader.read()
             if payload is None:
-                log.info("site %s: version %d was superseded before it arrived; reading the newer announcement",
-                         site, announcement.version)
+                log.info("site %s: version %d gave way to version %d before it arrived; reading that one",
+                         site, announcement.version, self.announcement.version)
                 return False
             header, parts = decode_payload(payload, HeaderLimits.for_model(len(self.layout.shapes)))
             if not isinstance(header, SnapshotHeader):
@@ -233,10 +234,6 @@ class SiteWorker:
         log.info("site %s: snapshot version %d (%d bytes) in %.2f s", site, header.version, len(payload),
                  time.monotonic() - started)
         return True
-
-    def _superseded(self, announcement: Announcement) -> bool:
-        """A newer snapshot was announced (the same one announced again, for a hello, is not newer)."""
-        return self.announcement is not None and self.announcement.payload_id != announcement.payload_id
 
     # -- evaluation ------------------------------------------------------------------------------
 
