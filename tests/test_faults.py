@@ -63,24 +63,31 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path):
     """On the container path the restart is `docker stop` and `docker start` of the broker's container."""
     node = make_node(BROKER_CONFIG)
     url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
-    restarted = threading.Event()
+    down = threading.Event()
+    versions_before: list[int] = []
 
     def restart_after_version_1():
-        # Early: a restart takes the node seconds to stop and start, and with tests in parallel a run
-        # restarted at version 3 once reached its target before the node was back.
-        wait_for(lambda: (tmp_path / "events.jsonl").exists() and any(
-            e.get("version", 0) >= 1 for e in events(tmp_path, "evaluation")), 90, "version 1")
-        node.restart()
-        restarted.set()
+        # Early, far from the target: a run with no broker makes no progress, so one that reaches its
+        # target afterwards resumed. The node serves clients again seconds before its start returns
+        # (rabbitmqctl await_startup, under load), and the run may end meanwhile.
+        wait_for(lambda: any(e.get("version", 0) >= 1 for e in events(tmp_path, "evaluation")), 90, "version 1")
+        node.stop()
+        versions_before.append(max(e["version"] for e in events(tmp_path, "evaluation")))
+        down.set()
+        node.start()
 
-    threading.Thread(target=restart_after_version_1, daemon=True).start()
+    restarter = threading.Thread(target=restart_after_version_1, daemon=True)
+    restarter.start()
     summary = run_federation(
         url, tmp_path, site_names(10),
         coordinator={"strategy": "fedbuff", "buffer_size": 10, "server_lr": 0.3, "stop_at_accuracy": 0.90,
                      "max_seconds": 240, "max_staleness": 10_000},
     )
-    assert restarted.is_set()
+    restarter.join(120)  # before the fixture removes the node under a start still waiting
+    assert down.is_set() and not restarter.is_alive(), "the broker stopped mid-run and started again"
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
+    reached = min(e["version"] for e in events(tmp_path, "evaluation") if e["accuracy"] >= 0.90)
+    assert reached > versions_before[0], "the target was reached after the restart, not before it"
     update_events = [e["update_id"] for e in events(tmp_path, "update")]
     assert len(update_events) == len(set(update_events))
     assert applied_once(tmp_path) == set(update_events)
