@@ -48,8 +48,6 @@ def update(ingest, value=0.1, *, site="site-1", base=None, run_id=None, codec="f
     return header.update_id, memoryview(bytearray(b"".join(encode_payload(header, parts))))
 
 
-events = read_events
-
 def unchanged(ingest):
     return all(torch.count_nonzero(t) == 0 for t in ingest.state.params.values()) and ingest.state.version == 0
 
@@ -193,7 +191,7 @@ def test_an_update_from_another_run_is_dropped_and_counted_once(tmp_path):
     verdict = ingest.take(payload, "fedq")
     assert verdict.outcome == DROPPED and "not the current run" in verdict.reason and unchanged(ingest)
     assert ingest.state.ledger.entries[update_id].applied_at is None and ingest.runlog.dropped == 1
-    assert events(tmp_path, "dropped")[0]["update_id"] == update_id
+    assert read_events(tmp_path, "dropped")[0]["update_id"] == update_id
 
 
 def test_an_update_counted_already_is_a_duplicate_not_a_refusal(tmp_path):
@@ -207,7 +205,7 @@ def test_an_update_counted_already_is_a_duplicate_not_a_refusal(tmp_path):
     assert all(torch.equal(moved[name], t) for name, t in ingest.state.params.items()) and ingest.state.version == 1
     assert ingest.runlog.duplicates_per_site == {"site-1": 1} and ingest.runlog.rejected == 0
     assert ingest.runlog.received == received, "a redelivery's bytes do not count against its site again"
-    assert events(tmp_path, "duplicate") == [{"t": events(tmp_path, "duplicate")[0]["t"], "event": "duplicate",
+    assert read_events(tmp_path, "duplicate") == [{"t": read_events(tmp_path, "duplicate")[0]["t"], "event": "duplicate",
                                               "site": "site-1", "update_id": update_id}]
 
 
@@ -219,7 +217,7 @@ def test_a_base_from_the_future_is_refused_and_a_stale_one_is_weighted(tmp_path)
         ingest.take(update(ingest, 0.0)[1], "fedq")
     update_id, payload = update(ingest, 1.0, base=0)
     assert ingest.take(payload, "fedq").outcome == APPLIED
-    [event] = [e for e in events(tmp_path, "update") if e["update_id"] == update_id]
+    [event] = [e for e in read_events(tmp_path, "update") if e["update_id"] == update_id]
     assert event["staleness"] == 3 and event["weight"] == pytest.approx(0.5 * 4**-0.5, rel=1e-5)
 
 
@@ -310,7 +308,7 @@ def test_an_applied_update_moves_the_model_and_is_recorded(tmp_path):
     assert ingest.state.version == 1 and torch.allclose(ingest.state.params["w"], torch.full((4, 3), 0.1))
     entry = ingest.state.ledger.entries[update_id]
     assert (entry.site, entry.base_version, entry.applied_at) == ("site-1", 0, 0)
-    assert ingest.runlog.applied == 1 and events(tmp_path, "update")[0]["bytes"] == len(payload)
+    assert ingest.runlog.applied == 1 and read_events(tmp_path, "update")[0]["bytes"] == len(payload)
 
 
 def test_a_buffered_update_is_applied_without_a_new_version_until_the_buffer_is_full(tmp_path):
@@ -332,7 +330,7 @@ def test_a_stage_that_fails_refuses_the_update_and_records_nothing(tmp_path):
     assert verdict.outcome == REFUSED and verdict.reason == "submit failed: RuntimeError: the strategy broke"
     assert update_id not in ingest.state.ledger and ingest.runlog.applied == 0 and unchanged(ingest)
     assert ingest.runlog.stage_failures == {"submit": 1}, "a gap in fedq's checks is counted"
-    assert "the strategy broke" in events(tmp_path, "stage_failed")[0]["error"]
+    assert "the strategy broke" in read_events(tmp_path, "stage_failed")[0]["error"]
 
 
 def test_a_buffer_closed_at_its_deadline_moves_the_model_to_a_new_version(tmp_path):
@@ -344,7 +342,7 @@ def test_a_buffer_closed_at_its_deadline_moves_the_model_to_a_new_version(tmp_pa
     outcome = ingest.flush(opened + 1.0)
     assert outcome.flushed == 2 and ingest.state.version == 1
     assert torch.allclose(ingest.state.params["b"], torch.full((3,), 0.3))
-    assert events(tmp_path, "flushed") == [{**events(tmp_path, "flushed")[0], "updates": 2, "version": 1}]
+    assert read_events(tmp_path, "flushed") == [{**read_events(tmp_path, "flushed")[0], "updates": 2, "version": 1}]
 
 
 def test_a_refused_answer_to_a_fedavg_round_counts_towards_closing_it(tmp_path):
@@ -356,7 +354,7 @@ def test_a_refused_answer_to_a_fedavg_round_counts_towards_closing_it(tmp_path):
     verdict = ingest.take(update(ingest, site="site-2", tensors=broken)[1], "fedq")
     assert verdict.outcome == REFUSED and "NaN" in verdict.reason and verdict.new_version
     assert ingest.state.version == 1 and torch.allclose(ingest.state.params["b"], torch.full((3,), 0.3))
-    assert events(tmp_path, "excused")[0]["site"] == "site-2"
+    assert read_events(tmp_path, "excused")[0]["site"] == "site-2"
     # A sender that may not speak for the site it names excuses nobody.
     ingest.take(update(ingest, 0.3, site="site-1")[1], "fedq")
     assert ingest.take(update(ingest, site="site-2", tensors=broken)[1], "site-1").outcome == REFUSED
@@ -369,4 +367,4 @@ def test_an_update_that_is_exactly_zero_is_taken_and_said_loudly(tmp_path, caplo
     with caplog.at_level("WARNING"):
         assert ingest.take(payload, "fedq").outcome == APPLIED
     assert "is exactly zero" in caplog.text
-    assert events(tmp_path, "zero_update")[0]["update_id"] == update_id
+    assert read_events(tmp_path, "zero_update")[0]["update_id"] == update_id

@@ -210,7 +210,7 @@ class SiteWorker:
         try:
             payload = reader.read()
             if payload is None:
-                log.info("site %s: version %d gave way to version %d before it arrived; reading that one",
+                log.info("site %s: version %d gave way to the announcement of version %d before it arrived",
                          site, announcement.version, self.announcement.version)
                 return False
             header, parts = decode_payload(payload, HeaderLimits.for_model(len(self.layout.shapes)))
