@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from coordinator.ingest import REFUSED, SCORED
+from coordinator.runlog import read_events
 from coordinator.site_scores import SiteScores
 from shared.digits_task import DigitsStraggler, dataset, site_indices, site_test_indices
 from shared.protocol import PROTOCOL_VERSION, EvalReport, ProtocolError, encode_payload, new_id
 from shared.task import SiteContext
-from tests.test_ingest import events, federation
+from tests.test_ingest import federation
 
 
 def report(site, round_, version, samples, run_id="0123456789abcdef", **metrics):
@@ -70,7 +71,7 @@ def test_the_ingest_stage_takes_a_sites_score_and_refuses_what_no_site_should_se
 
     verdict = take(report("site-1", 0, 0, 20, run_id=ingest.state.run_id, accuracy=0.75))
     assert verdict.outcome == SCORED and verdict.reason is None and "site-1" in ingest.state.sites_seen
-    assert events(tmp_path, "site_evaluation")[0]["metrics"] == {"accuracy": 0.75}
+    assert read_events(tmp_path, "site_evaluation")[0]["metrics"] == {"accuracy": 0.75}
     other_run = take(report("site-2", 0, 0, 20, run_id=new_id()))
     assert other_run.outcome == SCORED and other_run.reason.startswith("the evaluation is of run")
     assert ingest.scores.current.reports.keys() == {"site-1"}, "another run's score is set aside"
