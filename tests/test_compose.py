@@ -47,7 +47,8 @@ def _conf(name: str) -> dict[str, str]:
 
 def test_the_production_broker_keeps_the_limits_and_has_no_plain_listener_definitions_or_open_management():
     development, production = _conf("rabbitmq.conf"), _conf("production.conf")
-    for key in ("max_message_size", "heartbeat", "vm_memory_high_watermark.relative", "disk_free_limit.absolute"):
+    for key in ("max_message_size", "heartbeat", "vm_memory_high_watermark.relative", "disk_free_limit.absolute",
+                "raft.wal_max_size_bytes"):
         assert production[key] == development[key], f"{key} differs between rabbitmq.conf and production.conf"
     assert production["listeners.tcp"] == "none"
     assert "load_definitions" not in production, "definitions at boot would seed no administrator"
