@@ -132,6 +132,8 @@ class Coordinator:
         self._last_status = 0.0
         self.metrics_url: str | None = None
         self._link: transport.Link | None = None
+        #: The broker defects already logged: each once, not at every reconnection.
+        self._defects_told: set[str] = set()
 
     def _cover_trainable(self) -> None:
         trainable = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
@@ -211,6 +213,10 @@ class Coordinator:
         self._link = transport.connect(s.broker_url, s.heartbeat, "fedq-coordinator", **s.tls_files())
         try:
             backoff.reset()
+            for defect in transport.broker_defects(self._link.broker_version):
+                if defect not in self._defects_told:
+                    self._defects_told.add(defect)
+                    log.warning("%s", defect)
             self.uploads.reconnected()
             self.pending_acks.clear()
             self._publisher = transport.Publisher(self._link, declare_topology=True,

@@ -73,3 +73,15 @@ def test_queues_an_older_fedq_declared_classic_are_replaced_or_kept(broker, brok
     assert f"{transport.STATUS} was declared by an older fedq" in warnings and "replacing it" in warnings
     assert f"rabbitmqctl delete_queue {transport.REJECTED}" in warnings
     link.close()
+
+
+def test_the_brokers_with_a_known_defect_are_named_by_their_version_and_the_release_that_fixed_it():
+    told = transport.broker_defects("3.10.8")
+    assert len(told) == 1 and told[0].startswith("RabbitMQ 3.10.8 keeps the metric counters")
+    assert "fixed in 3.10.11" in told[0] and "restart its nodes" in told[0], "what to do"
+    assert transport.broker_defects("3.11.2") and transport.broker_defects("3.10.0")
+    for fixed in ("3.10.11", "3.11.3", "3.12.14", "4.0.5", "3.9.29"):
+        assert transport.broker_defects(fixed) == [], fixed
+    for unreadable in (None, "", "main", "3.x"):
+        assert transport.broker_defects(unreadable) == [], unreadable
+    assert transport.broker_defects("3.10.8+1.g1234") and transport.broker_defects("3.10.8-rc.1"), "build and pre-release tags"

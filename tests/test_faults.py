@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.checkpoint import read_checkpoint
 from fedq.federation import run_federation, site_names, start_coordinator, start_worker
+from shared import transport
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import load_task
@@ -59,7 +60,7 @@ def test_connections_cut_repeatedly_still_reach_090(broker, broker_url, tmp_path
 
 
 @pytest.mark.container
-def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path):
+def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
     """On the container path the restart is `docker stop` and `docker start` of the broker's container."""
     node = make_node(BROKER_CONFIG)
     url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
@@ -93,6 +94,11 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path):
     update_events = [e["update_id"] for e in events(tmp_path, "update")]
     assert len(update_events) == len(set(update_events))
     assert applied_once(tmp_path) == set(update_events)
+    link = transport.connect(url, 30, "version-check")
+    defects = transport.broker_defects(link.broker_version)
+    link.close()
+    told = [record.getMessage() for record in caplog.records if record.name == "fedq.coordinator"]
+    assert all(told.count(defect) == 1 for defect in defects), "each known defect of the broker told once, not at each connection"
 
 
 def test_a_site_that_outlives_its_coordinator_says_hello_to_the_new_run_and_is_heard(broker_url, tmp_path):

@@ -1,6 +1,7 @@
 """The pika 1.x internals fedq changes: a pika upgrade that moved them fails here."""
 
 import inspect
+import re
 import socket
 import threading
 import time
@@ -43,6 +44,16 @@ def test_a_fragment_delivering_channel_hands_over_each_body_as_its_frames(broker
     assert isinstance(whole, list) and len(whole) > 1 and b"".join(whole) == body
     assert empty == []
     assert assembler.last_frame > attached, "the time of the channel's last frame, for a site's stall check"
+
+
+def test_a_link_knows_the_version_its_broker_announced(broker_url):
+    # Read from pika's inner connection, for the coordinator's warning of a broker with a known defect.
+    link = transport.connect(broker_url, 30, "version-test")
+    try:
+        version = link.broker_version
+    finally:
+        link.close()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", version), version
 
 
 def test_a_refused_login_is_told_from_a_login_cut_short(broker_url):
