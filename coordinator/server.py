@@ -573,9 +573,11 @@ class Coordinator:
         if pooled is None:
             return
         values, self._round_values = self._round_values, None
-        self.runlog.event("federated_evaluation", version=pooled.version, sites=pooled.sites, samples=pooled.samples,
-                          representative=pooled.representative, **pooled.metrics)
-        log.info("sites scored version %d: %s (%d sites, %d samples%s)", pooled.version,
+        self.runlog.event("federated_evaluation", version=pooled.version, newest_version=pooled.newest,
+                          sites=pooled.sites, samples=pooled.samples, representative=pooled.representative,
+                          **pooled.metrics)
+        log.info("sites scored version %d%s: %s (%d sites, %d samples%s)", pooled.version,
+                 f" (some of them up to version {pooled.newest})" if pooled.newest != pooled.version else "",
                  ", ".join(f"{name} {value:.4f}" for name, value in pooled.metrics.items()), pooled.sites,
                  pooled.samples, "" if pooled.representative else "; fewer than half the sites: not taken as the "
                  "federation's score")
@@ -608,7 +610,8 @@ class Coordinator:
 
         The announcement goes first, with the size and digest computed up front, so that sites read
         the stream while it is being written instead of after: fan-out takes the longer of writing
-        and reading, not their sum. A site that is told of a newer version gives up the older one.
+        and reading, not their sum. A site's read that is moving finishes even when a newer version
+        is announced meanwhile (shared/transport/stream.py says why).
         """
         started = time.monotonic()
         specs, parts = encode_tensors(self.params, get_codec(self.settings.snapshot_codec))

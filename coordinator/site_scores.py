@@ -34,14 +34,16 @@ class Round:
 
 @dataclass(frozen=True)
 class Pooled:
-    """A closed round: its version, the sample-weighted metrics, who answered, and whether they are
-    enough (at least half of the sites seen) to stand for the federation."""
+    """A closed round: its version, the sample-weighted metrics, who answered, whether they are
+    enough (at least half of the sites seen) to stand for the federation, and the newest version a
+    report scored (the metrics are of the model from ``version`` to ``newest``)."""
 
     version: int
     metrics: dict[str, float]
     sites: int
     samples: int
     representative: bool
+    newest: int
 
 
 class SiteScores:
@@ -88,7 +90,8 @@ class SiteScores:
         self.current = None
         return Pooled(current.version, pool(current.reports.values()), len(answered),
                       sum(r.num_samples for r in current.reports.values()),
-                      representative=2 * len(answered) >= len(sites_seen | answered))
+                      representative=2 * len(answered) >= len(sites_seen | answered),
+                      newest=max(r.version for r in current.reports.values()))
 
 
 def pool(reports) -> dict[str, float]:

@@ -16,6 +16,7 @@ from coordinator.server import Coordinator, ModelDiverged
 from shared import transport
 from shared.chunking import SITE_HEADER, chunk_count, iter_chunks, payload_digest
 from shared.codecs import encode_tensors, get_codec
+from shared.digits_task import dataset, partitions, score, site_number
 from fedq.federation import run_federation, site_names
 from shared.protocol import (
     PROTOCOL_VERSION, Announcement, SnapshotHeader, decode_header, encode_payload, new_id, now, payload_size,
@@ -57,16 +58,31 @@ def test_a_coordinator_without_data_reaches_090_scored_by_its_sites_with_topk_up
     evaluations = events(tmp_path, "evaluation")
     assert [e["version"] for e in evaluations] == [r["version"] for r in rounds], "the sites' score is the run's"
 
-    # The best version, as exported, scores centrally about what its sites said (they score the
-    # round's version or one a little newer, so not exactly).
+    # The best version is exported: it is the round's version, so each site that scored that very
+    # version said exactly what the exported model scores on the site's share of the test split.
     best = tmp_path / "model-best.safetensors"
     with safe_open(str(best), framework="pt") as exported:
         said = float(exported.metadata()["fedq_accuracy"])
     task = load_task("shared.digits_task:DigitsStraggler")
     model = task.build_model()
     model.load_state_dict(load_file(str(best)))
-    assert said == max(r["accuracy"] for r in rounds) >= 0.90
-    assert abs(task.evaluate(model)["accuracy"] - said) <= 0.05
+    best_round = max(rounds, key=lambda r: r["accuracy"])
+    assert said == best_round["accuracy"] >= 0.90
+    at_round = [s for s in scores if s["round"] == s["version"] == best_round["version"]]
+    _, X_test, _, y_test = dataset()
+    for site_score in at_round:
+        share = partitions()[1][site_number(site_score["site"])]
+        assert score(model, X_test[share], y_test[share])["accuracy"] == pytest.approx(
+            site_score["metrics"]["accuracy"], abs=1e-6), f"{site_score['site']} scored the exported version"
+    # The sites' shares make up the whole test split, so the pooled score differs from the central
+    # one only by the versions scored: a site scores the first version it holds from the round's on,
+    # and the 3-second straggler (40 of the 360 samples) one about 30 versions on, in a run that
+    # gains about a point of accuracy per version near its target. Two runs measured gaps of 0.014
+    # and 0.053.
+    central = task.evaluate(model)["accuracy"]
+    assert abs(central - said) <= 0.08, (
+        f"version {best_round['version']} scores {central:.3f} centrally; its sites said {said:.3f}, scoring "
+        f"versions up to {best_round['newest_version']}")
 
     dense = sum(t.numel() * 4 for t in model.parameters())
     assert 0 < summary["mean_update_bytes"] < dense / 50

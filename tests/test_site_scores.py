@@ -29,6 +29,7 @@ def test_a_round_pools_by_samples_and_closes_when_every_site_seen_answered():
     assert scores.add(report("b", 0, 2, 10, accuracy=0.9), version_now=3) is None
     pooled = scores.close_if_done({"a", "b"}, now=3.0)
     assert pooled.version == 0 and pooled.sites == 2 and pooled.samples == 40 and pooled.representative
+    assert pooled.newest == 2, "site b scored version 2: the pooled score is of versions 0 to 2"
     assert pooled.metrics["accuracy"] == pytest.approx((0.5 * 30 + 0.9 * 10) / 40)
     assert pooled.metrics["loss"] == 2.0, "a metric is pooled over the sites that report it"
     assert scores.asking is None
@@ -43,7 +44,7 @@ def test_a_round_waits_no_longer_than_its_wait_and_few_answers_do_not_stand_for_
     scores.add(report("a", 3, 3, 5, accuracy=1.0), version_now=3)
     assert scores.close_if_done(sites, now=9.0) is None
     pooled = scores.close_if_done(sites, now=10.0)
-    assert pooled.sites == 1 and not pooled.representative
+    assert pooled.sites == 1 and not pooled.representative and pooled.newest == 3
     scores.open_if_due(4, now=11.0)
     scores.add(report("a", 4, 4, 5, accuracy=1.0), version_now=4)
     scores.add(report("b", 4, 4, 5, accuracy=1.0), version_now=4)
