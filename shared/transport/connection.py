@@ -131,9 +131,10 @@ class Link:
 
 
 # RabbitMQ releases with a defect that costs a federation: (the ranges of releases with it, first
-# affected to first fixed; what it costs and what to do). Each snapshot read is one stream reader on
-# the node that serves it, and a soak on 3.10.8 (benchmarks/soak.py) kept 4,615 ended readers' counters,
-# 21 MB, on one node after 14 minutes.
+# affected to first fixed; what it costs and what to do). Release notes name the fix; a range starts
+# at its series' first release, for a series whose earlier releases were not checked one by one.
+# Each snapshot read is one stream reader on the node that serves it, and a soak on 3.10.8
+# (benchmarks/soak.py) kept 4,615 ended readers' counters, 21 MB, on one node after 14 minutes.
 BROKER_DEFECTS = [
     ([((3, 10, 0), (3, 10, 11)), ((3, 11, 0), (3, 11, 3))],
      ("keeps the metric counters of every stream reader that has ended, about 4.7 KB on the serving node per "
