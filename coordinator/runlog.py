@@ -13,6 +13,64 @@ from typing import Any
 
 ACCURACY_MILESTONES = (0.90, 0.95)
 EVENTS_FILE = "events.jsonl"
+#: The most points the summary's curve keeps besides its records (the run log keeps every one).
+CURVE_POINTS = 4096
+
+Point = tuple[float, int, float, float]  # seconds, version, accuracy, loss
+
+
+class Curve:
+    """The accuracy curve a run's summary carries, in memory bounded however long the run.
+
+    A run that scores every version would otherwise keep a point per version for good: over 37,000
+    in a 40-minute soak. Kept are every record (a point whose accuracy beats all before it: at most
+    one per accuracy its test set can give), so the time to any accuracy is exact; the last point;
+    and other points thinned evenly: when they pass ``limit``, every other one goes and from then on
+    only every other one is taken, and so on.
+    """
+
+    def __init__(self, limit: int = CURVE_POINTS):
+        self.limit = limit
+        self.best: float | None = None
+        self.last: Point | None = None
+        self._last_is_record = False
+        self._kept: list[tuple[Point, bool]] = []  # (point, whether a record), oldest first
+        self._others = 0  # non-record points kept
+        self._stride = 1
+        self._seen = 0  # non-record points offered since the stride last changed
+
+    def add(self, point: Point) -> None:
+        if self.last is not None and not self._last_is_record:
+            self._offer(self.last)
+        accuracy = point[2]
+        self._last_is_record = accuracy == accuracy and (self.best is None or accuracy > self.best)  # not NaN
+        if self._last_is_record:
+            self.best = accuracy
+            self._kept.append((point, True))
+        self.last = point
+
+    def _offer(self, point: Point) -> None:
+        """A point that is no longer the last and was no record: kept on the stride."""
+        self._seen += 1
+        if (self._seen - 1) % self._stride:
+            return
+        self._kept.append((point, False))
+        self._others += 1
+        if self._others > self.limit:
+            thinned, index = [], 0
+            for kept, is_record in self._kept:
+                if is_record or index % 2 == 0:
+                    thinned.append((kept, is_record))
+                index += not is_record
+            self._kept = thinned
+            self._others = sum(not is_record for _, is_record in thinned)
+            self._stride, self._seen = self._stride * 2, 0
+
+    @property
+    def points(self) -> list[Point]:
+        """The kept points and the last one, oldest first."""
+        kept = [point for point, _ in self._kept]
+        return kept if self.last is None or self._last_is_record else [*kept, self.last]
 
 
 class RunLog:
@@ -27,7 +85,7 @@ class RunLog:
         self.started_at = time.time()
         #: Whether the run's clock started (its first version), here or before a resume.
         self.clock_started = False
-        self.curve: list[tuple[float, int, float, float]] = []
+        self.curve = Curve()
         self.staleness: Counter[int] = Counter()
         self.applied = 0
         self.dropped = 0
@@ -103,15 +161,16 @@ class RunLog:
 
     def evaluation(self, version: int, metrics: dict[str, float]) -> None:
         accuracy = metrics.get("accuracy", float("nan"))
-        self.curve.append((round(self.elapsed, 4), version, accuracy, metrics.get("loss", float("nan"))))
+        self.curve.add((round(self.elapsed, 4), version, accuracy, metrics.get("loss", float("nan"))))
         self.event("evaluation", version=version, **metrics)
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         """Write and return ``summary.json``: milestones, final accuracy, counts, staleness and the curve."""
+        curve = self.curve.points
         result = {
-            "time_to_accuracy": {f"{m:.2f}": time_to_accuracy(self.curve, m) for m in ACCURACY_MILESTONES},
-            "final_accuracy": self.curve[-1][2] if self.curve else None,
-            "best_accuracy": max((c[2] for c in self.curve), default=None),
+            "time_to_accuracy": {f"{m:.2f}": time_to_accuracy(curve, m) for m in ACCURACY_MILESTONES},
+            "final_accuracy": self.curve.last[2] if self.curve.last else None,
+            "best_accuracy": self.curve.best,
             "elapsed": round(self.elapsed, 3),
             "updates_applied": self.applied,
             "updates_dropped": self.dropped,
@@ -125,7 +184,7 @@ class RunLog:
             "stage_failures": dict(sorted(self.stage_failures.items())),
             "mean_update_bytes": sum(self.bytes_in.values()) / self.received if self.received else None,
             "bytes_out": self.bytes_out,
-            "curve": self.curve,
+            "curve": curve,
             **extra,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=1))
@@ -163,7 +222,7 @@ class RunLog:
         self._file.close()
 
 
-def time_to_accuracy(curve: list[tuple[float, int, float, float]], threshold: float) -> float | None:
+def time_to_accuracy(curve: list[Point], threshold: float) -> float | None:
     """Seconds until accuracy first reached ``threshold``, or None if it never did."""
     return next((t for t, _, accuracy, _ in curve if accuracy >= threshold), None)
 

@@ -77,7 +77,7 @@ def build_status(
     )
     return Status(
         protocol=PROTOCOL_VERSION, run_id=run_id, strategy=strategy, published_at=published_at, every=every,
-        elapsed=runlog.elapsed, version=version, evaluated_version=runlog.curve[-1][1] if runlog.curve else None,
+        elapsed=runlog.elapsed, version=version, evaluated_version=runlog.curve.last[1] if runlog.curve.last else None,
         metrics=metrics, applied=runlog.applied, dropped=runlog.dropped, refused=runlog.rejected,
         updates_per_minute=runlog.updates_per_minute(),
         active_sites=sum(1 for t in runlog.last_seen.values() if published_at - t <= ACTIVE_SECONDS),
