@@ -6,6 +6,7 @@ Times are seconds since the first snapshot was published, the clock the benchmar
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -43,7 +44,7 @@ class Curve:
         if self.last is not None and not self._last_is_record:
             self._offer(self.last)
         accuracy = point[2]
-        self._last_is_record = accuracy == accuracy and (self.best is None or accuracy > self.best)  # not NaN
+        self._last_is_record = not math.isnan(accuracy) and (self.best is None or accuracy > self.best)
         if self._last_is_record:
             self.best = accuracy
             self._kept.append((point, True))

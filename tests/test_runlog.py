@@ -1,5 +1,6 @@
 """The run log's summary curve: bounded in memory, exact where the summary reads it."""
 
+import itertools
 import math
 import random
 
@@ -30,7 +31,7 @@ def test_a_long_curve_is_kept_within_its_limit_and_still_answers_every_time_to_a
     for threshold in [i / 100 for i in range(101)]:
         assert time_to_accuracy(kept, threshold) == time_to_accuracy(full, threshold), threshold
     assert curve.best == max(p[2] for p in full) and curve.last == full[-1]
-    gaps = [b[1] - a[1] for a, b in zip(kept, kept[1:])]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(kept)]
     assert max(gaps) <= 2 * 50_000 / 500, "the points left are spread over the whole run"
 
 
