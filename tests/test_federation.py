@@ -451,33 +451,6 @@ def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_hea
     assert worker.stream_attachments >= announcement.chunks, "it attached again in every pause"
 
 
-def test_snapshot_reads_on_one_connection_take_turns_on_one_channel_even_after_one_was_given_up(broker_url, tmp_path,
-                                                                                                 monkeypatch):
-    """RabbitMQ keeps some of a stream reader's state by its channel: a channel per read left a
-    reader's counters behind on the broker at every read (Link.reading_channel)."""
-    monkeypatch.setattr(stream_module, "STALL_SECONDS", 0.2)
-    monkeypatch.setattr(stream_module, "READ_TIMEOUT", 2.0)
-    _, cut_buffers, cut = digits_snapshot(5)
-    publish_snapshot_chunks(broker_url, cut_buffers, cut, count=cut.chunks // 2)
-    params, buffers, whole = digits_snapshot(6)
-    publish_snapshot_chunks(broker_url, buffers, whole)
-    worker = SiteWorker(load_settings(WorkerSettings, broker_url=broker_url, site="site-4", state_dir=tmp_path),
-                        load_task("shared.digits_task:DigitsStraggler"))
-    connection = transport.connect(broker_url, 30, "test-read-turns")
-    try:
-        worker.announcement = cut
-        assert not worker.fetch_snapshot(connection, cut), "half a snapshot is given up"
-        channel, _ = connection.reading_channel()
-        worker.announcement = whole
-        assert worker.fetch_snapshot(connection, whole)
-        assert connection.reading_channel()[0] is channel and channel.is_open, "the same channel read both"
-        assert not channel._consumer_infos, "no consumer stays attached between reads"
-    finally:
-        connection.close()
-    assert worker.base_version == 6
-    assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
-
-
 def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_got(broker_url, tmp_path, monkeypatch,
                                                                                    caplog):
     monkeypatch.setattr(stream_module, "STALL_SECONDS", 0.2)

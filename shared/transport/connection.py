@@ -19,7 +19,6 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.settings import broker_urls
-from shared.transport.frames import FragmentAssembler, deliver_fragments
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,25 +53,10 @@ class Link:
 
     def __init__(self, connection: pika.BlockingConnection):
         self._connection = connection
-        self._reading: tuple[BlockingChannel, FragmentAssembler] | None = None
 
     def channel(self) -> BlockingChannel:
         """A new channel on this connection."""
         return self._connection.channel()
-
-    def reading_channel(self) -> tuple[BlockingChannel, FragmentAssembler]:
-        """The channel that every snapshot read on this connection uses, one after another, with
-        its frame assembler (``deliver_fragments``); a new one once it is closed.
-
-        One channel, not one per read: RabbitMQ keeps some of a stream reader's state by its
-        channel. With a channel per read, 200 reads left 200 readers' metric counters behind on
-        RabbitMQ 3.10.8 (BROKER_DEFECTS) and wrote 600 entries to the stream coordinator's log;
-        on one channel, 1 and 201.
-        """
-        if self._reading is None or not self._reading[0].is_open:
-            channel = self._connection.channel()
-            self._reading = channel, deliver_fragments(channel)
-        return self._reading
 
     def serve(self, seconds: float) -> None:
         """Drive the connection for up to ``seconds``: heartbeats, confirms and consumer callbacks."""
@@ -149,15 +133,13 @@ class Link:
 # RabbitMQ releases with a defect that costs a federation: (the ranges of releases with it, first
 # affected to first fixed; what it costs and what to do). Release notes name the fix; a range starts
 # at its series' first release, for a series whose earlier releases were not checked one by one.
-# On 3.10.8 a soak (benchmarks/soak.py) that read each snapshot on a channel of its own kept 4,615
-# ended readers' counters, 21 MB, on one node after 14 minutes; RabbitMQ keys them by channel, and
-# reads now take turns on one channel per connection (Link.reading_channel), which leaves one.
+# Each snapshot read is one stream reader, on a channel of its own, on the node that serves it: a soak
+# on 3.10.8 (benchmarks/soak.py) kept 4,615 ended readers' counters, 21 MB, on one node after 14 minutes.
 BROKER_DEFECTS = [
     ([((3, 10, 0), (3, 10, 11)), ((3, 11, 0), (3, 11, 3))],
-     ("keeps the metric counters of stream readers that have ended, about 4.7 KB on a node for every "
-      "connection that read snapshots there, until the node restarts (\"Stream unsubscription leaked metric "
-      "counters\", fixed in 3.10.11 and 3.11.3): sites that reconnect often add up; upgrade the broker, or restart "
-      "its nodes one at a time now and then")),
+     ("keeps the metric counters of every stream reader that has ended, about 4.7 KB on the serving node per "
+      "snapshot read, until the node restarts (\"Stream unsubscription leaked metric counters\", fixed in 3.10.11 "
+      "and 3.11.3): upgrade the broker, or restart its nodes one at a time now and then")),
 ]
 
 

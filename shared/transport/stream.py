@@ -17,7 +17,7 @@ from shared.chunking import ChunkInfo, Reassembly
 from shared.progress import Throttle, megabytes
 from shared.protocol import Announcement, ProtocolError
 from shared.transport.connection import Link
-from shared.transport.frames import cancel_stream_consumer
+from shared.transport.frames import cancel_stream_consumer, deliver_fragments
 from shared.transport.topology import SNAPSHOTS
 
 # Gives up a read that has not completed in this long; the site then waits for the next version.
@@ -87,29 +87,24 @@ class SnapshotReader:
         Raises ProtocolError for chunks that do not add up, SnapshotUnavailable after READ_TIMEOUT.
         """
         started = time.monotonic()
-        # Bodies are copied into the buffer without pika's join first (deliver_fragments).
-        self._channel, self._frames = self.link.reading_channel()
+        self._channel = self.link.channel()
+        self._frames = deliver_fragments(self._channel)  # copied into the buffer without pika's join first
         self._channel.basic_qos(prefetch_count=min(PREFETCH, max(1, self.announcement.chunks)))
         self._attach()
+        # A lost connection raises out of here as it is: its channel and consumer are gone with it.
         gave_way = False
-        try:
-            while self.payload is None and self.error is None and time.monotonic() - started < READ_TIMEOUT:
-                self.link.serve(min(1.0, STALL_SECONDS / 2))
-                if self.payload is not None or self.error is not None:
-                    break
-                stalled = self._stalled()
-                gave_way = self._gives_way(stalled)
-                if gave_way:
-                    break
-                if stalled:
-                    self._attach_again()
-        except BaseException:
-            # A lost connection takes its channel and consumer with it. Anything else leaves this
-            # read's consumer attached: the channel goes, so that the next read does not share it.
-            if self._channel.is_open:
-                self._channel.close()
-            raise
-        cancel_stream_consumer(self._channel, self._tag)  # the channel stays for the next read
+        while self.payload is None and self.error is None and time.monotonic() - started < READ_TIMEOUT:
+            self.link.serve(min(1.0, STALL_SECONDS / 2))
+            if self.payload is not None or self.error is not None:
+                break
+            stalled = self._stalled()
+            gave_way = self._gives_way(stalled)
+            if gave_way:
+                break
+            if stalled:
+                self._attach_again()
+        cancel_stream_consumer(self._channel, self._tag)
+        self._channel.close()
         if self.error is not None:
             raise self.error
         if self.payload is None and not gave_way:
