@@ -58,12 +58,9 @@ def running_coordinator(broker_url: str, run_dir: Path, **settings: Any) -> Iter
         raise errors[0]
 
 
-events = read_events  # the tests' name for it
-
-
 def event_for(run_dir: Path, update_id: str, timeout: float = 15) -> dict:
     return wait_for(
-        lambda: next((e for e in events(run_dir) if e.get("update_id") == update_id), None), timeout, f"update {update_id}"
+        lambda: next((e for e in read_events(run_dir) if e.get("update_id") == update_id), None), timeout, f"update {update_id}"
     )
 
 

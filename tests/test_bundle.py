@@ -10,7 +10,8 @@ import pytest
 
 from fedq.provision import SiteCredentials, check_bundle, write_bundle
 from tests.certificates import issue, make_ca
-from tests.federation_helpers import events, running_coordinator, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import running_coordinator, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 CA_TEXT = b"-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n"
@@ -68,7 +69,7 @@ def test_a_site_joins_over_tls_with_its_bundle_and_nothing_else(make_node, tmp_p
                                 text=True, timeout=180,
                                 env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(tmp_path / "site-machine")})
         assert worker.returncode == 0, worker.stderr[-3000:]
-        applied = wait_for(lambda: events(tmp_path / "run", "update"), 30, "the site's update applied")
+        applied = wait_for(lambda: read_events(tmp_path / "run", "update"), 30, "the site's update applied")
         assert applied[0]["site"] == "site-3" and server.version >= 1
     assert (workdir / ".fedq-state").is_dir(), "the worker kept its state where it was started, not in the bundle"
 

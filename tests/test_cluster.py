@@ -17,7 +17,8 @@ from coordinator.checkpoint import read_checkpoint
 from fedq.federation import run_federation, site_names
 from fedq.local_broker import Broker, LocalNode, start_local_cluster
 from shared import transport
-from tests.federation_helpers import confirmed_updates, events, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import confirmed_updates, wait_for
 
 # One cluster for the module: its tests run in one test process (scripts/test.sh: --dist loadgroup),
 # not three clusters of three nodes each on a machine that runs the rest of the suite beside them.
@@ -106,7 +107,7 @@ def test_a_consumer_on_a_live_node_goes_on_receiving_when_its_queues_leader_dies
 def newest_version(run_dir: Path) -> int:
     """The newest version the run published so far; -1 before its first."""
     try:
-        return max((e["version"] for e in events(run_dir, "snapshot")), default=-1)
+        return max((e["version"] for e in read_events(run_dir, "snapshot")), default=-1)
     except (FileNotFoundError, ValueError):  # no run log yet, or its last line half written
         return -1
 
@@ -164,14 +165,14 @@ def test_a_federation_rides_out_the_death_of_the_updates_leader_and_then_of_the_
     rows = read_checkpoint(tmp_path / "checkpoint.fedq").ledger_rows
     applied = [row[0] for row in rows if row[3] is not None]
     assert len(applied) == len(set(applied)) and set(applied) == confirmed, "each confirmed update applied once"
-    update_events = [e["update_id"] for e in events(tmp_path, "update")]
+    update_events = [e["update_id"] for e in read_events(tmp_path, "update")]
     assert sorted(update_events) == sorted(confirmed)
     logs = {site: (tmp_path / "sites" / f"{site}.log").read_text() for site in sites}
     assert any("reconnecting in" in log for log in logs.values()), "sites on the killed nodes moved to another"
     for site, log in logs.items():
         fetched = [int(v) for v in re.findall(rf"site {site}: snapshot version (\d+) ", log)]
         assert max(fetched) > killed_at["stream leader"], f"{site} read snapshots from the stream after its leader died"
-    times = [e["t"] for e in events(tmp_path, "snapshot")]
+    times = [e["t"] for e in read_events(tmp_path, "snapshot")]
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     print(f"\ncluster failover: {len(sites)} sites, {summary['final_version']} versions ({len(times)} snapshots "
           f"published) in {time.monotonic() - started:.1f} s; "

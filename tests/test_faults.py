@@ -13,8 +13,9 @@ from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import load_task
 from tests.chaos_proxy import ChaosProxy
+from coordinator.runlog import read_events
 from tests.federation_helpers import (
-    SiteClient, confirmed_updates, constant_delta, event_for, events, running_coordinator, wait_for,
+    SiteClient, confirmed_updates, constant_delta, event_for, running_coordinator, wait_for,
 )
 from worker.site import SiteWorker
 
@@ -52,7 +53,7 @@ def test_connections_cut_repeatedly_still_reach_090(broker, broker_url, tmp_path
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     assert proxy.cuts >= 3, "the links were cut while the federation ran"
     applied = applied_once(tmp_path)
-    update_events = [e["update_id"] for e in events(tmp_path, "update")]
+    update_events = [e["update_id"] for e in read_events(tmp_path, "update")]
     assert len(update_events) == len(set(update_events)), "no update was counted twice"
     assert set(update_events) == applied
     logs = "".join(p.read_text() for p in (tmp_path / "sites").glob("*.log"))
@@ -71,9 +72,9 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
         # Early, far from the target: a run with no broker makes no progress, so one that reaches its
         # target afterwards resumed. The node serves clients again seconds before its start returns
         # (rabbitmqctl await_startup, under load), and the run may end meanwhile.
-        wait_for(lambda: any(e.get("version", 0) >= 1 for e in events(tmp_path, "evaluation")), 90, "version 1")
+        wait_for(lambda: any(e.get("version", 0) >= 1 for e in read_events(tmp_path, "evaluation")), 90, "version 1")
         node.stop()
-        versions_before.append(max(e["version"] for e in events(tmp_path, "evaluation")))
+        versions_before.append(max(e["version"] for e in read_events(tmp_path, "evaluation")))
         down.set()
         node.start()
 
@@ -89,9 +90,9 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
     restarter.join(120)  # before the fixture removes the node under a start still waiting
     assert down.is_set() and not restarter.is_alive(), "the broker stopped mid-run and started again"
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
-    reached = min(e["version"] for e in events(tmp_path, "evaluation") if e["accuracy"] >= 0.90)
+    reached = min(e["version"] for e in read_events(tmp_path, "evaluation") if e["accuracy"] >= 0.90)
     assert reached > versions_before[0], "the target was reached after the restart, not before it"
-    update_events = [e["update_id"] for e in events(tmp_path, "update")]
+    update_events = [e["update_id"] for e in read_events(tmp_path, "update")]
     assert len(update_events) == len(set(update_events))
     assert applied_once(tmp_path) == set(update_events)
     link = transport.connect(url, 30, "version-check")
@@ -121,7 +122,7 @@ def test_a_site_that_outlives_its_coordinator_says_hello_to_the_new_run_and_is_h
         worker.wait(timeout=30)
     log = (tmp_path / "sites" / "site-0.log").read_text()
     assert "a new run" in log and "saying hello to it" in log
-    assert {e["site"] for e in events(second, "update")} == {"site-0"}
+    assert {e["site"] for e in read_events(second, "update")} == {"site-0"}
 
 
 def test_sites_taken_offline_on_a_schedule_come_back_on_their_state_and_rounds_wait_for_them(broker_url, tmp_path):
@@ -131,7 +132,7 @@ def test_sites_taken_offline_on_a_schedule_come_back_on_their_state_and_rounds_w
     assert summary["final_version"] == 3 and summary["applied_per_site"]["site-2"] == 3
     log = (tmp_path / "sites" / "site-2.log").read_text()
     assert log.count("site site-2 connected") == 2, "killed once and started again, on the same log and state"
-    rounds = [e["t"] for e in events(tmp_path, "snapshot") if e["version"] >= 1]
+    rounds = [e["t"] for e in read_events(tmp_path, "snapshot") if e["version"] >= 1]
     assert rounds and max(rounds) >= 6.0, "a synchronous round waited for the site to come back"
 
 
@@ -199,7 +200,7 @@ def test_worker_killed_mid_upload_delivers_its_update_once(broker, broker_url, t
         event_for(tmp_path, update_id, timeout=30)
         wait_for(lambda: coordinator.version >= 1, 10, "the update applied")
         time.sleep(4.0)  # time for any repeated chunks to arrive and be discarded or deduplicated
-        applied = [e for e in events(tmp_path, "update") if e["update_id"] == update_id]
+        applied = [e for e in read_events(tmp_path, "update") if e["update_id"] == update_id]
         assert len(applied) == 1 and coordinator.version == 1
         assert not list((tmp_path / "sites" / "site-1.outbox").glob("*.update"))
     proxy.close()
@@ -227,7 +228,7 @@ def test_site_offline_for_25_versions_gets_only_the_newest_and_its_stale_update_
         assert not thread.is_alive()
         # Back online, its stale update lands first (making version 26); then it reads only the newest.
         assert len(worker.snapshots_fetched) == 2 and worker.snapshots_fetched[1] >= 25
-        mine = [e for e in events(tmp_path, "update") if e["site"] == "site-5"]
+        mine = [e for e in read_events(tmp_path, "update") if e["site"] == "site-5"]
         assert [e["base_version"] for e in mine] == worker.snapshots_fetched
         assert mine[0]["staleness"] == 25 and mine[0]["weight"] == pytest.approx(0.5 * 26**-0.5, rel=1e-5)
     client.close()

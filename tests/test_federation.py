@@ -25,8 +25,9 @@ from coordinator.settings import CoordinatorSettings
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import load_task
+from coordinator.runlog import read_events
 from tests.federation_helpers import (
-    SiteClient, constant_delta, event_for, events, publish_updates, running_coordinator, wait_for,
+    SiteClient, constant_delta, event_for, publish_updates, running_coordinator, wait_for,
 )
 from shared.model_state import trained_state
 from shared.transport import stream as stream_module
@@ -51,11 +52,11 @@ def test_a_coordinator_without_data_reaches_090_scored_by_its_sites_with_topk_up
     )
     assert summary["stop_reason"].startswith("accuracy"), summary["stop_reason"]
     assert summary["best_accuracy"] >= 0.90 and summary["updates_rejected"] == 0
-    rounds = events(tmp_path, "federated_evaluation")
+    rounds = read_events(tmp_path, "federated_evaluation")
     assert rounds and all(r["sites"] == 10 and r["representative"] for r in rounds), "every site answers each round"
-    scores = events(tmp_path, "site_evaluation")
+    scores = read_events(tmp_path, "site_evaluation")
     assert {s["site"] for s in scores} == set(site_names(10)) and all(s["set_aside"] is None for s in scores)
-    evaluations = events(tmp_path, "evaluation")
+    evaluations = read_events(tmp_path, "evaluation")
     assert [e["version"] for e in evaluations] == [r["version"] for r in rounds], "the sites' score is the run's"
 
     # The best version is exported: it is the round's version, so each site that scored that very
@@ -112,7 +113,7 @@ def test_stale_update_is_weighted_by_its_staleness_and_too_stale_is_dropped(brok
         assert coordinator.version == 6
         assert all(torch.equal(t, before[k]) for k, t in coordinator.params.items()), "a dropped update changes nothing"
     client.close()
-    published = [e["version"] for e in events(tmp_path, "snapshot")]
+    published = [e["version"] for e in read_events(tmp_path, "snapshot")]
     assert published == sorted(set(published)) and published[-1] == 6, "each version published once, none again at the stop"
 
 
@@ -130,8 +131,8 @@ def test_site_joining_after_version_5_starts_from_the_newest(broker_url, tmp_pat
         thread.join(60)
         assert not thread.is_alive() and worker.sent == 1
         assert worker.snapshots_fetched == [6], "the late site read only the newest snapshot"
-        wait_for(lambda: [e for e in events(tmp_path, "update") if e["site"] == "site-3"], 10, "site-3's update")
-        joined = [e for e in events(tmp_path, "update") if e["site"] == "site-3"]
+        wait_for(lambda: [e for e in read_events(tmp_path, "update") if e["site"] == "site-3"], 10, "site-3's update")
+        joined = [e for e in read_events(tmp_path, "update") if e["site"] == "site-3"]
         assert joined[0]["base_version"] == 6 and joined[0]["staleness"] == 0
     client.close()
 
@@ -176,7 +177,7 @@ def test_training_longer_than_the_heartbeat_keeps_the_connection(broker_url, tmp
         thread.start()
         thread.join(60)
         assert errors == [] and worker.sent == 1
-        update = wait_for(lambda: events(tmp_path, "update"), 10, "the slow site's update")[0]
+        update = wait_for(lambda: read_events(tmp_path, "update"), 10, "the slow site's update")[0]
         assert update["site"] == "site-2" and update["train_seconds"] >= 8.0
         assert coordinator.version == 1
         assert "site site-2: training on version 0, 60% done" in caplog.text, "long training reports its progress"
@@ -197,11 +198,11 @@ def test_an_evaluation_of_three_heartbeats_keeps_the_coordinators_connection(bro
                              task="tests.slow_task:SlowlyScoredDigits") as coordinator:
         for version in range(2):  # each update makes a version, evaluated for 6 s while the next one waits
             event_for(tmp_path, client.send(coordinator, version, constant_delta(coordinator, 0.01)), timeout=30)
-        wait_for(lambda: [e for e in events(tmp_path, "evaluation") if e["version"] == 2], 30, "version 2 scored")
+        wait_for(lambda: [e for e in read_events(tmp_path, "evaluation") if e["version"] == 2], 30, "version 2 scored")
         assert coordinator.version == 2
     client.close()
     assert "lost the broker" not in caplog.text, "the connection was kept through every evaluation"
-    assert [e["version"] for e in events(tmp_path, "evaluation")] == [0, 1, 2]
+    assert [e["version"] for e in read_events(tmp_path, "evaluation")] == [0, 1, 2]
 
 
 def test_half_precision_snapshots_keep_a_full_precision_master(broker_url, tmp_path):
@@ -245,7 +246,7 @@ def test_an_update_wider_than_the_prefetch_window_is_refused_not_left_to_stall(b
         transport.publish_payload(client.payloads, transport.UPDATE_EXCHANGE, transport.LOBBY_KEY, [memoryview(payload)], update_id,
                                   user_id=client.user, headers={SITE_HEADER: client.site},
                                   chunk_bytes=4096)  # 10 chunks; the window of prefetch 8 is 7
-        refusals = wait_for(lambda: [e for e in events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
+        refusals = wait_for(lambda: [e for e in read_events(tmp_path, "rejected") if "window of 7 chunks" in e["reason"]],
                             15, "the refusal")
         assert "raise FEDQ_PREFETCH" in refusals[0]["reason"]
         event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, 0.01)))
@@ -498,7 +499,7 @@ def test_a_merge_that_overflows_stops_the_run_before_the_model_is_checkpointed_o
             client.send(coordinator, 0, constant_delta(coordinator, 3e38))
             wait_for(lambda: coordinator.version == 1, 15, "version 1")
             client.send(coordinator, 1, constant_delta(coordinator, 3e38))
-            wait_for(lambda: events(tmp_path, "diverged"), 15, "the divergence to be noticed")
+            wait_for(lambda: read_events(tmp_path, "diverged"), 15, "the divergence to be noticed")
             assert coordinator.announcement.version == 1, "the diverged version was announced"
     assert read_checkpoint(tmp_path / "checkpoint.fedq", model=False).version == 1
     # The update that overflowed was never acknowledged: it waits on the queue for a restart.
@@ -521,7 +522,7 @@ def test_a_coordinator_under_a_steady_flood_of_updates_still_stops_on_time(broke
             run_ids.put(coordinator.run_id)
             wait_for(lambda: coordinator.stop_reason is not None, 20, "the coordinator to stop at max_seconds")
             assert coordinator.stop_reason == "ran for 3 s"
-            applied = events(tmp_path, "update")
+            applied = read_events(tmp_path, "update")
             assert applied and flood.is_alive(), "updates were still arriving when it stopped"
             assert applied[-1]["t"] < 4.0, "it stopped within a second of its limit"
     finally:

@@ -14,7 +14,8 @@ import torch
 from shared import transport
 from shared.chunking import SITE_HEADER
 from shared.protocol import PROTOCOL_VERSION, new_id
-from tests.federation_helpers import SiteClient, constant_delta, events, running_coordinator, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import SiteClient, constant_delta, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -86,13 +87,13 @@ def test_every_message_that_once_killed_the_coordinator_is_refused_once_and_chan
     assert dead.keys() == messages.keys(), "every message is in fedq.rejected"
     for payload_id, (label, why) in messages.items():
         assert why in dead[payload_id], f"{label}: {dead[payload_id]}"
-    refusals = len(events(tmp_path, "rejected"))
+    refusals = len(read_events(tmp_path, "rejected"))
     with running_coordinator(broker_url, tmp_path, strategy="fedasync") as restarted:
         assert restarted.version == 0
         assert restarted.ingest.state.run_id == coordinator.run_id, "resumed the same run"
         wait_for(lambda: restarted.runlog.elapsed > 0, 5, "the restarted coordinator serving")
         client.connection.serve(2.0)
-        assert len(events(tmp_path, "rejected")) == refusals, "a restarted coordinator does not see them again"
+        assert len(read_events(tmp_path, "rejected")) == refusals, "a restarted coordinator does not see them again"
         assert all(torch.equal(t, before[name]) for name, t in restarted.params.items())
         depth = channel.queue_declare(transport.UPDATES, passive=True).method.message_count
         assert depth == 0
@@ -141,7 +142,7 @@ def test_a_payload_that_stops_the_coordinator_is_refused_after_the_restarts_that
         stops += 1
         assert stops <= SUSPECT_AFTER + 1, "the crash loop ends"
     assert stops == SUSPECT_AFTER + 1
-    refused = events(tmp_path, "rejected")
+    refused = read_events(tmp_path, "rejected")
     assert len(refused) == 1 and "the coordinator stopped while taking this payload" in refused[0]["reason"]
     assert coordinator.version == 0 and not (tmp_path / "suspect.fedq").exists()
 

@@ -13,7 +13,8 @@ from fedq.provision import provision_sites
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import load_task
-from tests.federation_helpers import events, running_coordinator, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import running_coordinator, wait_for
 from worker.site import SiteWorker
 
 pytestmark = [pytest.mark.broker, pytest.mark.container]
@@ -178,8 +179,8 @@ def test_provisioned_coordinator_and_site_train_together_trusting_only_site_user
         thread.start()
         thread.join(60)
         assert worker.sent == 1
-        wait_for(lambda: events(tmp_path, "update"), 15, "the site's update")
-        assert events(tmp_path, "update")[0]["site"] == "site-1" and coordinator.version == 1
+        wait_for(lambda: read_events(tmp_path, "update"), 15, "the site's update")
+        assert read_events(tmp_path, "update")[0]["site"] == "site-1" and coordinator.version == 1
 
 
 def test_provision_command_prints_each_sites_settings(broker, broker_url):

@@ -3,7 +3,8 @@
 import pytest
 
 from fedq.federation import run_federation, site_names
-from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import SiteClient, constant_delta, event_for, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -23,8 +24,8 @@ def test_fedavg_with_a_site_whose_every_update_is_refused_still_closes_rounds_an
     assert summary["rejected_per_user"] and "site-0" not in summary["applied_per_site"]
     # A round waiting for the refused site would close only at the default deadline of 600 s,
     # past this run's 150: every round closed counting the refused answer.
-    assert summary["final_version"] >= 2 and not events(tmp_path, "flushed")
-    assert not events(tmp_path, "zero_update"), "the moving task's updates are what it trained"
+    assert summary["final_version"] >= 2 and not read_events(tmp_path, "flushed")
+    assert not read_events(tmp_path, "zero_update"), "the moving task's updates are what it trained"
 
 
 def test_fedbuff_with_a_trimmed_mean_and_one_live_site_too_few_still_makes_versions(broker_url, tmp_path):
@@ -35,6 +36,6 @@ def test_fedbuff_with_a_trimmed_mean_and_one_live_site_too_few_still_makes_versi
             event_for(tmp_path, client.send(coordinator, 0, constant_delta(coordinator, value)))
         assert coordinator.version == 0, "three of four: the buffer waits for its deadline"
         wait_for(lambda: coordinator.version == 1, 10, "the buffer closed at its deadline")
-        assert [e["updates"] for e in events(tmp_path, "flushed")] == [3]
+        assert [e["updates"] for e in read_events(tmp_path, "flushed")] == [3]
     for client in clients:
         client.close()

@@ -16,11 +16,11 @@ from fedq.provision import provision_sites
 from shared import transport
 from shared.chunking import SITE_HEADER, ChunkInfo, chunk_count
 from shared.protocol import new_id
+from coordinator.runlog import read_events
 from tests.federation_helpers import (
     SiteClient,
     constant_delta,
     event_for,
-    events,
     running_coordinator,
     wait_for,
 )
@@ -135,7 +135,7 @@ def test_one_site_streaming_partial_uploads_stays_within_its_budget(broker_url, 
 
         # Every chunk past the budget was refused at once, and said which budget it was past.
         taken = [payload_id for payload_id, _ in hostile.claims[:2]]
-        reasons = [e["reason"] for e in events(tmp_path, "rejected") if e["user"] == hostile_user.user]
+        reasons = [e["reason"] for e in read_events(tmp_path, "rejected") if e["user"] == hostile_user.user]
         over_budget = [r for r in reasons if "(FEDQ_SENDER_UPLOADS, FEDQ_SENDER_UPLOAD_BYTES)" in r]
         wider = [r for r in reasons if "exceeds the coordinator's window" in r]
         assert len(reasons) == sum(hostile.sent.values()) - sum(hostile.sent[p] for p in taken), \
@@ -146,7 +146,7 @@ def test_one_site_streaming_partial_uploads_stays_within_its_budget(broker_url, 
         assert any(f"another of {16 * (16 << 20)} bytes" in r for r in over_budget), "the huge claim within the window"
 
         # Once it stops, its unfinished uploads idle out, and their spool files go with them.
-        wait_for(lambda: len([e for e in events(tmp_path, "upload_expired") if e["user"] == hostile_user.user])
+        wait_for(lambda: len([e for e in read_events(tmp_path, "upload_expired") if e["user"] == hostile_user.user])
                  == len(taken), UPLOAD_TIMEOUT + 10, "the hostile site's uploads to expire")
         wait_for(lambda: not list((tmp_path / "uploads").glob("*.upload")), 2, "the expired uploads' spool files to go")
         assert coordinator.stop_reason is None and not coordinator.uploads.arriving
@@ -175,19 +175,19 @@ def test_a_site_flooding_its_queue_fills_only_its_own_window(broker_url, tmp_pat
                 headers={**info.to_headers(), SITE_HEADER: hostile.site}, user_id=hostile_user.user))
         # The status asks only queues whose window is full for their depth: the backlog shows there.
         def count_refused() -> int:
-            return sum(e["user"] == hostile_user.user for e in events(tmp_path, "rejected"))
+            return sum(e["user"] == hostile_user.user for e in read_events(tmp_path, "rejected"))
 
         wait_for(lambda: coordinator.status.queue_depths.get(transport.SITE_UPDATE_QUEUES, 0) > 0, 15,
                  "the flooding site's backlog in the status")
         refused_before_send = count_refused()
         update_id = honest.send(coordinator, coordinator.version, constant_delta(coordinator, 0.01))
         event_for(tmp_path, update_id, timeout=30)
-        wait_for(lambda: len([e for e in events(tmp_path, "rejected") if e["user"] == hostile_user.user]) == flood, 60,
+        wait_for(lambda: len([e for e in read_events(tmp_path, "rejected") if e["user"] == hostile_user.user]) == flood, 60,
                  "every flooding chunk refused")
         flooding.close()
         for client in (honest, hostile):
             client.close()
-    log = [e for e in events(tmp_path) if e.get("update_id") == update_id or e.get("user") == hostile_user.user]
+    log = [e for e in read_events(tmp_path) if e.get("update_id") == update_id or e.get("user") == hostile_user.user]
     applied_at = next(i for i, e in enumerate(log) if e.get("update_id") == update_id)
     assert log[applied_at]["event"] == "update"
     refused_first = sum(e["event"] == "rejected" for e in log[:applied_at])

@@ -11,13 +11,14 @@ from shared import transport
 from shared.protocol import PROTOCOL_VERSION, ProtocolError, new_id
 from shared.codecs import SCAN_BLOCK
 from shared.validation import all_finite, check_matches_model, non_finite_tensor
-from tests.federation_helpers import SiteClient, constant_delta, event_for, events, running_coordinator, wait_for
+from coordinator.runlog import read_events
+from tests.federation_helpers import SiteClient, constant_delta, event_for, running_coordinator, wait_for
 
 pytestmark = pytest.mark.broker
 
 
 def rejected_reasons(run_dir):
-    return [e["reason"] for e in events(run_dir, "rejected")]
+    return [e["reason"] for e in read_events(run_dir, "rejected")]
 
 
 def test_a_user_may_send_only_for_its_own_site(broker_url, tmp_path):
