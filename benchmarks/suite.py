@@ -11,8 +11,8 @@ runs it), each site its own worker process with its own connection to a local br
   digits-straggler  10 sites, delays 0.1 to 3 s; target 0.95
 
 Each task runs synchronous FedAvg (every site each round), FedAsync, FedBuff (K=3) and the
-coordinator's defaults, one after the other in a fresh vhost each, ``--repeats`` times; a run stops
-at its target or after ``--max-seconds``.
+coordinator's defaults (FedBuff whose buffer is half the active sites), one after the other in a
+fresh vhost each, ``--repeats`` times; a run stops at its target or after ``--max-seconds``.
 
     python benchmarks/suite.py [--tasks homogeneous,churn] [--modes fedavg,default] [--repeats 3]
 
@@ -66,10 +66,9 @@ MODES = {
     "fedasync": lambda task: {"strategy": "fedasync", "alpha": 0.6, **ASYNC_STALENESS},
     "fedbuff": lambda task: {"strategy": "fedbuff", "buffer_size": 3, **ASYNC_STALENESS},
     "default": lambda task: {},
-    # Candidates for the defaults, run when named in --modes: FedBuff whose buffer is half the sites
-    # active (FEDQ_BUFFER_SIZE empty), and FedBuff whose server step is scaled so that a round's
-    # worth of buffers (one update per site) moves the model as far as one FedAvg round does.
-    "fedbuff-auto": lambda task: {"strategy": "fedbuff", "buffer_size": "", **ASYNC_STALENESS},
+    # A candidate for the defaults that lost, run when named in --modes: FedBuff whose server step is
+    # scaled so that a round's worth of buffers (one update per site) moves the model as far as one
+    # FedAvg round does. (Half the active sites, once the mode fedbuff-auto, is now the default.)
     "fedbuff-scaled": lambda task: {"strategy": "fedbuff", "buffer_size": 3, "server_lr": 3 / task.sites,
                                     **ASYNC_STALENESS},
 }

@@ -173,7 +173,7 @@ class FedBuff(Strategy):
 
     uses_server_optimizer = True
 
-    def __init__(self, buffer_size: int | None = 3, optimizer: ServerOptimizer | None = None,
+    def __init__(self, buffer_size: int | None = None, optimizer: ServerOptimizer | None = None,
                  aggregation: str = "mean", trim_fraction: float = 0.2,
                  deadline: float | None = None, active_seconds: float = 60.0, **kwargs):
         super().__init__(**kwargs)
@@ -201,10 +201,12 @@ class FedBuff(Strategy):
 
     def size(self, now: float) -> int:
         """Updates this buffer takes: K, or half the sites whose last update came in the last
-        ``active_seconds``, rounded up. On the benchmark suite (docs/strategies.md, one run each)
-        half the active sites reached 0.90 with 24 non-IID sites in 10.7-13.6 s against K=3's
-        31.9 s, three updates averaging too few sites' labels for a good step; but digits-straggler
-        took 8.3-11.2 s against 4.9 s, so K=3 stays the default."""
+        ``active_seconds``, rounded up (the default). On the benchmark suite (docs/strategies.md)
+        half the active sites reached 0.90 with 24 non-IID sites in 13.6-26.6 s in four runs, where
+        FedAvg took 31.6-34.7 s; a fixed K=3, whose three updates average too few sites' labels for a
+        good step, took 20.1-89.7 s, and once never got past 0.61. K=3 was quicker on
+        digits-straggler (4.9-8.4 s against 8.3-9.6 s), where most updates come from a few fast
+        sites with similar data."""
         if self.buffer_size is not None:
             return self.buffer_size
         active = sum(1 for heard in self._heard.values() if now - heard <= self.active_seconds)

@@ -1,5 +1,7 @@
 """The aggregation math, against results computed by hand."""
 
+import time
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from coordinator.server_optimizers import SERVER_OPTIMIZERS, FedAdam, FedYogi, S
 from coordinator.settings import CoordinatorSettings
 from shared.settings import SettingsError, load_settings
 from coordinator.staleness import staleness_weight
-from coordinator.strategies import FedAsync, FedAvgSync, FedBuff, Update
+from coordinator.strategies import STRATEGIES, FedAsync, FedAvgSync, FedBuff, Update
 
 
 def params(*values):
@@ -61,6 +63,17 @@ def test_fedbuff_without_a_fixed_size_takes_half_the_sites_active_in_the_last_mi
     clock[0] += 61.0  # a minute of silence: only the site that speaks next is active
     assert strategy.submit(p, update("s1", [1.0]), staleness=0).new_version and strategy.size(clock[0]) == 1
     assert FedBuff(buffer_size=4).size(0.0) == 4, "a fixed K is K"
+
+
+def test_the_default_buffer_follows_the_active_sites():
+    """The coordinator with no settings: FedBuff whose buffer is half the active sites."""
+    settings = load_settings(CoordinatorSettings)
+    strategy = STRATEGIES[settings.strategy].from_settings(settings)
+    assert isinstance(strategy, FedBuff) and strategy.buffer_size is None
+    p = params(0.0)
+    for site in ["s0", "s1", "s2", "s3", "s4"]:
+        strategy.submit(p, update(site, [1.0]), staleness=0)
+    assert strategy.size(time.monotonic()) == 3, "five active sites: ceil(5 / 2)"
 
 
 def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():
