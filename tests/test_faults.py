@@ -228,7 +228,12 @@ def test_site_offline_for_25_versions_gets_only_the_newest_and_its_stale_update_
         assert not thread.is_alive()
         # Back online, its stale update lands first (making version 26); then it reads only the newest.
         assert len(worker.snapshots_fetched) == 2 and worker.snapshots_fetched[1] >= 25
-        mine = [e for e in read_events(tmp_path, "update") if e["site"] == "site-5"]
+        def applied():
+            return [e for e in read_events(tmp_path, "update") if e["site"] == "site-5"]
+
+        # The worker is done once the broker confirmed its second update, which may be before it is applied.
+        wait_for(lambda: len(applied()) == 2, 30, "both of the site's updates applied")
+        mine = applied()
         assert [e["base_version"] for e in mine] == worker.snapshots_fetched
         assert mine[0]["staleness"] == 25 and mine[0]["weight"] == pytest.approx(0.5 * 26**-0.5, rel=1e-5)
     client.close()
