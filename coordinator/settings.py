@@ -32,10 +32,9 @@ class CoordinatorSettings(CommonSettings):
     )
     buffer_size: Optional[int] = Field(
         None, ge=1, description="FedBuff: updates per new version (K); empty: half the active sites, rounded up (see "
-        "active_seconds). With 24 non-IID sites a fixed K=3 was up to 2.6 times slower than synchronous FedAvg, and "
-        "once diverged, where half the active sites was 1.2-2.4 times quicker than FedAvg; K=3 is quicker where a few "
-        "fast sites with similar data send most updates (docs/strategies.md). Trimmed mean, median and differential "
-        "privacy need a fixed K."
+        "active_seconds); a fixed K=3 is quicker where a few fast sites with similar data send most updates, and was "
+        "slower than synchronous FedAvg, or diverged, with many non-IID sites (docs/strategies.md). Trimmed mean, "
+        "median and differential privacy need a fixed K."
     )
     active_seconds: float = Field(
         60.0, gt=0, description="FedBuff without a fixed buffer_size: a site counts as active while its last update "

@@ -201,12 +201,10 @@ class FedBuff(Strategy):
 
     def size(self, now: float) -> int:
         """Updates this buffer takes: K, or half the sites whose last update came in the last
-        ``active_seconds``, rounded up (the default). On the benchmark suite (docs/strategies.md)
-        half the active sites reached 0.90 with 24 non-IID sites in 13.6-26.6 s in four runs, where
-        FedAvg took 31.6-34.7 s; a fixed K=3, whose three updates average too few sites' labels for a
-        good step, took 20.1-89.7 s, and once never got past 0.61. K=3 was quicker on
-        digits-straggler (4.9-8.4 s against 8.3-9.6 s), where most updates come from a few fast
-        sites with similar data."""
+        ``active_seconds``, rounded up (the default). With 24 non-IID sites a fixed K=3 averaged too
+        few sites' labels for a good step: slower than synchronous FedAvg, and once diverged, where
+        half the active sites was quicker than FedAvg in every run; K=3 is quicker where a few fast
+        sites with similar data send most updates. docs/strategies.md has the runs."""
         if self.buffer_size is not None:
             return self.buffer_size
         active = sum(1 for heard in self._heard.values() if now - heard <= self.active_seconds)

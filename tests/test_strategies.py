@@ -71,9 +71,9 @@ def test_the_default_buffer_follows_the_active_sites():
     strategy = STRATEGIES[settings.strategy].from_settings(settings)
     assert isinstance(strategy, FedBuff) and strategy.buffer_size is None
     p = params(0.0)
-    for site in ["s0", "s1", "s2", "s3", "s4"]:
+    for site in ["s0", "s1", "s2", "s3", "s4", "s5", "s6"]:
         strategy.submit(p, update(site, [1.0]), staleness=0)
-    assert strategy.size(time.monotonic()) == 3, "five active sites: ceil(5 / 2)"
+    assert strategy.size(time.monotonic()) == 4, "seven active sites: ceil(7 / 2)"
 
 
 def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():
