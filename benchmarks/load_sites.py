@@ -8,9 +8,10 @@ values, as workers send by default) based on the version it read. Sites are thre
 own connection, spread over ``--processes`` processes. The coordinator is a real one, FedBuff with a
 buffer of ``--buffer-size`` updates (3 by default: a version every three updates, the most
 versions and so the hardest case for delivery, as every earlier table here was measured; empty for
-the coordinator's default, half the active sites), on a model of ``--parameters`` fp32 values in
-one linear layer. A simulated site does not train a version twice: it waits for the next, so with
-a buffer of half the sites, half of them read each new version at once.
+the coordinator's default, a quarter of the active sites and at least three), on a model of
+``--parameters`` fp32 values in one linear layer. A simulated site does not train a version twice:
+it waits for the next, so with a buffer of a quarter of the sites, a quarter of them read each new
+version at once.
 
 Measured at each N, over ``--seconds`` after the first version (every site has said hello by then):
 
@@ -254,7 +255,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
     errors = sorted({site["error"] for site in seen.values() if site["error"]})
     return {
         "sites": sites, "sites_reporting": len(seen), "site_errors": errors[:5], "parameters": parameters,
-        "buffer_size": buffer_size or "half the active sites",
+        "buffer_size": buffer_size or "a quarter of the active sites, at least 3 (the default)",
         "seconds": round(span, 1), "versions": len(published_at),
         "updates_sent": sum(site["sent"] for site in seen.values()), "updates_applied": len(applied),
         "updates_refused": len(refused), "applied_per_second": round(len(applied) / span, 1) if span > 0 else None,
@@ -301,8 +302,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured, after every site has said hello")
     parser.add_argument("--train-seconds", type=float, default=10.0, help="mean of each site's simulated training")
     parser.add_argument("--processes", type=int, default=4, help="processes the sites' threads are spread over")
-    parser.add_argument("--buffer-size", default="3", help="the coordinator's FedBuff K; empty: its default, half the "
-                        "active sites")
+    parser.add_argument("--buffer-size", default="3", help="the coordinator's FedBuff K; empty: its default, a "
+                        "quarter of the active sites and at least 3")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -11,8 +11,9 @@ runs it), each site its own worker process with its own connection to a local br
   digits-straggler  10 sites, delays 0.1 to 3 s; target 0.95
 
 Each task runs synchronous FedAvg (every site each round), FedAsync, FedBuff (K=3) and the
-coordinator's defaults (FedBuff whose buffer is half the active sites), one after the other in a
-fresh vhost each, ``--repeats`` times; a run stops at its target or after ``--max-seconds``.
+coordinator's defaults (FedBuff whose buffer is a quarter of the active sites, at least three), one
+after the other in a fresh vhost each, ``--repeats`` times; a run stops at its target or after
+``--max-seconds``.
 
     python benchmarks/suite.py [--tasks homogeneous,churn] [--modes fedavg,default] [--repeats 3]
 
@@ -68,7 +69,7 @@ MODES = {
     "default": lambda task: {},
     # A candidate for the defaults that lost, run when named in --modes: FedBuff whose server step is
     # scaled so that a round's worth of buffers (one update per site) moves the model as far as one
-    # FedAvg round does. (Half the active sites, once the mode fedbuff-auto, is now the default.)
+    # FedAvg round does. (The default's buffer follows the active sites: see FedBuff.size.)
     "fedbuff-scaled": lambda task: {"strategy": "fedbuff", "buffer_size": 3, "server_lr": 3 / task.sites,
                                     **ASYNC_STALENESS},
 }

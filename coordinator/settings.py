@@ -31,10 +31,10 @@ class CoordinatorSettings(CommonSettings):
         200, ge=0, description="Drop updates whose base is more than this many versions old (empty: never)."
     )
     buffer_size: Optional[int] = Field(
-        None, ge=1, description="FedBuff: updates per new version (K); empty: half the active sites, rounded up (see "
-        "active_seconds); a fixed K=3 is quicker where a few fast sites with similar data send most updates, and was "
-        "slower than synchronous FedAvg, or diverged, with many non-IID sites (docs/strategies.md). Trimmed mean, "
-        "median and differential privacy need a fixed K."
+        None, ge=1, description="FedBuff: updates per new version (K); empty: a quarter of the active sites, rounded up, "
+        "and at least three (see active_seconds). Small buffers make versions often; a fixed K=3 was slower than "
+        "synchronous FedAvg, or diverged, with 24 non-IID sites, where a quarter of them was twice as quick "
+        "(docs/strategies.md). Trimmed mean, median and differential privacy need a fixed K."
     )
     active_seconds: float = Field(
         60.0, gt=0, description="FedBuff without a fixed buffer_size: a site counts as active while its last update "

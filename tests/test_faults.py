@@ -89,6 +89,7 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
     url = f"amqp://fedq:fedq@127.0.0.1:{node.amqp_port}/fedq"
     down = threading.Event()
     versions_before: list[int] = []
+    frozen: list[int] = []
 
     def restart_after_version_1():
         # Early, far from the target: a run with no broker makes no progress, so one that reaches its
@@ -98,6 +99,7 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
         # it far made the test take 150 s. The frozen sites find their links dead when they go on.
         wait_for(lambda: any(e.get("version", 0) >= 1 for e in read_events(tmp_path, "evaluation")), 90, "version 1")
         sites = worker_processes()
+        frozen.append(len(sites))
         for pid in sites:
             os.kill(pid, signal.SIGSTOP)
         try:
@@ -117,6 +119,7 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
     )
     restarter.join(120)  # before the fixture removes the node under a start still waiting
     assert down.is_set() and not restarter.is_alive(), "the broker stopped mid-run and started again"
+    assert frozen == [10], "every site was held still while the node stopped"
     assert summary["best_accuracy"] >= 0.90, summary["stop_reason"]
     reached = min(e["version"] for e in read_events(tmp_path, "evaluation") if e["accuracy"] >= 0.90)
     assert reached > versions_before[0], "the target was reached after the restart, not before it"

@@ -49,7 +49,7 @@ def test_fedbuff_waits_for_k_then_steps_along_the_weighted_mean():
     assert strategy.sites == [] and strategy.samples == 0  # buffer emptied
 
 
-def test_fedbuff_without_a_fixed_size_takes_half_the_sites_active_in_the_last_minute(monkeypatch):
+def test_fedbuff_without_a_fixed_size_takes_a_quarter_of_the_sites_active_in_the_last_minute_and_at_least_three(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr("coordinator.strategies.time.monotonic", lambda: clock[0])
     p = params(0.0)
@@ -57,23 +57,27 @@ def test_fedbuff_without_a_fixed_size_takes_half_the_sites_active_in_the_last_mi
     made = []
     for site in ["s0", "s1", "s2", "s3", "s4", "s5", "s0"]:
         made.append(strategy.submit(p, update(site, [1.0]), staleness=0).new_version)
-    # active sites after each: 1 2 3 4 5 6 6; K = ceil(active / 2): 1 1 2 2 3 3 3; buffer: 1 1 1 2 1 2 3
-    assert made == [True, True, False, True, False, False, True]
+    # active sites after each: 1 2 3 4 5 6 6; K = max(min(3, active), ceil(active / 4)): 1 2 3 3 3 3 3;
+    # buffer: 1 1 2 3 1 2 3
+    assert made == [True, False, False, True, False, False, True]
     assert strategy.size(clock[0]) == 3
+    for site in range(6, 17):  # eleven more sites: 17 active
+        strategy.submit(p, update(f"s{site}", [1.0]), staleness=0)
+    assert strategy.size(clock[0]) == 5, "ceil(17 / 4)"
     clock[0] += 61.0  # a minute of silence: only the site that speaks next is active
     assert strategy.submit(p, update("s1", [1.0]), staleness=0).new_version and strategy.size(clock[0]) == 1
     assert FedBuff(buffer_size=4).size(0.0) == 4, "a fixed K is K"
 
 
 def test_the_default_buffer_follows_the_active_sites():
-    """The coordinator with no settings: FedBuff whose buffer is half the active sites."""
+    """The coordinator with no settings: FedBuff whose buffer is a quarter of the active sites."""
     settings = load_settings(CoordinatorSettings)
     strategy = STRATEGIES[settings.strategy].from_settings(settings)
     assert isinstance(strategy, FedBuff) and strategy.buffer_size is None
     p = params(0.0)
-    for site in ["s0", "s1", "s2", "s3", "s4", "s5", "s6"]:
-        strategy.submit(p, update(site, [1.0]), staleness=0)
-    assert strategy.size(time.monotonic()) == 4, "seven active sites: ceil(7 / 2)"
+    for site in range(17):
+        strategy.submit(p, update(f"s{site}", [1.0]), staleness=0)
+    assert strategy.size(time.monotonic()) == 5, "seventeen active sites: ceil(17 / 4)"
 
 
 def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():
@@ -84,7 +88,7 @@ def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():
     with pytest.raises(SettingsError, match="differential privacy is calibrated for a fixed number"):
         load_settings(CoordinatorSettings, dp_noise_multiplier=1.0, dp_clip_norm=1.0, buffer_size="")
     assert load_settings(CoordinatorSettings, aggregation="median", buffer_size=5).buffer_size == 5
-    assert load_settings(CoordinatorSettings, buffer_size="").buffer_size is None, "empty: half the active sites"
+    assert load_settings(CoordinatorSettings, buffer_size="").buffer_size is None, "empty: a quarter of the active sites"
 
 
 def test_fedbuff_with_all_sites_fresh_and_sgd_step_one_is_fedavg():
