@@ -33,7 +33,7 @@ class CoordinatorSettings(CommonSettings):
     buffer_size: Optional[int] = Field(
         None, ge=1, description="FedBuff: updates per new version (K); empty: a quarter of the active sites, rounded up, "
         "and at least three (see active_seconds). Small buffers make versions often; a fixed K=3 was slower than "
-        "synchronous FedAvg, or diverged, with 24 non-IID sites, where a quarter of them was twice as quick "
+        "synchronous FedAvg, or diverged, with 24 non-IID sites, where a quarter of them was quicker than FedAvg "
         "(docs/strategies.md). Trimmed mean, median and differential privacy need a fixed K."
     )
     active_seconds: float = Field(

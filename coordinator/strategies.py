@@ -208,10 +208,10 @@ class FedBuff(Strategy):
         """Updates this buffer takes: K, or by default a quarter of the sites whose last update came
         in the last ``active_seconds``, rounded up, and at least three (all of them, when fewer are
         active). Small buffers make versions often, so sites train on fresh models: with ten sites,
-        K=3 reached digits-straggler's target in 6.4 s where half the sites took 9.6 s. A buffer must
-        also span enough sites for their labels to average out: with 24 non-IID sites a fixed K=3
-        was slower than synchronous FedAvg, and once diverged, where a quarter (6) took 17 to 22 s
-        against FedAvg's 34. docs/strategies.md has the runs."""
+        K=3 reached digits-straggler's target sooner than half the sites did. A buffer must also
+        span enough sites for their labels to average out: with 24 non-IID sites a fixed K=3 was
+        slower than synchronous FedAvg, and once diverged, where a quarter (6) was quicker than
+        FedAvg in every run. docs/strategies.md has the runs."""
         if self.buffer_size is not None:
             return self.buffer_size
         active = sum(1 for heard in self._heard.values() if now - heard <= self.active_seconds)
