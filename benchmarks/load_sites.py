@@ -49,9 +49,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from coordinator.strategies import ACTIVE_SITES_PER_PLACE, SMALLEST_BUFFER
 from shared.task import Task
 
 RESULTS = Path(__file__).parent / "results"
+# What a row with --buffer-size "" ran, from the rule itself: rows outlive a change of default.
+DEFAULT_BUFFER = f"1/{ACTIVE_SITES_PER_PLACE} of the active sites, at least {SMALLEST_BUFFER} (the default)"
 PARAMETERS_VARIABLE = "FEDQ_BENCH_PARAMETERS"  # the coordinator builds the same model from it
 log = logging.getLogger("fedq.load")
 
@@ -255,7 +258,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
     errors = sorted({site["error"] for site in seen.values() if site["error"]})
     return {
         "sites": sites, "sites_reporting": len(seen), "site_errors": errors[:5], "parameters": parameters,
-        "buffer_size": buffer_size or "a quarter of the active sites, at least 3 (the default)",
+        "buffer_size": buffer_size or DEFAULT_BUFFER,
         "seconds": round(span, 1), "versions": len(published_at),
         "updates_sent": sum(site["sent"] for site in seen.values()), "updates_applied": len(applied),
         "updates_refused": len(refused), "applied_per_second": round(len(applied) / span, 1) if span > 0 else None,
@@ -302,8 +305,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured, after every site has said hello")
     parser.add_argument("--train-seconds", type=float, default=10.0, help="mean of each site's simulated training")
     parser.add_argument("--processes", type=int, default=4, help="processes the sites' threads are spread over")
-    parser.add_argument("--buffer-size", default="3", help="the coordinator's FedBuff K; empty: its default, a "
-                        "quarter of the active sites and at least 3")
+    parser.add_argument("--buffer-size", default="3", help=f"the coordinator's FedBuff K; empty: "
+                        f"{DEFAULT_BUFFER}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

@@ -25,6 +25,11 @@ pytestmark = pytest.mark.broker
 BROKER_CONFIG = Path(__file__).parent.parent / "broker_config"
 
 
+def made_version(run_dir, version: int) -> bool:
+    """Whether the run in ``run_dir`` has scored ``version`` (or a later one)."""
+    return any(e.get("version", 0) >= version for e in read_events(run_dir, "evaluation"))
+
+
 def applied_once(run_dir):
     """Update ids in the final ledger, asserting none is there twice."""
     rows = read_checkpoint(run_dir / "checkpoint.fedq").ledger_rows
@@ -40,8 +45,7 @@ def test_connections_cut_repeatedly_still_reach_090(broker, broker_url, tmp_path
     def cut_every_second():
         # From the run's first new version on: with the sites' links cut from their start, a run
         # that never began would prove nothing.
-        wait_for(lambda: stop.is_set() or any(e.get("version", 0) >= 1 for e in read_events(tmp_path, "evaluation")),
-                 90, "version 1")
+        wait_for(lambda: stop.is_set() or made_version(tmp_path, 1), 90, "version 1")
         # Until the run ends: a site whose link still broke every second would never get through the
         # few seconds after each reconnect in which it waits for news, and would be killed.
         while not stop.wait(1.0) and not (tmp_path / "summary.json").exists():
@@ -97,7 +101,7 @@ def test_broker_restart_mid_run_resumes_by_itself(make_node, tmp_path, caplog):
         # stays where it was however long the stop takes under parallel tests: unfrozen, a run once
         # reached its target before a slow stop took the node down, and a small server step that kept
         # it far made the test take 150 s. The frozen sites find their links dead when they go on.
-        wait_for(lambda: any(e.get("version", 0) >= 1 for e in read_events(tmp_path, "evaluation")), 90, "version 1")
+        wait_for(lambda: made_version(tmp_path, 1), 90, "version 1")
         sites = worker_processes()
         frozen.append(len(sites))
         for pid in sites:
