@@ -11,9 +11,9 @@ runs it), each site its own worker process with its own connection to a local br
   digits-straggler  10 sites, delays 0.1 to 3 s; target 0.95
 
 Each task runs synchronous FedAvg (every site each round), FedAsync, FedBuff (K=3) and the
-coordinator's defaults (FedBuff whose buffer is a quarter of the active sites, at least three), one
-after the other in a fresh vhost each, ``--repeats`` times; a run stops at its target or after
-``--max-seconds``.
+coordinator's defaults (FedBuff whose buffer is a quarter of the active sites, at least three, with
+stand-ins for sites that lost their connection), one after the other in a fresh vhost each,
+``--repeats`` times; a run stops at its target or after ``--max-seconds``.
 
     python benchmarks/suite.py [--tasks homogeneous,churn] [--modes fedavg,default] [--repeats 3]
 

@@ -56,6 +56,9 @@ from shared.model_state import checked_names, frozen_digest, load_values, master
 from shared.validation import check_matches_model, non_finite_tensor
 
 log = logging.getLogger("fedq.coordinator")
+# How often the broker is asked whether quiet sites still have a connection (stand-ins): a site
+# that left is noticed within about this long, at one passive queue.declare per quiet site.
+ABSENCE_CHECK_SECONDS = 1.0
 
 
 def make_strategy(settings: CoordinatorSettings) -> Strategy:
@@ -130,6 +133,7 @@ class Coordinator:
         # Replaced whole on every tick, so readers on other threads (metrics) never see it half-built.
         self.status: Status | None = None
         self._last_status = 0.0
+        self._asked_at = 0.0  # time.monotonic() when the broker was last asked which sites are absent
         self.metrics_url: str | None = None
         self._link: transport.Link | None = None
         #: The broker defects already logged: each once, not at every reconnection.
@@ -238,6 +242,7 @@ class Coordinator:
                 self._close_site_round()
                 self._check_limits()
                 self._expire_uploads()
+                self._find_absent_sites()
                 self._settle()
                 self._tick()
             log.info("stopping: %s", self.stop_reason)
@@ -496,6 +501,24 @@ class Coordinator:
             self.runlog.event("upload_expired", payload_id=upload.reassembly.payload_id, user=upload.user_id,
                               received=upload.reassembly.received, chunks=upload.reassembly.count)
             self._hold(upload.tags)
+
+    def _find_absent_sites(self) -> None:
+        """Once a second, ask the broker whether the quiet sites the strategy keeps a stand-in for
+        still have a connection; those that have none are absent, and their stand-ins step in."""
+        stand_ins, now = self.strategy.stand_ins, time.monotonic()
+        if stand_ins is None or now - self._asked_at < ABSENCE_CHECK_SECONDS:
+            return
+        self._asked_at = now
+        for site in stand_ins.expire(now):
+            log.info("site %s has sent nothing for %g s: its latest update stands in for it no more", site,
+                     stand_ins.lifetime)
+            self.runlog.event("site_gone", site=site)
+        for site in stand_ins.to_ask(now):
+            if self._publisher.connected(site) is False:
+                stand_ins.left(site)
+                log.info("site %s has no connection: its latest update stands in for it until it sends again",
+                         site)
+                self.runlog.event("site_absent", site=site, stand_in_staleness=stand_ins.kept[site].staleness)
 
     def _refuse(self, refusal: Refusal) -> None:
         """Dead-letter a message that cannot be used, with the reason, and settle its deliveries."""

@@ -40,6 +40,12 @@ class CoordinatorSettings(CommonSettings):
         60.0, gt=0, description="FedBuff without a fixed buffer_size: a site counts as active while its last update "
         "came within this many seconds."
     )
+    stand_in_memory_mb: float = Field(
+        256.0, ge=0, description="FedBuff with the mean, without privacy: megabytes for the sites' latest updates "
+        "(one dense copy of the trained tensors per site; sites past the budget get none). While a site has no "
+        "connection to the broker, its latest update, weighted by its staleness, stands in for it in every step, "
+        "for up to active_seconds after it last sent; 0 turns stand-ins off."
+    )
     aggregation: Annotated[str, AfterValidator(AGGREGATORS.check)] = Field(
         "mean", description=f"FedBuff: how the buffer is combined: {', '.join(AGGREGATORS.names)}; trimmed-mean and "
         "median resist hostile sites."

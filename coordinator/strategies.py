@@ -11,6 +11,10 @@ Lifecycle, as the coordinator drives it for every update that passed validation:
    closes it with what it has once it has waited past its deadline, so that sites that stopped
    answering, or whose updates are refused, never stall the run.
 
+A strategy with ``stand_ins`` (``coordinator.stand_ins``) keeps sites' latest updates; the
+coordinator asks the broker about the sites it names (``stand_ins.to_ask``) and tells it which have
+no connection (``stand_ins.left``).
+
 ``staleness`` is the current version minus the version the site trained from. Updates are
 differences to their base snapshot, so mixing one in never needs the old snapshot itself.
 
@@ -32,6 +36,7 @@ from coordinator.privacy import GaussianPrivacy
 from coordinator.running_sum import FlatTensors
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant, staleness_weight
+from coordinator.stand_ins import StandIns, stand_ins_for
 from shared.deltas import Delta, add_scaled, dense_copy
 from shared.registry import Registry
 
@@ -67,6 +72,8 @@ class Strategy(ABC):
     retrain = True
     #: Whether the server optimizer (FEDQ_SERVER_OPTIMIZER) moves the model for this strategy.
     uses_server_optimizer = False
+    #: The latest updates that stand in for absent sites, for a strategy that uses them.
+    stand_ins: StandIns | None = None
 
     def __init__(self, staleness_weight: StalenessWeight = constant, max_staleness: int | None = None,
                  privacy: GaussianPrivacy | None = None):
@@ -173,14 +180,15 @@ class FedBuff(Strategy):
     are FedAvg; trimmed mean and median resist hostile sites. A buffer that has held updates for
     ``deadline`` seconds steps with the ones it has (with privacy, the noise is calibrated to
     their number): where each site may hold one place, fewer than K live sites would otherwise
-    never fill it.
+    never fill it. With the mean and without privacy, the latest updates of sites that have no
+    connection join every step (``stand_ins``).
     """
 
     uses_server_optimizer = True
 
     def __init__(self, buffer_size: int | None = None, optimizer: ServerOptimizer | None = None,
                  aggregation: str = "mean", trim_fraction: float = 0.2,
-                 deadline: float | None = None, active_seconds: float = 60.0, **kwargs):
+                 deadline: float | None = None, active_seconds: float = 60.0, stand_in_mb: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if buffer_size is None and (aggregation != "mean" or self.privacy is not None):
             raise ValueError(f"{aggregation if aggregation != 'mean' else 'differential privacy'} needs a fixed buffer_size")
@@ -196,13 +204,16 @@ class FedBuff(Strategy):
         self.samples = 0
         self.sites: list[str] = []
         self._opened = 0.0  # time.monotonic() of the buffer's first update
+        self.steps = 0
+        if aggregation == "mean" and self.privacy is None:  # robust rules and privacy count real updates only
+            self.stand_ins = stand_ins_for(self.staleness_weight, stand_in_mb, active_seconds)
 
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.buffer_size, SERVER_OPTIMIZERS[settings.server_optimizer].from_settings(settings),
                    settings.aggregation, settings.trim_fraction, settings.buffer_deadline, settings.active_seconds,
-                   staleness_weight=staleness_from(settings), max_staleness=settings.max_staleness,
-                   privacy=privacy_from(settings))
+                   settings.stand_in_memory_mb, staleness_weight=staleness_from(settings),
+                   max_staleness=settings.max_staleness, privacy=privacy_from(settings))
 
     def size(self, now: float) -> int:
         """Updates this buffer takes: K, or by default a quarter of the sites whose last update came
@@ -239,6 +250,8 @@ class FedBuff(Strategy):
         self.aggregator.prepare(params)
         self.aggregator.add(update.delta, weight, share)
         now = time.monotonic()
+        if self.stand_ins is not None:
+            self.stand_ins.keep(update.site, update.delta, share, staleness, self.steps, now)
         if not self.sites:
             self._opened = now
         self._heard[update.site] = now
@@ -257,7 +270,11 @@ class FedBuff(Strategy):
         return Outcome(True, 0.0, flushed=held)
 
     def _step(self, params: Tensors) -> None:
-        """Step the server optimizer along the buffer's aggregate, and empty the buffer."""
+        """Step the server optimizer along the buffer's aggregate, with the absent sites' stand-ins,
+        and empty the buffer."""
+        if self.stand_ins is not None:
+            self.samples += self.stand_ins.fold(self.aggregator.add, self.steps)
+        self.steps += 1
         aggregate = self.aggregator.aggregate(self.samples)
         if self.privacy is not None:
             # One update changes a uniform mean of n by at most C / n: n is the number taken, K or fewer.

@@ -171,6 +171,19 @@ def test_sites_taken_offline_on_a_schedule_come_back_on_their_state_and_rounds_w
     assert rounds and max(rounds) >= 6.0, "a synchronous round waited for the site to come back"
 
 
+def test_a_site_that_loses_its_connection_is_stood_in_for_by_its_latest_update_until_it_is_back(broker_url, tmp_path):
+    """The default FedBuff asks the broker about quiet sites: a worker that was killed has no
+    connection, and its latest update joins every step until its site sends again."""
+    summary = run_federation(broker_url, tmp_path, site_names(3), offline={"site-2": [(1.0, 5.0)]},
+                             coordinator={"max_seconds": 12, "max_staleness": 100_000})
+    absent = read_events(tmp_path, "site_absent")
+    assert [e["site"] for e in absent] == ["site-2"], "only the killed site, once"
+    assert 1.0 < absent[0]["t"] < 5.0, "found absent while it was away"
+    back = [e["t"] for e in read_events(tmp_path, "update") if e["site"] == "site-2" and e["t"] > 5.0]
+    assert back, "it sent again once it was back"
+    assert summary["worker_exit_codes"] == {site: 0 for site in site_names(3)}
+
+
 def start_fedasync_coordinator(url, run_dir):
     return start_coordinator(url, run_dir, strategy="fedasync", max_staleness=100_000, checkpoint_seconds=0.2)
 

@@ -8,7 +8,8 @@ import torch
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, FedAdam, FedYogi, ServerSGD
 from coordinator.settings import CoordinatorSettings
 from shared.settings import SettingsError, load_settings
-from coordinator.staleness import staleness_weight
+from coordinator.stand_ins import StandIns
+from coordinator.staleness import constant, staleness_weight
 from coordinator.strategies import STRATEGIES, FedAsync, FedAvgSync, FedBuff, Update
 
 
@@ -78,6 +79,57 @@ def test_the_default_buffer_follows_the_active_sites():
     for site in range(17):
         strategy.submit(p, update(f"s{site}", [1.0]), staleness=0)
     assert strategy.size(time.monotonic()) == 5, "seventeen active sites: ceil(17 / 4)"
+
+
+def test_an_absent_sites_latest_update_joins_each_step_weighted_by_its_age_until_it_sends_again():
+    p = params(0.0)
+    strategy = FedBuff(buffer_size=2, stand_in_mb=1.0, staleness_weight=staleness_weight("polynomial", a=1.0))
+    strategy.submit(p, update("c", [6.0], n=10), staleness=0)
+    assert strategy.submit(p, update("a", [2.0], n=10), staleness=0).new_version
+    assert p["w"].item() == pytest.approx(4.0), "(10 * 6 + 10 * 2) / 20; nobody is away yet"
+    strategy.stand_ins.left("c")
+    strategy.submit(p, update("a", [1.0], n=10), staleness=0)
+    assert strategy.submit(p, update("b", [4.0], n=20), staleness=0).new_version
+    # c's update came at step 0 with staleness 0, and this is the step after step 1: age 1, weight
+    # 1 / (1 + 1); its share is its 10 samples: (10 * 1 + 20 * 4 + 10 * 0.5 * 6) / (10 + 20 + 10) = 3
+    assert p["w"].item() == pytest.approx(7.0)
+    strategy.submit(p, update("c", [2.0], n=10), staleness=1)
+    assert strategy.submit(p, update("a", [2.0], n=10), staleness=0).new_version
+    assert p["w"].item() == pytest.approx(7.0 + (10 * 0.5 * 2 + 10 * 2) / 20), "c sent again: no stand-in"
+    assert strategy.stand_ins.away == set()
+
+
+def test_stand_ins_ask_about_quiet_sites_keep_within_their_budget_and_expire():
+    stand_ins = StandIns(constant, budget=2 * 4 * 3, lifetime=60.0)  # two sites' copies of 3 float32
+    delta = {"w": torch.zeros(3)}
+    for site, at in (("a", 100.0), ("b", 100.0), ("a", 100.2), ("a", 100.6), ("c", 100.0)):
+        stand_ins.keep(site, delta, 1.0, 0, 0, now=at)
+    assert set(stand_ins.kept) == {"a", "b"} and stand_ins.nbytes == 24, "c is past the budget"
+    assert stand_ins.kept["a"].interval == pytest.approx(0.5 * (0.2 + 0.4))
+    assert stand_ins.to_ask(100.9) == [], "quiet for less than a second"
+    # at 101.7, b has been quiet 1.7 s and a 1.1 s, both past a second (a's two intervals are 0.6 s):
+    # b is asked about first
+    assert stand_ins.to_ask(101.7) == ["b", "a"]
+    stand_ins.left("b")
+    stand_ins.left("c")  # no stand-in, so it cannot stand in
+    assert stand_ins.away == {"b"} and stand_ins.to_ask(101.7) == ["a"]
+    added = []
+    assert stand_ins.fold(lambda d, weight, share: added.append((weight, share)), step=5) == 1.0 and added == [(1.0, 1.0)]
+    stand_ins.keep("a", delta, 1.0, 0, 0, now=150.0)
+    assert stand_ins.expire(160.5) == ["b"], "b's minute is up; it was standing in"
+    assert stand_ins.away == set() and set(stand_ins.kept) == {"a"} and stand_ins.nbytes == 12
+    assert stand_ins.expire(211.0) == [] and stand_ins.kept == {}, "a's minute is up too; it was not away"
+    stand_ins.keep("c", delta, 1.0, 0, 0, now=211.0)
+    assert "c" in stand_ins.kept, "the room was freed"
+
+
+def test_stand_ins_only_where_every_update_counts_the_same_way():
+    assert FedBuff(buffer_size=None, stand_in_mb=1.0).stand_ins is not None
+    assert FedBuff(buffer_size=None).stand_ins is None, "no budget: off"
+    assert FedBuff(buffer_size=5, aggregation="median", stand_in_mb=1.0).stand_ins is None
+    assert FedAvgSync(sites=3).stand_ins is None, "the synchronous baseline waits for its sites"
+    settings = load_settings(CoordinatorSettings)
+    assert STRATEGIES[settings.strategy].from_settings(settings).stand_ins.budget == 256_000_000, "on by default"
 
 
 def test_fedbuff_needs_a_fixed_size_for_robust_aggregation_and_privacy():

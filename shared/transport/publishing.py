@@ -22,7 +22,7 @@ from shared.transport.connection import Link
 from shared.transport.frames import cancel_stream_consumer
 from shared.transport.topology import (
     ANNOUNCEMENTS, REJECTED_EXCHANGE, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, SNAPSHOTS, STATUS_EXCHANGE, UPDATE_EXCHANGE,
-    bind_site_queue, declare_shared_topology, declare_site_updates, hello_key, queue_depths, update_key,
+    bind_site_queue, declare_shared_topology, declare_site_updates, hello_key, queue_depths, site_queue, update_key,
 )
 
 #: A marker is a message of the stream with this header and no payload: read back, it tells the
@@ -105,6 +105,7 @@ class Publisher:
             declare_shared_topology(self.channel)
         self.confirmed = ConfirmedChannel(self.channel, window=CONFIRM_WINDOW, timeout=confirm_timeout)
         self._refusals: BlockingChannel | None = None
+        self._presence: BlockingChannel | None = None
         #: The stream offset the next message written to the snapshot stream gets, or None while
         #: unknown (see ``find_stream_end``).
         self.stream_end: int | None = None
@@ -208,6 +209,16 @@ class Publisher:
     def status(self, status: Status) -> None:
         """Replace the status on the broker with ``status``."""
         publish_payload(self.confirmed, STATUS_EXCHANGE, "", encode_payload(status, []), new_id(), mandatory=False)
+
+    def connected(self, site: str) -> bool | None:
+        """Whether the site's worker has a connection to the broker (it consumes its announcement
+        queue while it has one); None when the broker cannot say, for the queue is gone."""
+        if self._presence is None or not self._presence.is_open:
+            self._presence = self.link.channel()  # a refusal (404) closes this channel, not the publisher's
+        try:
+            return self._presence.queue_declare(site_queue(site), passive=True).method.consumer_count > 0
+        except ChannelClosedByBroker:
+            return None
 
     def queue_depths(self, site_queues: Iterable[str] | None = None) -> dict[str, int]:
         """Messages ready in each watched queue, and, unless None, in ``site_queues`` together."""
