@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.staleness import StalenessWeight
-from shared.deltas import Delta, SparseDelta, dense_copy
+from shared.deltas import Delta, SparseDelta, add_scaled, dense_copy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -73,8 +73,19 @@ class StandIns:
             return
         interval = 0.0 if previous is None else \
             (now - previous.heard if not previous.interval else 0.5 * (previous.interval + now - previous.heard))
-        self.nbytes += nbytes - (previous.nbytes if previous else 0)
-        self.kept[site] = StandIn(dense_copy(delta), share, staleness, step, now, interval, nbytes)
+        if previous is None:
+            self.nbytes += nbytes
+            copy = dense_copy(delta)
+        else:  # into the site's copy: a fresh one per update left freed copies in the heap (1.6 x the budget)
+            copy = previous.delta
+            if isinstance(delta, SparseDelta):
+                for tensor in copy.values():
+                    tensor.zero_()
+                add_scaled(copy, delta, 1.0)
+            else:
+                for name, tensor in copy.items():
+                    tensor.copy_(delta[name])
+        self.kept[site] = StandIn(copy, share, staleness, step, now, interval, nbytes)
 
     def to_ask(self, now: float) -> list[str]:
         """Sites to ask the broker about: kept, not known to be away, and quiet for longer than

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared import transport
+from tests.federation_helpers import wait_for
 
 DEFINITIONS = json.loads((Path(__file__).parent.parent / "broker_config" / "definitions.json").read_text())
 
@@ -85,3 +86,19 @@ def test_the_brokers_with_a_known_defect_are_named_by_their_version_and_the_rele
     for unreadable in (None, "", "main", "3.x"):
         assert transport.broker_defects(unreadable) == [], unreadable
     assert transport.broker_defects("3.10.8+1.g1234") and transport.broker_defects("3.10.8-rc.1"), "build and pre-release tags"
+
+
+def test_the_broker_says_which_sites_have_a_connection(broker_url):
+    """A site's worker consumes its announcement queue while it is connected: that is how the
+    coordinator tells a site that left (stand-ins) from one that is only quiet."""
+    coordinator, site = transport.connect(broker_url, 30, "test-coordinator"), transport.connect(broker_url, 30, "test-site")
+    publisher = transport.Publisher(coordinator, declare_topology=True)
+    transport.Announcements(site, "site-1", lambda headers, body: None)
+    assert publisher.welcome("site-2") is None  # its queue exists; nobody consumes it
+    assert publisher.connected("site-1") is True and publisher.connected("site-2") is False
+    assert publisher.connected("site-never-seen") is None, "no queue: the broker cannot say"
+    assert publisher.connected("site-1") is True, "the refusal closed a channel of its own"
+    site.close()
+    assert wait_for(lambda: publisher.connected("site-1") is False, 10, "site-1's consumer gone with its connection")
+    assert transport.UPDATES in publisher.queue_depths(), "and the publisher's own channel is open"
+    coordinator.close()

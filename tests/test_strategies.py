@@ -11,6 +11,7 @@ from shared.settings import SettingsError, load_settings
 from coordinator.stand_ins import StandIns
 from coordinator.staleness import constant, staleness_weight
 from coordinator.strategies import STRATEGIES, FedAsync, FedAvgSync, FedBuff, Update
+from shared.deltas import SparseDelta
 
 
 def params(*values):
@@ -107,7 +108,7 @@ def test_stand_ins_ask_about_quiet_sites_keep_within_their_budget_and_expire():
     assert set(stand_ins.kept) == {"a", "b"} and stand_ins.nbytes == 24, "c is past the budget"
     assert stand_ins.kept["a"].interval == pytest.approx(0.5 * (0.2 + 0.4))
     assert stand_ins.to_ask(100.9) == [], "quiet for less than a second"
-    # at 101.7, b has been quiet 1.7 s and a 1.1 s, both past a second (a's two intervals are 0.6 s):
+    # at 101.7, b has been quiet 1.7 s and a 1.1 s, both past a second (twice a's smoothed interval is 0.6 s):
     # b is asked about first
     assert stand_ins.to_ask(101.7) == ["b", "a"]
     stand_ins.left("b")
@@ -121,6 +122,18 @@ def test_stand_ins_ask_about_quiet_sites_keep_within_their_budget_and_expire():
     assert stand_ins.expire(211.0) == [] and stand_ins.kept == {}, "a's minute is up too; it was not away"
     stand_ins.keep("c", delta, 1.0, 0, 0, now=211.0)
     assert "c" in stand_ins.kept, "the room was freed"
+
+
+def test_a_sites_stand_in_is_one_copy_overwritten_by_each_update_dense_or_sparse():
+    stand_ins = StandIns(constant, budget=12, lifetime=60.0)
+    stand_ins.keep("a", {"w": torch.tensor([1.0, 2.0, 3.0])}, 1.0, 0, 0, now=0.0)
+    copy = stand_ins.kept["a"].delta["w"]
+    stand_ins.keep("a", {"w": torch.tensor([4.0, 5.0, 6.0])}, 1.0, 0, 0, now=1.0)
+    assert stand_ins.kept["a"].delta["w"] is copy and copy.tolist() == [4.0, 5.0, 6.0]
+    sparse = SparseDelta((("w", (3,)),), torch.tensor([1]), torch.tensor([7.0]))
+    stand_ins.keep("a", sparse, 1.0, 0, 0, now=2.0)
+    assert stand_ins.kept["a"].delta["w"] is copy and copy.tolist() == [0.0, 7.0, 0.0]
+    assert stand_ins.nbytes == 12
 
 
 def test_stand_ins_only_where_every_update_counts_the_same_way():
