@@ -7,7 +7,8 @@ latest update and uses it while the site is unavailable. Here a site counts as a
 its worker has no connection (no consumer on its announcement queue: the coordinator asks the
 broker), never because it is slow or quiet: cached updates standing in for sites that were merely
 quiet kept 24 non-IID sites below 0.40 accuracy for 120 s and made 8 equally fast AdamW sites 2.6
-times slower (docs/strategies.md). A site with no connection sends nothing until it is back.
+times slower, on cores shared with other work (docs/strategies.md). A site with no connection
+sends nothing until it is back.
 
 A stand-in is weighted by the staleness weight of its age, the versions made since its site
 trained it, so that a long absence fades: at full weight, stale stand-ins took the churn task 46 s
@@ -21,14 +22,13 @@ again as updates arrive.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from coordinator.staleness import StalenessWeight
-from shared.deltas import Delta, SparseDelta, add_scaled, dense_copy
+from shared.deltas import Delta, copy_into, dense_bytes, dense_copy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,8 +67,7 @@ class StandIns:
         this is what stands in for it if it leaves."""
         self.away.discard(site)
         previous = self.kept.get(site)
-        nbytes = 4 * (sum(math.prod(shape) for _, shape in delta.shapes) if isinstance(delta, SparseDelta)
-                      else sum(tensor.numel() for tensor in delta.values()))
+        nbytes = dense_bytes(delta)
         if previous is None and self.nbytes + nbytes > self.budget:
             return
         interval = 0.0 if previous is None else \
@@ -76,15 +75,9 @@ class StandIns:
         if previous is None:
             self.nbytes += nbytes
             copy = dense_copy(delta)
-        else:  # into the site's copy: a fresh one per update left freed copies in the heap (1.6 x the budget)
+        else:  # a fresh copy per update left the freed ones in the heap: 1.6 times the budget
             copy = previous.delta
-            if isinstance(delta, SparseDelta):
-                for tensor in copy.values():
-                    tensor.zero_()
-                add_scaled(copy, delta, 1.0)
-            else:
-                for name, tensor in copy.items():
-                    tensor.copy_(delta[name])
+            copy_into(copy, delta)
         self.kept[site] = StandIn(copy, share, staleness, step, now, interval, nbytes)
 
     def to_ask(self, now: float) -> list[str]:
@@ -121,8 +114,3 @@ class StandIns:
             add(kept.delta, self.weight(kept.staleness + step - kept.step), kept.share)
             shares += kept.share
         return shares
-
-
-def stand_ins_for(weight: StalenessWeight, budget_mb: float, lifetime: float) -> StandIns | None:
-    """Stand-ins within ``budget_mb`` megabytes, or None when the budget is zero (turned off)."""
-    return StandIns(weight, int(budget_mb * 1e6), lifetime) if budget_mb > 0 else None

@@ -36,7 +36,7 @@ from coordinator.privacy import GaussianPrivacy
 from coordinator.running_sum import FlatTensors
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer, ServerSGD
 from coordinator.staleness import StalenessWeight, constant, staleness_weight
-from coordinator.stand_ins import StandIns, stand_ins_for
+from coordinator.stand_ins import StandIns
 from shared.deltas import Delta, add_scaled, dense_copy
 from shared.registry import Registry
 
@@ -205,8 +205,9 @@ class FedBuff(Strategy):
         self.sites: list[str] = []
         self._opened = 0.0  # time.monotonic() of the buffer's first update
         self.steps = 0
-        if aggregation == "mean" and self.privacy is None:  # robust rules and privacy count real updates only
-            self.stand_ins = stand_ins_for(self.staleness_weight, stand_in_mb, active_seconds)
+        # Robust rules and privacy count real updates only.
+        if stand_in_mb > 0 and aggregation == "mean" and self.privacy is None:
+            self.stand_ins = StandIns(self.staleness_weight, int(stand_in_mb * 1e6), active_seconds)
 
     @classmethod
     def from_settings(cls, settings):

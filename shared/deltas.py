@@ -167,6 +167,25 @@ def _scaled(values: torch.Tensor, alpha: float) -> torch.Tensor:
     return values if alpha == 1.0 else torch.from_numpy(values.numpy() * np.float32(alpha))
 
 
+def dense_bytes(delta: Delta) -> int:
+    """The bytes of the delta as dense float32 tensors, as ``dense_copy`` makes them."""
+    if isinstance(delta, SparseDelta):
+        return 4 * sum(math.prod(shape) for _, shape in delta.shapes)
+    return 4 * sum(tensor.numel() for tensor in delta.values())
+
+
+def copy_into(target: Tensors, delta: Delta) -> None:
+    """target = delta, in place (zero where a sparse delta holds no value): a copy made once and
+    overwritten, where a fresh one per delta would leave the freed ones in the heap."""
+    if isinstance(delta, SparseDelta):
+        for tensor in target.values():
+            tensor.zero_()
+        add_scaled(target, delta, 1.0)
+    else:
+        for name, tensor in delta.items():
+            target[name].copy_(tensor)
+
+
 def dense_copy(delta: Delta, alpha: float = 1.0) -> Tensors:
     """alpha * delta as new dense tensors."""
     if isinstance(delta, SparseDelta):
