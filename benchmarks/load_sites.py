@@ -91,6 +91,7 @@ class SimulatedSite(threading.Thread):
         self.announced_at: dict[int, float] = {}  # version -> when this site heard of it
         self.reads: list[tuple[int, float, float]] = []  # (version, published_at, read done)
         self.sent = 0
+        self.attachments = 0  # to the stream, over all its reads: more than one per read after silences
         self.error: str | None = None
 
     def on_announcement(self, headers, body) -> None:
@@ -129,7 +130,9 @@ class SimulatedSite(threading.Thread):
                 buffer = memoryview(bytearray(announcement.size))
                 reader = transport.SnapshotReader(
                     link, announcement, buffer, log=log, who=self.site, newest=lambda: self.announcement)
-                if reader.read() is None:
+                payload = reader.read()
+                self.attachments += reader.attachments
+                if payload is None:
                     continue  # it gave way to a newer announcement: read that one
                 self.reads.append((announcement.version, announcement.published_at, time.time()))
                 held = announcement.version
@@ -162,7 +165,8 @@ def run_sites(url: str, names: list[str], parameters: int, train_seconds: float,
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime,
                                "sites": {site.site: {"reads": site.reads, "announced_at": site.announced_at,
-                                                     "sent": site.sent, "error": site.error} for site in sites}}))
+                                                     "sent": site.sent, "attachments": site.attachments,
+                                                     "error": site.error} for site in sites}}))
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -262,7 +266,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
         "seconds": round(span, 1), "versions": len(published_at),
         "updates_sent": sum(site["sent"] for site in seen.values()), "updates_applied": len(applied),
         "updates_refused": len(refused), "applied_per_second": round(len(applied) / span, 1) if span > 0 else None,
-        "snapshot_reads": len(reads),
+        "snapshot_reads": len(reads), "stream_attachments": sum(site.get("attachments", 0) for site in seen.values()),
         "delivery_p50": percentile(reads, 0.50), "delivery_p99": percentile(reads, 0.99),
         "announcement_p50": percentile(heard, 0.50), "announcement_p99": percentile(heard, 0.99),
         "coordinator_rss_first": after_start[0] if after_start else None,
@@ -284,17 +288,23 @@ def table(rows: list[dict]) -> str:
     def megabytes(value):
         return "-" if value is None else f"{value / 1e6:.0f} MB"
 
+    def per_read(r):
+        # Reads that gave way to a newer version, or were still under way at the end, attached too.
+        return f"{r['stream_attachments'] / r['snapshot_reads']:.1f}" if r.get("snapshot_reads") else "-"
+
     # Delivery times are of the reads that completed: where few did, their count says more.
     lines = [("| sites | updates applied/s (refused) | snapshot reads completed | snapshot delivery p50 / p99 | "
-              "announcement p50 / p99 | coordinator memory (first, last, peak) | broker memory peak | connections |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "announcement p50 / p99 | coordinator memory (first, last, peak) | broker memory peak | connections | "
+              "stream attachments per read |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(
             f"| {r['sites']} | {r['applied_per_second']} ({r['updates_refused']}) | {r['snapshot_reads']} | "
             f"{seconds(r['delivery_p50'])} / "
             f"{seconds(r['delivery_p99'])} | {seconds(r['announcement_p50'])} / {seconds(r['announcement_p99'])} | "
             f"{megabytes(r['coordinator_rss_first'])}, {megabytes(r['coordinator_rss_last'])}, "
-            f"{megabytes(r['coordinator_rss_peak'])} | {megabytes(r['broker_memory_peak'])} | {r['connections_peak']} |")
+            f"{megabytes(r['coordinator_rss_peak'])} | {megabytes(r['broker_memory_peak'])} | {r['connections_peak']} | "
+            f"{per_read(r)} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -28,6 +29,15 @@ READ_TIMEOUT = 300.0
 # of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good). Frames count,
 # not whole messages: over a slow link one 4 MiB chunk takes many seconds.
 STALL_SECONDS = 1.0
+# A read that attaches again waits four times as long before the next time, up to this long, and a
+# site's next read starts from that wait (halved after each read that went without a silence). A
+# broker serving a crowd of readers leaves most of them silent for seconds, and a reader that
+# attached again every second threw away what the broker had begun to send it; giving way to the
+# next version began the count again. 1000 simulated sites attached 14,135 times in 2 minutes for
+# 16 completed reads, and the broker grew to 9 GB (benchmarks/load_sites.py).
+LONGEST_STALL_SECONDS = 32.0
+# The silence each site's link waits for before a read attaches again, as its last read left it.
+_patience: weakref.WeakKeyDictionary[Link, float] = weakref.WeakKeyDictionary()
 # Chunks the broker may send a reader ahead of its acknowledgements, at most; a snapshot of fewer
 # chunks gets a window of its own size. The stream goes on past the snapshot a reader wants (later
 # versions follow it), and the broker fills each reader's window from there: 1000 simulated sites
@@ -47,12 +57,14 @@ def stream_offset_at(timestamp: float) -> datetime:
 
 class SnapshotReader:
     """Reads the snapshot ``announcement`` names into ``buffer``, one attachment to the stream at a
-    time: at the announced offset (or time) first, then, after each silence of ``STALL_SECONDS``,
-    just past the last message heard.
+    time: at the announced offset (or time) first, then, after each silence, just past the last
+    message heard. The first silence that counts is ``STALL_SECONDS`` for a site's first read;
+    each later one four times the one before, up to ``LONGEST_STALL_SECONDS``, and the site's next
+    read starts from the last (halved, if this read heard no silence).
 
     ``newest()`` is the newest announcement the reader's site has heard. When it names another
     snapshot, the read ends early if that snapshot is of another run, or the run ended, or the read
-    has heard nothing for ``STALL_SECONDS`` (its snapshot may never be written whole: the coordinator
+    has heard nothing for a silence (its snapshot may never be written whole: the coordinator
     lost the broker mid-write). A read that is moving finishes, newer version or not: reads that
     started over on every newer version never ended where versions came faster than a snapshot
     reads. 300 simulated sites reading a 4 MB snapshot at once completed 164 reads in 75 s
@@ -75,6 +87,8 @@ class SnapshotReader:
         #: How many times this read attached to the stream (more than once after a stall).
         self.attachments = 0
         self._attached_at = time.monotonic()
+        #: The silence after which this read attaches again.
+        self.patience = _patience.get(link, STALL_SECONDS)
         self._progress, self._stalls = Throttle(), Throttle()
 
     @property
@@ -94,7 +108,7 @@ class SnapshotReader:
         # A lost connection raises out of here as it is: its channel and consumer are gone with it.
         gave_way = False
         while self.payload is None and self.error is None and time.monotonic() - started < READ_TIMEOUT:
-            self.link.serve(min(1.0, STALL_SECONDS / 2))
+            self.link.serve(min(1.0, self.patience / 2))
             if self.payload is not None or self.error is not None:
                 break
             stalled = self._stalled()
@@ -105,6 +119,7 @@ class SnapshotReader:
                 self._attach_again()
         cancel_stream_consumer(self._channel, self._tag)
         self._channel.close()
+        _patience[self.link] = self.patience if self.attachments > 1 else max(STALL_SECONDS, self.patience / 2)
         if self.error is not None:
             raise self.error
         if self.payload is None and not gave_way:
@@ -132,16 +147,17 @@ class SnapshotReader:
         self._tag = self._channel.basic_consume(SNAPSHOTS, self._on_chunk, arguments={"x-stream-offset": offset})
 
     def _stalled(self) -> bool:
-        return time.monotonic() - max(self._attached_at, self._frames.last_frame) > STALL_SECONDS
+        return time.monotonic() - max(self._attached_at, self._frames.last_frame) > self.patience
 
     def _attach_again(self) -> None:
         cancel_stream_consumer(self._channel, self._tag)
+        silence, self.patience = self.patience, min(4 * self.patience, LONGEST_STALL_SECONDS)
         self._attach()
         # Rare on a healthy broker: said the first time and then every few seconds, so a read that
         # stays stuck shows in the log how it tried.
         if self.attachments == 2 or self._stalls.due():
             self.log.info("%s: nothing from the stream for %.1f s while reading version %d (%d of %d chunks); "
-                          "attached again at offset %s (%d attachments)", self.who, STALL_SECONDS,
+                          "attached again at offset %s (%d attachments)", self.who, silence,
                           self.announcement.version, self.chunks_in, self.announcement.chunks, self.next_offset,
                           self.attachments)
 
