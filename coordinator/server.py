@@ -311,6 +311,7 @@ class Coordinator:
             queue_depths=self._publisher.queue_depths(self._inbox.backed_up if self._inbox.site_queues else None),
             ingest=self.ingest_times, every=s.status_seconds,
             site_of_user=self.senders.site_of_user,
+            absent=self.strategy.stand_ins.away if self.strategy.stand_ins is not None else (),
         )
         self._publisher.status(self.status)
         if self.runlog.clock_started:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from coordinator.runlog import RunLog
 from shared.protocol import PROTOCOL_VERSION, Histogram, SiteStatus, Status
@@ -60,8 +60,10 @@ def build_status(
     ingest: Observations,
     every: float,
     site_of_user: Callable[[str], str],
+    absent: Collection[str] = (),
 ) -> Status:
-    """The coordinator's state now, as one message."""
+    """The coordinator's state now, as one message; ``absent`` are the sites found to have no
+    connection, whose latest updates stand in for them."""
     published_at = time.time()
     refused = Counter()
     for user, n in runlog.rejected_per_user.items():
@@ -72,6 +74,7 @@ def build_status(
             site=name, last_seen=runlog.last_seen.get(name), base_version=runlog.last_base.get(name),
             staleness=runlog.last_staleness.get(name), applied=runlog.applied_per_site[name],
             dropped=runlog.dropped_per_site[name], refused=refused[name], bytes_in=runlog.bytes_in[name],
+            absent=name in absent,
         )
         for name in names
     )
@@ -91,7 +94,7 @@ def progress_line(status: Status) -> str:
     return (
         f"version {status.version:5d}  {_metrics(status)}  {status.elapsed:7.1f} s  "
         f"updates {status.applied} applied ({status.updates_per_minute:.0f}/min), {status.dropped} dropped, "
-        f"{status.refused} refused  sites {status.active_sites} active of {len(status.sites)}"
+        f"{status.refused} refused  sites {status.active_sites} active of {len(status.sites)}{_absent(status)}"
     )
 
 
@@ -106,7 +109,7 @@ def format_status(status: Status, now: float | None = None) -> str:
         f"updates: {status.applied} applied ({status.updates_per_minute:.0f}/min), {status.dropped} dropped, "
         f"{status.refused} refused; {_size(status.bytes_in)} in, {_size(status.bytes_out)} out",
         "queues: " + (", ".join(f"{name} {depth}" for name, depth in sorted(status.queue_depths.items())) or "unknown"),
-        f"sites: {status.active_sites} active of {len(status.sites)}",
+        f"sites: {status.active_sites} active of {len(status.sites)}{_absent(status)}",
     ]
     if age > 3 * status.every:
         lines.append(f"WARNING: this status is {_duration(age)} old (published every {status.every:g} s); "
@@ -115,7 +118,8 @@ def format_status(status: Status, now: float | None = None) -> str:
     rows = [
         (
             site.site,
-            f"{_duration(now - site.last_seen)} ago" if site.last_seen is not None else "never",
+            (f"{_duration(now - site.last_seen)} ago" if site.last_seen is not None else "never")
+            + (", no connection" if site.absent else ""),
             _or_dash(site.base_version), _or_dash(site.staleness),
             str(site.applied), str(site.dropped), str(site.refused), _size(site.bytes_in),
         )
@@ -128,6 +132,11 @@ def format_status(status: Status, now: float | None = None) -> str:
     if not rows:
         lines.append("(no site has been heard from yet)")
     return "\n".join(lines)
+
+
+def _absent(status: Status) -> str:
+    absent = sum(1 for site in status.sites if site.absent)
+    return f", {absent} with no connection (their latest updates stand in)" if absent else ""
 
 
 def _metrics(status: Status) -> str:

@@ -269,6 +269,7 @@ class SiteStatus(_Schema):
     dropped: int = 0
     refused: int = 0
     bytes_in: int = 0
+    absent: bool = False  # it has no connection to the broker, and its latest update stands in for it
 
 
 class Histogram(_Schema):

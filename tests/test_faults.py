@@ -180,13 +180,20 @@ def test_a_site_that_loses_its_connection_is_stood_in_for_by_its_latest_update_u
     def updates(site, after=0.0):
         return [e for e in read_events(tmp_path, "update") if e["site"] == site and e["t"] > after]
 
-    coordinator = start_coordinator(broker_url, tmp_path, max_staleness=100_000)
+    coordinator = start_coordinator(broker_url, tmp_path, max_staleness=100_000, status_seconds=0.5)
     workers = {site: start(site) for site in site_names(3)}
     try:
         wait_for(lambda: updates("site-2"), 90, "an update from site-2")
         workers["site-2"].kill()
         workers["site-2"].wait()
         absent = wait_for(lambda: read_events(tmp_path, "site_absent"), 30, "site-2 found absent")
+        link = transport.connect(broker_url, 30, "test-status")
+        try:
+            reader = transport.StatusReader(link)
+            status = wait_for(lambda: (s := reader.read()) is not None and any(site.absent for site in s.sites) and s,
+                              10, "a status that names the absent site")
+        finally:
+            link.close()
         workers["site-2"] = start("site-2")
         wait_for(lambda: updates("site-2", after=absent[0]["t"]), 90, "an update from site-2 once back")
         versions_while_away = [e for e in read_events(tmp_path, "snapshot") if e["t"] > absent[0]["t"]]
@@ -196,6 +203,7 @@ def test_a_site_that_loses_its_connection_is_stood_in_for_by_its_latest_update_u
         for worker in workers.values():
             worker.wait(timeout=30)
     assert [e["site"] for e in read_events(tmp_path, "site_absent")] == ["site-2"], "only the killed site, once"
+    assert [site.site for site in status.sites if site.absent] == ["site-2"], "fedq status says so"
     assert versions_while_away, "the others went on while it was away"
     assert {site: w.returncode for site, w in workers.items()} == {site: 0 for site in site_names(3)}
 

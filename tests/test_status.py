@@ -19,7 +19,7 @@ from shared.protocol import Status, decode_header, encode_payload
 from tests.federation_helpers import SiteClient, constant_delta, running_coordinator, wait_for
 
 
-def a_status(tmp_path) -> Status:
+def a_status(tmp_path, absent=()) -> Status:
     runlog = RunLog(tmp_path)
     for site, base, staleness in [("site-1", 0, 0), ("site-1", 1, 1), ("site-2", 0, 2)]:
         runlog.received_update(site, 1000)
@@ -32,7 +32,8 @@ def a_status(tmp_path) -> Status:
         ingest.observe(seconds)
     return build_status(runlog, run_id="0123456789abcdef", strategy="fedbuff", version=3,
                         metrics={"accuracy": 0.5, "loss": 1.5}, queue_depths={transport.UPDATES: 4, transport.REJECTED: 2},
-                        ingest=ingest, every=2.0, site_of_user=lambda user: {"user-3": "site-3"}.get(user, user))
+                        ingest=ingest, every=2.0, site_of_user=lambda user: {"user-3": "site-3"}.get(user, user),
+                        absent=absent)
 
 
 def test_status_counts_each_site_and_round_trips_the_protocol(tmp_path):
@@ -62,6 +63,19 @@ def test_status_table_lists_sites_and_warns_when_old(tmp_path):
     assert site_1.split()[4:] == ["1", "1", "2", "0", "0", "2.0", "kB"], site_1
     assert "WARNING" not in table
     assert "WARNING: this status is 1.0 min old" in format_status(status, now=status.published_at + 60)
+    assert "no connection" not in table
+
+
+def test_status_says_which_sites_have_no_connection_and_are_stood_in_for(tmp_path):
+    status = a_status(tmp_path, absent={"site-2"})
+    assert [site.site for site in status.sites if site.absent] == ["site-2"]
+    table = format_status(status, now=status.published_at + 1)
+    assert "sites: 2 active of 3, 1 with no connection (their latest updates stand in)" in table
+    [site_2] = [line for line in table.splitlines() if line.startswith("site-2")]
+    assert "ago, no connection" in site_2
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(lambda: status))
+    assert scrape(generate_latest(registry).decode())["fedq_absent_sites", ()] == 1
 
 
 def scrape(text: str) -> dict[tuple[str, tuple], float]:
