@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load_sites import cpu_seconds, percentile
+from benchmarks.load_sites import cpu_seconds, percentile, resident_bytes
 from fedq.local_broker import (
     DEFAULT_CONFIG_DIR,
     DEV_PASSWORD,
@@ -101,7 +101,7 @@ class Fanout:
 
         def sample():
             while sampling:
-                memory.append(rss(beam))
+                memory.append(resident_bytes(beam))
                 time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -113,18 +113,8 @@ class Fanout:
         delivered = len(self.body) * len(self.took)
         return {"readers": self.readers, "received": len(self.took),
                 "p50": percentile(self.took, 0.5), "p99": percentile(self.took, 0.99), "last": max(self.took),
-                "broker_cpu_seconds": round(cpu, 2), "broker_rss_peak": max(memory, default=None),
+                "broker_cpu_seconds": round(cpu, 2), "broker_rss_peak": max(filter(None, memory), default=None),
                 "mb_per_broker_cpu_second": round(delivered / 1e6 / cpu, 1) if cpu > 0 else None}
-
-
-def rss(pid: int | None) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def read_amqp(fanout: Fanout) -> None:
@@ -137,14 +127,19 @@ def read_amqp(fanout: Fanout) -> None:
         connection = pika.BlockingConnection(fanout.params)
         channel = connection.channel()
         channel.basic_qos(prefetch_count=1)
-        consuming = channel.consume(fanout.stream, arguments={"x-stream-offset": "next"}, inactivity_timeout=0.05)
+        took: list[float] = []
+
+        def on_message(channel, method, properties, body):
+            took.append(time.monotonic() - fanout.published_at)
+            channel.basic_ack(method.delivery_tag)
+
+        # Returns once the broker confirmed the consumer, so the publish cannot come before it.
+        channel.basic_consume(fanout.stream, on_message, arguments={"x-stream-offset": "next"})
         fanout.attached.release()
-        for method, _, body in consuming:
-            if method is not None:
-                with lock:
-                    fanout.took.append(time.monotonic() - fanout.published_at)
-                channel.basic_ack(method.delivery_tag)
-                break
+        while not took:
+            connection.process_data_events(time_limit=1.0)
+        with lock:
+            fanout.took.extend(took)
         connection.close()
 
     threads = [threading.Thread(target=reader) for _ in range(fanout.readers)]
