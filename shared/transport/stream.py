@@ -35,8 +35,8 @@ STALL_SECONDS = 1.0
 # attached again every second threw away what the broker had begun to send it; giving way to the
 # next version began the count again. 1000 simulated sites attached 14,135 times in 2 minutes for
 # 16 completed reads, and the broker grew to 9 GB (benchmarks/load_sites.py). The cap is past the
-# 39 s p99 of 1000 bare readers of one 4 MB snapshot (benchmarks/stream_fanout.py), so that a read
-# in such a crowd is not begun again; docs/cluster.md has the rules tried.
+# p99 of 33 to 57 s that reads took there once they waited longer, so that a read in such a crowd
+# is not begun again; docs/cluster.md has the rules tried.
 LONGEST_STALL_SECONDS = 64.0
 # The silence each site's link waits for before a read attaches again, as its last read left it.
 _patience: weakref.WeakKeyDictionary[Link, float] = weakref.WeakKeyDictionary()
