@@ -1,16 +1,18 @@
 """stream fan-out: what the broker alone costs to deliver one snapshot to N readers at once.
 
-The reference for benchmarks/load_sites.py: N bare readers, each its own connection, attach to a
-fresh stream at its end; once all have attached, one message of ``--megabytes`` (a 1M-parameter
-fp32 snapshot is 4 MB) is published with a confirm, and each reader takes it and leaves. No fedq
-code runs in the readers. Measured per N: time from the publish to each reader holding the bytes
+The reference for benchmarks/load_sites.py: N readers, each its own connection, attach to a
+stream at its end; once all have attached, one message of ``--megabytes`` (a 1M-parameter
+fp32 snapshot is 4 MB) is published with a confirm, and each reader takes it and leaves. Measured per N: time from the publish to each reader holding the bytes
 (p50, p99, last), the broker's CPU seconds and peak memory over the fan-out, and MB delivered per
 CPU second of the broker.
 
-Two ways to read, on the same throwaway node (``rabbitmq_stream`` enabled beside
+Three ways, on the same throwaway node (``rabbitmq_stream`` enabled beside
 broker_config/'s plugins):
 
 - ``amqp``: AMQP 0-9-1 with pika, as fedq's sites read (basic.consume with ``x-stream-offset``);
+- ``fedq``: fedq's own ends over the same protocol: the coordinator's ``Publisher`` writes the
+  snapshot to the fedq.snapshots stream at the offset it announces, and each reader is a worker's
+  ``SnapshotReader`` (attach there, reassemble, check the digest), each on its own connection;
 - ``stream``: RabbitMQ's own stream protocol with the ``rstream`` client, when it is installed
   (``pip install rstream``; fedq does not depend on it): the broker sends stored chunks without
   turning them into AMQP frames.
@@ -79,6 +81,7 @@ class Fanout:
         self.attached = threading.Semaphore(0)
         self.published_at = 0.0
         self.took: list[float] = []
+        self.attachments = 0  # fedq's readers: how many times they attached to the stream, all told
 
     def publish_when_attached(self) -> None:
         import pika
@@ -111,7 +114,7 @@ class Fanout:
         publisher.join()
         cpu = cpu_seconds(beam) - cpu_before
         delivered = len(self.body) * len(self.took)
-        return {"readers": self.readers, "received": len(self.took),
+        return {"readers": self.readers, "received": len(self.took), "attachments": self.attachments or None,
                 "p50": percentile(self.took, 0.5), "p99": percentile(self.took, 0.99), "last": max(self.took),
                 "broker_cpu_seconds": round(cpu, 2), "broker_rss_peak": max(filter(None, memory), default=None),
                 "mb_per_broker_cpu_second": round(delivered / 1e6 / cpu, 1) if cpu > 0 else None}
@@ -149,6 +152,69 @@ def read_amqp(fanout: Fanout) -> None:
         thread.join()
 
 
+class FedqFanout(Fanout):
+    """The same fan-out through fedq's own ends: the coordinator's ``Publisher`` writes the snapshot
+    to the fedq.snapshots stream at an offset it announces, and each reader is a worker's
+    ``SnapshotReader`` (attach at the announced offset, reassemble, check the digest)."""
+
+    def __init__(self, node: LocalNode, readers: int, body: bytes):
+        from shared import transport
+        from shared.chunking import chunk_count, payload_digest
+        from shared.protocol import (
+            MAX_CHUNK_BYTES,
+            PROTOCOL_VERSION,
+            Announcement,
+            new_id,
+        )
+
+        super().__init__(node, readers, body)
+        self.url = f"amqp://{DEV_USER}:{DEV_PASSWORD}@127.0.0.1:{node.amqp_port}/{DEV_VHOST}"
+        self.buffers = [memoryview(body)]
+        self.link = transport.connect(self.url, 60, "fanout-coordinator")
+        self.publisher = transport.Publisher(self.link)
+        self.announcement = Announcement(
+            protocol=PROTOCOL_VERSION, run_id=new_id(), version=1, payload_id=new_id(),
+            chunks=chunk_count(len(body), MAX_CHUNK_BYTES), size=len(body), digest=payload_digest(self.buffers),
+            published_at=time.time(), stream_offset=self.publisher.find_stream_end())
+
+    def publish_when_attached(self) -> None:
+        for _ in range(self.readers):
+            self.attached.acquire()
+        self.published_at = time.monotonic()
+        self.publisher.snapshot(self.buffers, self.announcement.payload_id, self.announcement.digest)
+        self.link.close()
+
+
+def read_fedq(fanout: FedqFanout) -> None:
+    """Each reader a thread with its own connection, as a site has, reading as a worker does."""
+    import logging
+
+    from shared import transport
+
+    lock = threading.Lock()
+    log = logging.getLogger("fedq.fanout")
+
+    def reader(number: int):
+        link = transport.connect(fanout.url, 60, f"fanout-site-{number}")
+        fanout.attached.release()  # connected; the read attaches at once, as a site does on an announcement
+        announcement = fanout.announcement
+        reader = transport.SnapshotReader(link, announcement, memoryview(bytearray(announcement.size)),
+                                          newest=lambda: announcement, log=log, who=f"site-{number}")
+        payload = reader.read()
+        took = time.monotonic() - fanout.published_at
+        with lock:
+            fanout.attachments += reader.attachments
+            if payload is not None:
+                fanout.took.append(took)
+        link.close()
+
+    threads = [threading.Thread(target=reader, args=(number,)) for number in range(fanout.readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def read_stream(fanout: Fanout, port: int) -> None:
     """Each reader an rstream consumer with its own connection, on one event loop."""
     from rstream import Consumer, ConsumerOffsetSpecification, OffsetType, amqp_decoder
@@ -180,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readers", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--megabytes", type=float, default=4.0, help="the snapshot's size")
-    parser.add_argument("--ways", default="amqp,stream", help="comma-separated, of: amqp, stream")
+    parser.add_argument("--ways", default="amqp,fedq,stream", help="comma-separated, of: amqp, fedq, stream")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     ways = args.ways.split(",")
@@ -197,19 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for readers in args.readers:
                 for way in ways:
-                    fanout = Fanout(node, readers, body)
-                    row = fanout.measure(read_amqp if way == "amqp" else lambda f: read_stream(f, port))
+                    fanout = (FedqFanout if way == "fedq" else Fanout)(node, readers, body)
+                    read = {"amqp": read_amqp, "fedq": read_fedq, "stream": lambda f: read_stream(f, port)}[way]
+                    row = fanout.measure(read)
                     rows.append({"way": way, "megabytes": args.megabytes, **row})
                     print(json.dumps(rows[-1]), flush=True)
         finally:
             node.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stream_fanout.json").write_text(json.dumps(rows, indent=1))
-    print("| readers | way | p50 / p99 / last | broker CPU | MB per broker CPU second | broker peak |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| readers | way | p50 / p99 / last | broker CPU | MB per broker CPU second | broker peak | attachments |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['readers']} | {r['way']} | {r['p50']:.2f} / {r['p99']:.2f} / {r['last']:.2f} s | "
-              f"{r['broker_cpu_seconds']} s | {r['mb_per_broker_cpu_second']} | {(r['broker_rss_peak'] or 0) / 1e6:.0f} MB |")
+              f"{r['broker_cpu_seconds']} s | {r['mb_per_broker_cpu_second']} | {(r['broker_rss_peak'] or 0) / 1e6:.0f} MB | "
+              f"{r['attachments'] or '-'} |")
     return 0
 
 
