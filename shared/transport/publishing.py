@@ -104,8 +104,7 @@ class Publisher:
         if declare_topology:
             declare_shared_topology(self.channel)
         self.confirmed = ConfirmedChannel(self.channel, window=CONFIRM_WINDOW, timeout=confirm_timeout)
-        self._refusals: BlockingChannel | None = None
-        self._presence: BlockingChannel | None = None
+        self._side_channels: dict[str, BlockingChannel] = {}
         #: The stream offset the next message written to the snapshot stream gets, or None while
         #: unknown (see ``find_stream_end``).
         self.stream_end: int | None = None
@@ -191,8 +190,6 @@ class Publisher:
         dead-letter is evidence. Waiting for the broker to write each one to disk held the coordinator
         to about 65 refusals a second, so one sender streaming refused chunks filled its prefetch
         window of deliveries in memory."""
-        if self._refusals is None or not self._refusals.is_open:
-            self._refusals = self.link.channel()
         frames = body if isinstance(body, list) else [body]
         length = sum(len(frame) for frame in frames)
         evidence = bytearray()
@@ -204,7 +201,7 @@ class Publisher:
             delivery_mode=pika.DeliveryMode.Persistent,
             headers={**(headers or {}), "fedq-reason": reason, "fedq-user": user_id or "", "fedq-bytes": length},
         )
-        self._refusals.basic_publish(REJECTED_EXCHANGE, "", bytes(evidence), properties)
+        self._side_channel("refusals").basic_publish(REJECTED_EXCHANGE, "", bytes(evidence), properties)
 
     def status(self, status: Status) -> None:
         """Replace the status on the broker with ``status``."""
@@ -213,12 +210,18 @@ class Publisher:
     def connected(self, site: str) -> bool | None:
         """Whether the site's worker has a connection to the broker (it consumes its announcement
         queue while it has one); None when the broker cannot say, for the queue is gone."""
-        if self._presence is None or not self._presence.is_open:
-            self._presence = self.link.channel()  # a refusal (404) closes this channel, not the publisher's
+        presence = self._side_channel("presence")  # a refusal (404) closes this channel, not the publisher's
         try:
-            return self._presence.queue_declare(site_queue(site), passive=True).method.consumer_count > 0
+            return presence.queue_declare(site_queue(site), passive=True).method.consumer_count > 0
         except ChannelClosedByBroker:
             return None
+
+    def _side_channel(self, purpose: str) -> BlockingChannel:
+        """A channel of its own for ``purpose``, opened on first use and again once the broker closed it."""
+        channel = self._side_channels.get(purpose)
+        if channel is None or not channel.is_open:
+            channel = self._side_channels[purpose] = self.link.channel()
+        return channel
 
     def queue_depths(self, site_queues: Iterable[str] | None = None) -> dict[str, int]:
         """Messages ready in each watched queue, and, unless None, in ``site_queues`` together."""
