@@ -266,7 +266,7 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
         "seconds": round(span, 1), "versions": len(published_at),
         "updates_sent": sum(site["sent"] for site in seen.values()), "updates_applied": len(applied),
         "updates_refused": len(refused), "applied_per_second": round(len(applied) / span, 1) if span > 0 else None,
-        "snapshot_reads": len(reads), "stream_attachments": sum(site.get("attachments", 0) for site in seen.values()),
+        "snapshot_reads": len(reads), "stream_attachments": sum(site["attachments"] for site in seen.values()),
         "delivery_p50": percentile(reads, 0.50), "delivery_p99": percentile(reads, 0.99),
         "announcement_p50": percentile(heard, 0.50), "announcement_p99": percentile(heard, 0.99),
         "coordinator_rss_first": after_start[0] if after_start else None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sys
@@ -39,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import pika
+
 from benchmarks.load_sites import cpu_seconds, percentile, resident_bytes
 from fedq.local_broker import (
     DEFAULT_CONFIG_DIR,
@@ -48,6 +51,9 @@ from fedq.local_broker import (
     LocalNode,
     _free_port,
 )
+from shared import transport
+from shared.chunking import chunk_count, payload_digest
+from shared.protocol import MAX_CHUNK_BYTES, PROTOCOL_VERSION, Announcement, new_id
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,22 +76,24 @@ class Fanout:
     """One fan-out: readers attached, then the publish; ``took`` holds each reader's seconds."""
 
     def __init__(self, node: LocalNode, readers: int, body: bytes):
-        import pika
-
-        self.params = pika.URLParameters(f"amqp://{DEV_USER}:{DEV_PASSWORD}@127.0.0.1:{node.amqp_port}/{DEV_VHOST}")
+        self.url = f"amqp://{DEV_USER}:{DEV_PASSWORD}@127.0.0.1:{node.amqp_port}/{DEV_VHOST}"
+        self.params = pika.URLParameters(self.url)
         self.node, self.readers, self.body = node, readers, body
-        self.stream = f"fanout-{readers}-{time.time_ns()}"
-        connection = pika.BlockingConnection(self.params)
-        connection.channel().queue_declare(self.stream, durable=True, arguments={"x-queue-type": "stream"})
-        connection.close()
+        self.stream = self.declare_stream()
         self.attached = threading.Semaphore(0)
         self.published_at = 0.0
         self.took: list[float] = []
         self.attachments = 0  # fedq's readers: how many times they attached to the stream, all told
 
-    def publish_when_attached(self) -> None:
-        import pika
+    def declare_stream(self) -> str:
+        """A fresh stream for this fan-out; its name."""
+        stream = f"fanout-{self.readers}-{time.time_ns()}"
+        connection = pika.BlockingConnection(self.params)
+        connection.channel().queue_declare(stream, durable=True, arguments={"x-queue-type": "stream"})
+        connection.close()
+        return stream
 
+    def publish_when_attached(self) -> None:
         for _ in range(self.readers):
             self.attached.acquire()
         connection = pika.BlockingConnection(self.params)
@@ -120,13 +128,20 @@ class Fanout:
                 "mb_per_broker_cpu_second": round(delivered / 1e6 / cpu, 1) if cpu > 0 else None}
 
 
+def each_on_a_thread(readers: int, reader) -> None:
+    """Run ``reader(number)`` for each of ``readers`` on a thread of its own; wait for all."""
+    threads = [threading.Thread(target=reader, args=(number,)) for number in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def read_amqp(fanout: Fanout) -> None:
     """Each reader a thread with its own pika connection, as a site has."""
-    import pika
-
     lock = threading.Lock()
 
-    def reader():
+    def reader(number: int):
         connection = pika.BlockingConnection(fanout.params)
         channel = connection.channel()
         channel.basic_qos(prefetch_count=1)
@@ -145,11 +160,7 @@ def read_amqp(fanout: Fanout) -> None:
             fanout.took.extend(took)
         connection.close()
 
-    threads = [threading.Thread(target=reader) for _ in range(fanout.readers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    each_on_a_thread(fanout.readers, reader)
 
 
 class FedqFanout(Fanout):
@@ -158,17 +169,7 @@ class FedqFanout(Fanout):
     ``SnapshotReader`` (attach at the announced offset, reassemble, check the digest)."""
 
     def __init__(self, node: LocalNode, readers: int, body: bytes):
-        from shared import transport
-        from shared.chunking import chunk_count, payload_digest
-        from shared.protocol import (
-            MAX_CHUNK_BYTES,
-            PROTOCOL_VERSION,
-            Announcement,
-            new_id,
-        )
-
         super().__init__(node, readers, body)
-        self.url = f"amqp://{DEV_USER}:{DEV_PASSWORD}@127.0.0.1:{node.amqp_port}/{DEV_VHOST}"
         self.buffers = [memoryview(body)]
         self.link = transport.connect(self.url, 60, "fanout-coordinator")
         self.publisher = transport.Publisher(self.link)
@@ -176,6 +177,9 @@ class FedqFanout(Fanout):
             protocol=PROTOCOL_VERSION, run_id=new_id(), version=1, payload_id=new_id(),
             chunks=chunk_count(len(body), MAX_CHUNK_BYTES), size=len(body), digest=payload_digest(self.buffers),
             published_at=time.time(), stream_offset=self.publisher.find_stream_end())
+
+    def declare_stream(self) -> str:
+        return transport.SNAPSHOTS  # broker_config's, in the vhost the node loads it into
 
     def publish_when_attached(self) -> None:
         for _ in range(self.readers):
@@ -187,10 +191,6 @@ class FedqFanout(Fanout):
 
 def read_fedq(fanout: FedqFanout) -> None:
     """Each reader a thread with its own connection, as a site has, reading as a worker does."""
-    import logging
-
-    from shared import transport
-
     lock = threading.Lock()
     log = logging.getLogger("fedq.fanout")
 
@@ -198,21 +198,17 @@ def read_fedq(fanout: FedqFanout) -> None:
         link = transport.connect(fanout.url, 60, f"fanout-site-{number}")
         fanout.attached.release()  # connected; the read attaches at once, as a site does on an announcement
         announcement = fanout.announcement
-        reader = transport.SnapshotReader(link, announcement, memoryview(bytearray(announcement.size)),
-                                          newest=lambda: announcement, log=log, who=f"site-{number}")
-        payload = reader.read()
+        read = transport.SnapshotReader(link, announcement, memoryview(bytearray(announcement.size)),
+                                        newest=lambda: announcement, log=log, who=f"site-{number}")
+        payload = read.read()
         took = time.monotonic() - fanout.published_at
         with lock:
-            fanout.attachments += reader.attachments
+            fanout.attachments += read.attachments
             if payload is not None:
                 fanout.took.append(took)
         link.close()
 
-    threads = [threading.Thread(target=reader, args=(number,)) for number in range(fanout.readers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    each_on_a_thread(fanout.readers, reader)
 
 
 def read_stream(fanout: Fanout, port: int) -> None:

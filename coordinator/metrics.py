@@ -54,7 +54,7 @@ class StatusCollector:
         yield CounterMetricFamily("fedq_snapshot_bytes_published", "Snapshot payload bytes published.", value=status.bytes_out)
         yield _gauge("fedq_active_sites", "Sites heard from in the last two minutes.", status.active_sites)
         yield _gauge("fedq_absent_sites", "Sites with no connection, whose latest updates stand in for them.",
-                     sum(1 for site in status.sites if site.absent))
+                     status.absent_sites)
         yield _gauge("fedq_updates_per_minute", "Updates applied in the last minute.", status.updates_per_minute)
         depths = GaugeMetricFamily("fedq_queue_messages", "Messages ready in fedq's queues.", labels=["queue"])
         for queue, depth in status.queue_depths.items():

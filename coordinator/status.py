@@ -135,7 +135,7 @@ def format_status(status: Status, now: float | None = None) -> str:
 
 
 def _absent(status: Status) -> str:
-    absent = sum(1 for site in status.sites if site.absent)
+    absent = status.absent_sites
     return f", {absent} with no connection (their latest updates stand in)" if absent else ""
 
 

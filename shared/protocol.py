@@ -305,6 +305,11 @@ class Status(_PayloadHeader):
     ingest_seconds: Histogram
     sites: tuple[SiteStatus, ...] = Field((), fail_fast=True)
 
+    @property
+    def absent_sites(self) -> int:
+        """Sites with no connection to the broker, whose latest updates stand in for them."""
+        return sum(1 for site in self.sites if site.absent)
+
 
 Header = Annotated[
     Union[SnapshotHeader, UpdateHeader, Hello, EvalReport, Announcement, TensorFile, Status],
