@@ -82,11 +82,11 @@ def percentile(values: list[float], q: float) -> float | None:
 class SimulatedSite(threading.Thread):
     """One site: connect, hello, then read each announced snapshot and answer it with an update."""
 
-    def __init__(self, url: str, site: str, update_parts, update_specs, train_seconds: float, stop_at: float,
-                 rng: random.Random):
+    def __init__(self, url: str, site: str, update_parts, update_specs, train_seconds: float, seconds: float,
+                 start_by: float, rng: random.Random):
         super().__init__(name=site, daemon=True)
         self.url, self.site, self.parts, self.specs = url, site, update_parts, update_specs
-        self.train_seconds, self.stop_at, self.rng = train_seconds, stop_at, rng
+        self.train_seconds, self.seconds, self.start_by, self.rng = train_seconds, seconds, start_by, rng
         self.announcement = None
         self.announced_at: dict[int, float] = {}  # version -> when this site heard of it
         self.reads: list[tuple[int, float, float]] = []  # (version, published_at, read done)
@@ -120,10 +120,15 @@ class SimulatedSite(threading.Thread):
             user = transport.broker_user(self.url)
             publisher.update(encode_payload(Hello(protocol=PROTOCOL_VERSION, site=self.site), []), new_id(), user,
                              self.site, hello=True)
+            # The clock is the first version's: it comes once every site has said hello.
+            link.serve_until(lambda: self.announcement is not None, timeout=max(0.0, self.start_by - time.time()))
+            if self.announcement is None:
+                raise TimeoutError("no version was announced by the time start-up should have ended")
+            stop_at = self.announcement.published_at + self.seconds
             held = None
-            while time.time() < self.stop_at:
+            while time.time() < stop_at:
                 link.serve_until(lambda held=held: self.announcement is not None and self.announcement.version != held
-                                 and not self.announcement.final, timeout=self.stop_at - time.time())
+                                 and not self.announcement.final, timeout=stop_at - time.time())
                 announcement = self.announcement
                 if announcement is None or announcement.final or announcement.version == held:
                     continue
@@ -147,7 +152,8 @@ class SimulatedSite(threading.Thread):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
-def run_sites(url: str, names: list[str], parameters: int, train_seconds: float, stop_at: float, out: Path) -> None:
+def run_sites(url: str, names: list[str], parameters: int, train_seconds: float, seconds: float, start_by: float,
+              out: Path) -> None:
     """One process's sites, as threads; writes what each saw to ``out``."""
     from shared.codecs import encode_tensors, get_codec
 
@@ -156,12 +162,13 @@ def run_sites(url: str, names: list[str], parameters: int, train_seconds: float,
     delta = {name: torch.randn(t.shape) * 1e-3 for name, t in model.state_dict().items()}
     specs, parts = encode_tensors(delta, get_codec("topk-int8"))
     rng = random.Random(names[0])
-    sites = [SimulatedSite(url, name, parts, specs, train_seconds, stop_at, random.Random(rng.random())) for name in names]
+    sites = [SimulatedSite(url, name, parts, specs, train_seconds, seconds, start_by, random.Random(rng.random()))
+             for name in names]
     for site in sites:
         site.start()
         time.sleep(0.005)  # a thousand logins at once would measure the login storm, not the federation
     for site in sites:
-        site.join(timeout=max(0.0, stop_at - time.time()) + 120)
+        site.join(timeout=max(0.0, start_by - time.time()) + seconds + 120)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime,
                                "sites": {site.site: {"reads": site.reads, "announced_at": site.announced_at,
@@ -206,13 +213,13 @@ def measure(broker, sites: int, parameters: int, seconds: float, train_seconds: 
     broker_memory: list[int] = []
     connections = 0
     try:
-        # The sites' clock ends ``seconds`` after they have all said hello; their start-up is not measured.
-        ramp = 10 + sites * 0.05
-        stop_at = time.time() + ramp + seconds
+        # Each site stops ``seconds`` after the first version, which comes once all have said hello:
+        # their start-up is not measured. 1000 sites once took more than a minute to say hello.
+        start_by = time.time() + 60 + sites * 0.2
         context = multiprocessing.get_context("spawn")
         outputs = [work_dir / f"sites-{sites}-{p}.json" for p in range(processes)]
         workers = [context.Process(target=run_sites, args=(url, names[p::processes], parameters, train_seconds,
-                                                         stop_at, outputs[p])) for p in range(processes)]
+                                                         seconds, start_by, outputs[p])) for p in range(processes)]
         for worker in workers:
             worker.start()
         tick = 0
@@ -318,6 +325,8 @@ def main() -> None:
     parser.add_argument("--buffer-size", default="3", help=f"the coordinator's FedBuff K; empty: "
                         f"{DEFAULT_BUFFER}")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, help="keep each size's coordinator log and run log in this folder "
+                        "(by default they go with a temporary one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -327,7 +336,8 @@ def main() -> None:
     rows = []
     broker = find_broker()
     try:
-        with tempfile.TemporaryDirectory(prefix="fedq-load-") as work:
+        with tempfile.TemporaryDirectory(prefix="fedq-load-") as temporary:
+            work = args.keep or temporary
             for sites in args.sites:
                 row = measure(broker, sites, args.parameters, args.seconds, args.train_seconds, args.processes,
                               args.buffer_size, Path(work))

@@ -186,6 +186,9 @@ class FedqFanout(Fanout):
             self.attached.acquire()
         self.published_at = time.monotonic()
         self.publisher.snapshot(self.buffers, self.announcement.payload_id, self.announcement.digest)
+        time.sleep(transport.WAKE_AFTER_SECONDS)  # then, as the coordinator's loop would:
+        self.publisher.wake_readers()
+        self.publisher.confirmed.settle()
         self.link.close()
 
 

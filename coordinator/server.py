@@ -126,6 +126,8 @@ class Coordinator:
         self._scored_version: int | None = None  # the version last_metrics are of
         self._checked_version: int | None = None  # the last version found finite
         self.stop_reason: str | None = None
+        #: The signal (SIGTERM, SIGINT) that stopped the run, if one did.
+        self.stopped_by: signal.Signals | None = None
         self.pending_acks: list[int] = []
         # When the oldest delivery in pending_acks was taken: none waits longer than checkpoint_seconds.
         self._pending_since = 0.0
@@ -245,6 +247,7 @@ class Coordinator:
                 self._find_absent_sites()
                 self._settle()
                 self._tick()
+                self._publisher.wake_readers()
             log.info("stopping: %s", self.stop_reason)
             if self._unreleased:
                 self._release()
@@ -324,7 +327,8 @@ class Coordinator:
         self.stop_reason = reason
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop(f"received {signal.Signals(signum).name}")
+        self.stopped_by = signal.Signals(signum)
+        self.stop(f"received {self.stopped_by.name}")
 
     def _flush_if_due(self) -> None:
         """Close a buffer or round that has waited past its deadline with the updates it holds; the

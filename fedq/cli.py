@@ -132,6 +132,10 @@ def run_demo(args: argparse.Namespace) -> int:
             worker={"codec": args.codec},
             fresh=True,  # a demo is a new run every time; resuming the last one would end it at once
         )
+    except KeyboardInterrupt:
+        print(f"fedq demo: stopped by Ctrl-C; the run so far (model, checkpoint, logs) is in {args.run_dir}",
+              file=sys.stderr)
+        return 130
     finally:
         broker.close()
     print(_describe(summary))
@@ -256,9 +260,10 @@ def _describe(summary: dict) -> str:
     times = "  ".join(
         f"time to {m}: {'%.1f s' % t if t is not None else 'not reached'}" for m, t in summary["time_to_accuracy"].items()
     )
-    final = summary["final_accuracy"]
+    # A task without a test set at the coordinator, whose sites were never asked to score, has none.
+    final = "not scored" if summary["final_accuracy"] is None else f"{summary['final_accuracy']:.4f}"
     return (
-        f"{summary['strategy']}: {times}  final accuracy {final:.4f}  version {summary['final_version']}  "
+        f"{summary['strategy']}: {times}  final accuracy {final}  version {summary['final_version']}  "
         f"updates {summary['updates_applied']} applied, {summary['updates_dropped']} dropped, "
         f"{summary['updates_rejected']} refused  ({summary['stop_reason']})"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -67,6 +68,9 @@ def run_federation(
     run's checkpoint (and a benchmark time its remainder). ``offline`` takes sites away and brings
     them back, as intermittent sites come and go: for each site, (from, to) spans in seconds of the
     run's clock during which its worker process is killed, to start again on its state at the end.
+
+    SIGINT and SIGTERM stop the run in order (final model, checkpoint, workers told and waited for),
+    then raise KeyboardInterrupt and SystemExit(128 + signal) here, so that the caller stops too.
     """
     worker = worker or {}
     if fresh and ((run_dir / "events.jsonl").exists() or (run_dir / "checkpoint.fedq").exists()):
@@ -93,6 +97,12 @@ def run_federation(
                 process.kill()
                 process.wait()
     summary["worker_exit_codes"] = {site: p.returncode for site, p in workers.items()}
+    # The coordinator ends its run on SIGINT and SIGTERM as on any stop; the caller must end too, or
+    # a benchmark's loop would go on to its next run (Ctrl-C once ran the suite's next federation).
+    if coordinator.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt(summary["stop_reason"])
+    if coordinator.stopped_by is not None:
+        raise SystemExit(128 + coordinator.stopped_by)
     return summary
 
 

@@ -120,7 +120,7 @@ def load_vhost_definitions(management_url: str, user: str, password: str, vhost:
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or reaped between open and read
         return False
     # A killed node is reparented to an init that may reap it late; a zombie is gone for our purposes.
     return stat.rsplit(")", 1)[1].split()[0] != "Z"

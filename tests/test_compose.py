@@ -164,7 +164,9 @@ class Stack:
 
 def assert_the_run_reached_095(states: dict[str, list[str]], logs: dict[str, str], log_file: Path) -> None:
     log_file.write_text("\n".join(logs.values()))
-    assert all(state[0] == "exited" for state in states.values()), f"still running: {states}; logs in {log_file}"
+    coordinator_tail = "\n".join(logs["coordinator"].splitlines()[-12:])
+    assert all(state[0] == "exited" for state in states.values()), \
+        f"still running: {states}; logs in {log_file}; the coordinator's last lines:\n{coordinator_tail}"
     assert all(state[1] == "0" and state[2] == "0" for state in states.values()), \
         f"every service exits 0 with no restart: {states}; logs in {log_file}"
     reached = re.search(r"stopping: accuracy ([\d.]+) reached the target ([\d.]+)", logs["coordinator"])

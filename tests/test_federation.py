@@ -19,7 +19,8 @@ from shared.codecs import encode_tensors, get_codec
 from shared.digits_task import dataset, partitions, score, site_number
 from fedq.federation import run_federation, site_names
 from shared.protocol import (
-    PROTOCOL_VERSION, Announcement, SnapshotHeader, decode_header, encode_payload, new_id, now, payload_size,
+    MAX_CHUNK_BYTES, PROTOCOL_VERSION, Announcement, SnapshotHeader, decode_header, encode_payload, new_id, now,
+    payload_size,
 )
 from coordinator.settings import CoordinatorSettings
 from shared.settings import load_settings
@@ -399,6 +400,19 @@ def test_sites_find_each_snapshot_by_its_offset_whatever_the_coordinators_clock_
                 client.connection.serve(0.1)
             transport.cancel_stream_consumer(channel, tag)
             assert heard[0]["fedq-payload"] == announcement.payload_id and heard[0]["fedq-chunk"] == 0
+        # Nothing follows the last snapshot, so the coordinator writes a marker after it a second
+        # later, which wakes a reader the broker forgot to tell of its last chunk.
+        last, heard = announcements[-1], []
+        tag = channel.basic_consume(transport.SNAPSHOTS, lambda ch, m, p, b: heard.append(p.headers),
+                                    arguments={"x-stream-offset": last.stream_offset + last.chunks})
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            client.connection.serve(0.1)
+        transport.cancel_stream_consumer(channel, tag)
+        assert heard and "fedq-marker" in heard[0], "a marker follows the last snapshot"
+        # The coordinator's thread counts it just after writing it: the test may hear it first.
+        wait_for(lambda: coordinator._publisher.stream_end == last.stream_offset + last.chunks + 1, 10,
+                 "the marker counted in the stream's end")
     client.close()
 
 
@@ -468,6 +482,94 @@ def test_a_snapshot_whose_chunks_stop_coming_is_given_up_with_how_far_the_read_g
     attached = int(re.search(r"attached (\d+) times", message).group(1))
     assert attached == worker.stream_attachments >= 2, "it attached again after each silence"
     assert any("attached again at offset" in r.getMessage() for r in caplog.records), "and said so"
+
+
+def test_a_publisher_wakes_the_readers_of_its_last_snapshot_once_and_counts_the_marker(broker_url):
+    """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the reader
+    then waits for the next write. The coordinator writes one after a quiet second."""
+    link = transport.connect(broker_url, 30, "test-wake-publisher")
+    reading = transport.connect(broker_url, 30, "test-wake-reader")
+    try:
+        publisher = transport.Publisher(link)
+        first_end = publisher.find_stream_end()
+        assert first_end is not None
+        assert not publisher.wake_readers(after=0.0), "nothing to wake before any snapshot"
+        _, buffers, first = digits_snapshot(1)
+        publisher.snapshot(buffers, first.payload_id, first.digest)
+        after_first = publisher.stream_end
+        assert after_first is not None and after_first > first_end
+        assert not publisher.wake_readers(after=30.0), "not before the quiet time"
+        assert publisher.wake_readers(after=0.0) and publisher.stream_end == after_first + 1
+        assert not publisher.wake_readers(after=0.0), "once per snapshot"
+        params, buffers, second = digits_snapshot(2)
+        second = second.model_copy(update={"stream_offset": publisher.stream_end,
+                                           "chunks": chunk_count(second.size, MAX_CHUNK_BYTES)})
+        publisher.snapshot(buffers, second.payload_id, second.digest)
+        reader = transport.SnapshotReader(reading, second, memoryview(bytearray(second.size)), newest=lambda: second,
+                                          log=logging.getLogger("test"), who="site-1")
+        assert reader.read() is not None and reader.attachments == 1, "the marker is not counted as a chunk"
+    finally:
+        link.close()
+        reading.close()
+
+
+@pytest.mark.parametrize("newer_announced", [False, True], ids=["same-version", "newer-version"])
+def test_a_read_whose_stream_goes_on_past_its_snapshot_ends_at_once(broker_url, newer_announced):
+    """The coordinator writes a snapshot's chunks back to back; another message after some of them
+    means it lost the broker mid-write. Waiting out a silence would cost the site 30 s at first for
+    a snapshot that will never be whole."""
+    _, buffers, broken = digits_snapshot(5)
+    sent = broken.chunks // 2
+    publish_snapshot_chunks(broker_url, buffers, broken, count=sent)
+    _, buffers, republished = digits_snapshot(5)
+    republished = republished.model_copy(update={"run_id": broken.run_id})
+    publish_snapshot_chunks(broker_url, buffers, republished)  # the version again, under its new payload id
+    newest = republished if newer_announced else broken
+    connection = transport.connect(broker_url, 30, "test-read-overtaken")
+    started = time.monotonic()
+    try:
+        reader = transport.SnapshotReader(connection, broken, memoryview(bytearray(broken.size)),
+                                          newest=lambda: newest, log=logging.getLogger("test"), who="site-3")
+        if newer_announced:
+            assert reader.read() is None, "it gives way to the version written again"
+        else:
+            with pytest.raises(transport.SnapshotUnavailable, match=f"went on past it after {sent} of {broken.chunks}"):
+                reader.read()
+    finally:
+        connection.close()
+    assert time.monotonic() - started < stream_module.STALL_SECONDS
+    assert reader.attachments == 1 and reader.overtaken
+
+
+@pytest.mark.parametrize("newer_announced", [False, True], ids=["no-newer-version", "newer-version"])
+def test_a_read_that_finds_something_else_at_its_offset_gives_way_to_a_newer_version(broker_url, newer_announced):
+    """A coordinator that lost the broker after announcing a snapshot, before its first chunk, writes
+    a marker where the chunk would have been once it is back, then the version again. The read must
+    not sit through those writes until a silence (30 s at first): it gives way to the newer
+    announcement. With none, it reads on past, as past any message not its own."""
+    link = transport.connect(broker_url, 30, "test-not-at-offset")
+    reading = transport.connect(broker_url, 30, "test-not-at-offset-reader")
+    try:
+        publisher = transport.Publisher(link)
+        end = publisher.find_stream_end()
+        _, buffers, lost = digits_snapshot(5)
+        lost = lost.model_copy(update={"stream_offset": end, "chunks": chunk_count(lost.size, MAX_CHUNK_BYTES)})
+        newer = lost.model_copy(update={"payload_id": new_id(), "stream_offset": end + 1})
+        publisher.find_stream_end()  # the coordinator back: a marker at the lost snapshot's offset
+        publisher.snapshot(buffers, newer.payload_id if newer_announced else lost.payload_id, lost.digest)
+        started = time.monotonic()
+        reader = transport.SnapshotReader(reading, lost, memoryview(bytearray(lost.size)),
+                                          newest=lambda: newer if newer_announced else lost,
+                                          log=logging.getLogger("test"), who="site-4")
+        payload = reader.read()
+        assert time.monotonic() - started < stream_module.STALL_SECONDS and reader.attachments == 1
+        if newer_announced:
+            assert payload is None, "it gave way to the version written again"
+        else:
+            assert payload is not None, "its chunks came after the marker, and it read them"
+    finally:
+        link.close()
+        reading.close()
 
 
 def test_each_silence_of_a_read_is_waited_out_longer_and_the_sites_next_read_starts_there(broker_url, monkeypatch):

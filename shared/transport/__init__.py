@@ -35,8 +35,8 @@ from shared.transport.consuming import Announcements, Delivery, UpdateInbox
 from shared.transport.frames import RECV_BYTES, cancel_stream_consumer, deliver_fragments
 from shared.transport.management import ManagementError, management_call
 from shared.transport.publishing import (
-    CONFIRM_TIMEOUT, CONFIRM_WINDOW, EVIDENCE_BYTES, MARKER_TIMEOUT, SNAPSHOT_CONFIRM_TIMEOUT, Publisher, confirmed_channel,
-    publish_payload,
+    CONFIRM_TIMEOUT, CONFIRM_WINDOW, EVIDENCE_BYTES, MARKER_TIMEOUT, SNAPSHOT_CONFIRM_TIMEOUT, WAKE_AFTER_SECONDS, Publisher,
+    confirmed_channel, publish_payload,
 )
 from shared.transport.status import StatusReader
 from shared.transport.stream import SnapshotReader, SnapshotUnavailable, stream_offset_at
@@ -81,6 +81,7 @@ __all__ = [
     "UPDATE_EXCHANGE", "UPDATE_QUEUE_ARGUMENTS", "WATCHED_QUEUES", "bind_site_queue", "Announcements", "Backoff",
     "CONFIRM_TIMEOUT", "CONFIRM_WINDOW", "ChannelClosed", "ConfirmTimeout", "ConfirmedChannel", "ConnectionFailed",
     "Delivery", "SNAPSHOT_CONFIRM_TIMEOUT", "Link", "ManagementError", "EVIDENCE_BYTES", "MARKER_TIMEOUT",
+    "WAKE_AFTER_SECONDS",
     "Publisher", "SnapshotReader", "SnapshotUnavailable", "StatusReader", "TLSSetupError", "TopologyMismatch",
     "UpdateInbox", "broker_address", "broker_defects", "broker_user", "cancel_stream_consumer", "confirmed_channel", "connect", "declare_definitions",
     "declare_shared_topology", "declare_site_queue", "declare_site_updates", "deliver_fragments", "hello_key",

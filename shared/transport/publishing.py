@@ -3,12 +3,14 @@
 Each publish on a ``Publisher`` returns only once the broker has confirmed every chunk of it, so a
 payload whose publish returned is safe at the broker; a refusal raises pika's NackError (retried
 with a new connection), UnroutableError when a mandatory message found no queue, and a broker
-silent for too long ConfirmTimeout (confirms.py says when that happens). Refusals alone go out on a
-channel without confirms (``Publisher.refusal`` says why).
+silent for too long ConfirmTimeout (confirms.py says when that happens). Two exceptions: refusals go
+out on a channel without confirms (``Publisher.refusal`` says why), and the marker that wakes a
+snapshot's readers leaves its confirm to the next publish (``Publisher.wake_readers``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import pika
@@ -26,8 +28,17 @@ from shared.transport.topology import (
 )
 
 #: A marker is a message of the stream with this header and no payload: read back, it tells the
-#: coordinator where in the stream it is writing. Readers skip it, as they skip other payloads.
+#: coordinator where in the stream it is writing; written after a snapshot, it wakes its readers.
+#: Readers skip it, as they skip other payloads.
 MARKER_HEADER = "fedq-marker"
+# A snapshot followed by no other write for this long gets a marker after it. RabbitMQ 3.10's
+# streams (osiris 1.3) can miss telling a reader of a chunk committed just as it attached, and the
+# reader then sits until the next write: 4 of 600 reads in a loop here that announced, then wrote.
+# In synchronous rounds no later write comes, and the round stalled for good. The marker is that
+# write, so readers need not attach again to be sure (in a crowd of 1000, attaching again threw
+# away what the broker had begun to send; shared/transport/stream.py). A second bounds what the
+# missed notification costs; versions that follow each other within it need no marker.
+WAKE_AFTER_SECONDS = 1.0
 # What a refusal keeps of the refused bytes: a header and more, and little enough that dead-lettering
 # a flood of refused 4 MiB chunks costs the coordinator little. Republished whole, 16 MiB chunks
 # made it fall behind the broker and hold 600 MB of deliveries waiting (one hostile user, prefetch
@@ -108,6 +119,8 @@ class Publisher:
         #: The stream offset the next message written to the snapshot stream gets, or None while
         #: unknown (see ``find_stream_end``).
         self.stream_end: int | None = None
+        # When the last snapshot's write ended, while no marker has followed it yet.
+        self._unwoken_since: float | None = None
 
     # -- the coordinator's ------------------------------------------------------------------------
 
@@ -135,9 +148,7 @@ class Publisher:
 
             tag = channel.basic_consume(SNAPSHOTS, on_message, arguments={"x-stream-offset": "next"})
             marker = new_id()
-            self.confirmed.publish(SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, b"", pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, headers={MARKER_HEADER: marker}), mandatory=True)
-            self.confirmed.settle()
+            self._mark(marker)
             self.link.serve_until(lambda: bool(heard), MARKER_TIMEOUT)
             cancel_stream_consumer(channel, tag)
         finally:
@@ -152,6 +163,33 @@ class Publisher:
         last = publish_payload(self.confirmed, SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, buffers, payload_id, digest=digest)
         if end is not None:
             self.stream_end = end + last.count
+        self._unwoken_since = time.monotonic()
+
+    def wake_readers(self, after: float = WAKE_AFTER_SECONDS) -> bool:
+        """Write a marker after the last snapshot if nothing else was written for ``after`` seconds
+        since it (``WAKE_AFTER_SECONDS`` says why); returns whether it wrote one. The coordinator
+        calls this on each pass of its loop.
+
+        Unlike every other publish here, this one returns without waiting for its confirm: a broker
+        busy sending a snapshot to 1000 sites took 13 s to confirm one (benchmarks/load_sites.py),
+        and the coordinator would take no updates meanwhile. The channel keeps order, so the next
+        publish's wait covers it, and a refusal raises there: a new connection finds the stream's
+        end again.
+        """
+        if self._unwoken_since is None or time.monotonic() - self._unwoken_since < after:
+            return False
+        self._unwoken_since = None
+        self._mark(new_id(), settle=False)
+        if self.stream_end is not None:
+            self.stream_end += 1
+        return True
+
+    def _mark(self, marker: str, settle: bool = True) -> None:
+        """Write the marker ``marker`` to the snapshot stream."""
+        self.confirmed.publish(SNAPSHOT_EXCHANGE, SNAPSHOT_KEY, b"", pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent, headers={MARKER_HEADER: marker}), mandatory=True)
+        if settle:
+            self.confirmed.settle()
 
     def announcement(self, announcement: Announcement) -> None:
         """Tell every site's latest-only queue of a version. Not mandatory: before any site has

@@ -23,20 +23,22 @@ from shared.transport.topology import SNAPSHOTS
 
 # Gives up a read that has not completed in this long; the site then waits for the next version.
 READ_TIMEOUT = 300.0
-# A read that hears nothing from the stream for this long, not a frame, attaches again. RabbitMQ
-# 3.10's streams (osiris 1.3) can miss telling a reader of a chunk committed just as it attached:
-# the reader would sit until the next write, which in synchronous rounds never comes (seen here: 4
-# of 600 reads in a loop that announced, then wrote; a FedAvg round stalled for good). Frames count,
-# not whole messages: over a slow link one 4 MiB chunk takes many seconds.
-STALL_SECONDS = 1.0
+# A read that hears nothing from the stream for this long, not a frame, attaches again just past
+# the last message it heard. RabbitMQ 3.10's streams (osiris 1.3) can miss telling a reader of a
+# chunk committed just as it attached, and the reader sits until the next write; the coordinator
+# makes that write a second after each snapshot (``Publisher.wake_readers``), so attaching again
+# is the fallback, for a coordinator that could not. Until 2026-12-06 it came after 1 s of silence:
+# in a crowd of 1000 readers of one snapshot that threw away what the broker had begun to send, 2.9
+# times per read (benchmarks/stream_fanout.py); after 8 s, 1.5 and 6.5 times per read in two runs
+# of 1000 simulated sites, and after 30 s, once per read in three (benchmarks/load_sites.py, whose
+# reads took 29 to 46 s at p99). Frames count, not whole messages: over a slow link one 4 MiB chunk
+# takes many seconds.
+STALL_SECONDS = 30.0
 # A read that attaches again waits four times as long before the next time, up to this long, and a
-# site's next read starts from that wait (halved after each read that went without a silence). A
-# broker serving a crowd of readers leaves most of them silent for seconds, and a reader that
-# attached again every second threw away what the broker had begun to send it; giving way to the
-# next version began the count again. 1000 simulated sites attached 14,135 times in 2 minutes for
-# 16 completed reads, and the broker grew to 9 GB (benchmarks/load_sites.py). The cap is past the
-# p99 of 33 to 57 s that reads took there once they waited longer, so that a read in such a crowd
-# is not begun again; docs/cluster.md has the rules tried.
+# site's next read starts from that wait (halved after each read that went without a silence).
+# 1000 simulated sites that attached again after every second of silence attached 14,135 times in 2
+# minutes for 16 completed reads, and the broker grew to 9 GB (benchmarks/load_sites.py); reads
+# there took 21 to 57 s. docs/cluster.md has the rules tried.
 LONGEST_STALL_SECONDS = 64.0
 # The silence each site's link waits for before a read attaches again, as its last read left it.
 _patience: weakref.WeakKeyDictionary[Link, float] = weakref.WeakKeyDictionary()
@@ -64,12 +66,19 @@ class SnapshotReader:
     each later one four times the one before, up to ``LONGEST_STALL_SECONDS``, and the site's next
     read starts from the last (halved, if this read heard no silence).
 
+    The coordinator writes a snapshot's chunks one after the other, with nothing between them, so
+    a read that hears the stream go on past its snapshot (another message after one of its chunks)
+    before it is whole knows the rest will never come: the coordinator lost the broker mid-write,
+    and writes the version again under a new payload id once it is back. The read ends there: it
+    gives way to a newer announcement, or raises SnapshotUnavailable, and the site waits for one.
+
     ``newest()`` is the newest announcement the reader's site has heard. When it names another
     snapshot, the read ends early if that snapshot is of another run, or the run ended, or the read
-    has heard nothing for a silence (its snapshot may never be written whole: the coordinator
-    lost the broker mid-write). A read that is moving finishes, newer version or not: reads that
-    started over on every newer version never ended where versions came faster than a snapshot
-    reads. 300 simulated sites reading a 4 MB snapshot at once completed 164 reads in 75 s
+    has heard nothing for a silence, or the announced offset held another message (the coordinator
+    lost the broker before the first chunk, and wrote its marker there once back; without a newer
+    announcement the read goes on past such a message, as past any other). A read that is moving
+    finishes, newer version or not: reads that started over on every newer version never ended
+    where versions came faster than a snapshot reads. 300 simulated sites reading a 4 MB snapshot at once completed 164 reads in 75 s
     (benchmarks/load_sites.py), and a site on a slow link with a large model would fare the same
     beside fast sites. The version read is then a few versions old, which staleness weighting is
     for; a read started again would be as old by the time it ended.
@@ -88,6 +97,10 @@ class SnapshotReader:
         self.next_offset: int | None = None
         #: How many times this read attached to the stream (more than once after a stall).
         self.attachments = 0
+        #: Whether the stream went on past this read's snapshot before it was whole.
+        self.overtaken = False
+        #: Whether the announced offset held another message than this snapshot's first chunk.
+        self.not_at_offset = False
         self._attached_at = time.monotonic()
         #: The silence after which this read attaches again.
         self.patience = _patience.get(link, STALL_SECONDS)
@@ -114,8 +127,8 @@ class SnapshotReader:
             if self.payload is not None or self.error is not None:
                 break
             stalled = self._stalled()
-            gave_way = self._gives_way(stalled)
-            if gave_way:
+            gave_way = self._gives_way(stalled or self.overtaken or self.not_at_offset)
+            if gave_way or self.overtaken:
                 break
             if stalled:
                 self._attach_again()
@@ -124,6 +137,12 @@ class SnapshotReader:
         _patience[self.link] = self.patience if self.attachments > 1 else max(STALL_SECONDS, self.patience / 2)
         if self.error is not None:
             raise self.error
+        if self.payload is None and not gave_way and self.overtaken:
+            raise SnapshotUnavailable(
+                f"the stream went on past it after {self.chunks_in} of {self.announcement.chunks} chunks: the "
+                "coordinator stopped writing it (most likely it lost the broker mid-write) and will publish the "
+                "version again"
+            )
         if self.payload is None and not gave_way:
             raise SnapshotUnavailable(
                 f"it did not arrive from stream {SNAPSHOTS} within {READ_TIMEOUT:.0f} s: {self.chunks_in} of "
@@ -133,11 +152,11 @@ class SnapshotReader:
             )
         return self.payload
 
-    def _gives_way(self, stalled: bool) -> bool:
+    def _gives_way(self, stuck: bool) -> bool:
         """Whether the newest announcement ends this read (the class's docstring says when)."""
         newest, reading = self.newest(), self.announcement
         return (newest is not None and newest.payload_id != reading.payload_id
-                and (newest.final or newest.run_id != reading.run_id or stalled))
+                and (newest.final or newest.run_id != reading.run_id or stuck))
 
     def _attach(self) -> None:
         offset = self.next_offset
@@ -166,10 +185,16 @@ class SnapshotReader:
     def _on_chunk(self, channel, method, properties, body: list[bytes]) -> None:
         channel.basic_ack(method.delivery_tag)
         headers = properties.headers or {}
-        if isinstance(headers.get("x-stream-offset"), int):
-            self.next_offset = headers["x-stream-offset"] + 1
-        if self.payload is not None or headers.get("fedq-payload") != self.announcement.payload_id:
-            return  # another snapshot stored near this one in the stream
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            self.next_offset = offset + 1
+        if self.payload is not None:
+            return
+        if headers.get("fedq-payload") != self.announcement.payload_id:
+            # Before this snapshot: another stored near it. After one of its chunks: the stream went on without it.
+            self.overtaken = self.reassembly is not None
+            self.not_at_offset = self.not_at_offset or (offset is not None and offset == self.announcement.stream_offset)
+            return
         try:
             info = ChunkInfo.from_headers(headers, self.announcement.size)
             if self.reassembly is None:
