@@ -159,6 +159,13 @@ def _boot_errors(path: Path, limit: int = 15) -> str:
 
 
 PORT_DRAWS = 3  # first boots tried, each on freshly drawn ports, before a port clash is an error
+# How long a node (local or in a container) may take to boot. In CI, beside two other test
+# processes, a compose stack and a three-node cluster, one node's log said "Server startup
+# complete" as a 60 s wait ran out, and every test of that process that needed it failed.
+BOOT_SECONDS = 180.0
+# One `rabbitmqctl await_startup` is given at most this long, then asked again: a call that hangs (the
+# CI failure above could not tell a hang from a slow boot) costs this much, not the whole wait.
+AWAIT_CALL_SECONDS = 30.0
 
 
 class _PortTaken(RuntimeError):
@@ -312,7 +319,7 @@ class LocalNode:
             )
         return result.stdout
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = BOOT_SECONDS) -> None:
         """Start the node (on its existing data, if any) and wait until it serves clients."""
         if self.beam_pid() is not None:
             return
@@ -346,7 +353,8 @@ class LocalNode:
         last_error = ""
         while time.monotonic() < deadline:
             try:
-                self.rabbitmqctl("await_startup", timeout=max(1.0, deadline - time.monotonic()))
+                left = deadline - time.monotonic()
+                self.rabbitmqctl("await_startup", timeout=max(1.0, min(AWAIT_CALL_SECONDS, left)))
                 return
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 last_error = str(exc)
@@ -811,7 +819,7 @@ class ContainerNode:
                                                "/etc/rabbitmq/conf.d/10-tls.conf")
         return container
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = BOOT_SECONDS) -> None:
         """Start the container (again, on its data, after stop() or kill()) and wait until it serves clients."""
         if self._container is None:
             self._container = self._make_container()
