@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -113,8 +114,23 @@ def run_worker(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args, WorkerSettings)
     _configure_logging(settings.log_level)
-    SiteWorker(settings, load_task(settings.task)).run()
+    # Dated from the process's start, not from here: importing PyTorch and building the task take
+    # seconds, and a run that ended meanwhile (a site brought back just as its run reached the
+    # target, in benchmarks/suite.py's churn) was taken for an earlier run, and the site waited on.
+    SiteWorker(settings, load_task(settings.task), started_at=process_started_at()).run()
     return 0
+
+
+def process_started_at() -> float:
+    """When this process started, by the wall clock: Linux's /proc says it to the clock tick. Where it
+    cannot be read, now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        # starttime is the stat file's 22nd field, in clock ticks since boot; fields[0] is the 3rd.
+        started_since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_since_boot)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -181,3 +181,16 @@ def test_the_summary_line_of_a_run_that_scored_no_version_says_so(tmp_path):
     assert summary["final_accuracy"] is None
     line = _describe(summary)
     assert "final accuracy not scored  version 23" in line and "(received SIGTERM)" in line
+
+
+def test_a_process_start_is_dated_from_its_launch_not_from_when_it_asks():
+    """`fedq worker` dates its start from the process's (fedq.cli.process_started_at), before the
+    seconds its imports take."""
+    launched = time.time()
+    asked = subprocess.run(
+        [sys.executable, "-c", ("import time; time.sleep(1.5); from fedq.cli import process_started_at; "
+                                "print(process_started_at(), time.time())")],
+        capture_output=True, text=True, timeout=60, check=True)
+    started, at = map(float, asked.stdout.split())
+    assert launched - 0.05 <= started <= launched + 1.0, (launched, started)
+    assert at - started >= 1.5, "it is the start, not the time of asking"

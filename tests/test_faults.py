@@ -11,6 +11,7 @@ import pytest
 from coordinator.checkpoint import read_checkpoint
 from fedq.federation import run_federation, site_names, start_coordinator, start_worker
 from shared import transport
+from shared.protocol import PROTOCOL_VERSION, Announcement, new_id, now
 from shared.settings import load_settings
 from worker.settings import WorkerSettings
 from shared.task import load_task
@@ -158,6 +159,50 @@ def test_a_site_that_outlives_its_coordinator_says_hello_to_the_new_run_and_is_h
     log = (tmp_path / "sites" / "site-0.log").read_text()
     assert "a new run" in log and "saying hello to it" in log
     assert {e["site"] for e in read_events(second, "update")} == {"site-0"}
+
+
+def test_a_worker_follows_the_end_of_a_run_announced_as_it_started_and_ignores_an_earlier_runs(broker_url, tmp_path):
+    """A site's latest-only queue may hold the end of a run that finished before its worker started:
+    that is an earlier run's, and the worker waits for the next. An end announced while the worker
+    was still importing PyTorch is its own run's (a site brought back as its run reached the
+    target once waited on until it was killed)."""
+    link = transport.connect(broker_url, 30, "test-run-ends")
+    publisher = transport.Publisher(link)
+
+    def announce_the_end() -> None:
+        publisher.announcement(Announcement(
+            protocol=PROTOCOL_VERSION, run_id=new_id(), version=4, payload_id=new_id(), chunks=1, size=1,
+            digest="0" * 64, published_at=now(), final=True))
+
+    def site_log(site: str) -> str:
+        path = tmp_path / "sites" / f"{site}.log"
+        return path.read_text() if path.exists() else ""
+
+    workers = []
+    try:
+        assert publisher.welcome("site-8") is None
+        announce_the_end()
+        time.sleep(0.2)  # the process's start is known to a clock tick (10 ms): clearly after the end
+        workers.append(start_worker(broker_url, "site-8", tmp_path / "sites" / "site-8.log"))
+        wait_for(lambda: "ignoring the end of an earlier run (version 4)" in site_log("site-8"), 90,
+                 "site-8 ignoring an end announced before it started")
+        wait_for(lambda: "connected; waiting for a snapshot" in site_log("site-8"), 30, "site-8 waiting for a run")
+        assert workers[0].poll() is None, "it waits for the next run"
+        workers[0].kill()
+        workers[0].wait()
+
+        assert publisher.welcome("site-9") is None
+        workers.append(start_worker(broker_url, "site-9", tmp_path / "sites" / "site-9.log"))
+        announce_the_end()  # the worker is starting Python and importing PyTorch, seconds from connecting
+        assert workers[1].wait(timeout=90) == 0, site_log("site-9")[-2000:]
+        assert "the coordinator ended the run at version 4" in site_log("site-9")
+        assert "ignoring" not in site_log("site-9")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        link.close()
 
 
 def test_sites_taken_offline_on_a_schedule_come_back_on_their_state_and_rounds_wait_for_them(broker_url, tmp_path):

@@ -64,7 +64,9 @@ def _warm_up_torch() -> None:
 
 
 class SiteWorker:
-    def __init__(self, settings: WorkerSettings, task: Task):
+    def __init__(self, settings: WorkerSettings, task: Task, started_at: float | None = None):
+        """``started_at`` (by the wall clock, now if not given) dates the worker's start: the end of
+        a run announced before it is an earlier run's, to be ignored (``on_announcement``)."""
         self.settings = settings
         self.task = task
         self.model = task.build_model()
@@ -80,7 +82,7 @@ class SiteWorker:
         self.base_run: str | None = None
         #: The run configuration announced with the base snapshot, for the task (SiteContext.config).
         self.base_config: dict = {}
-        self.started_at = now()
+        self.started_at = now() if started_at is None else started_at
         self.last_trained: tuple[str | None, int] | None = None
         #: The run and round of site evaluation this site last answered.
         self.evaluated: tuple[str | None, int] | None = None
