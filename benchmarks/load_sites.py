@@ -167,8 +167,10 @@ def run_sites(url: str, names: list[str], parameters: int, train_seconds: float,
     for site in sites:
         site.start()
         time.sleep(0.005)  # a thousand logins at once would measure the login storm, not the federation
+    # One deadline for all: each site ends ``seconds`` after the first version, announced by start_by.
+    deadline = start_by + seconds + 120
     for site in sites:
-        site.join(timeout=max(0.0, start_by - time.time()) + seconds + 120)
+        site.join(timeout=max(0.0, deadline - time.time()))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime,
                                "sites": {site.site: {"reads": site.reads, "announced_at": site.announced_at,

@@ -217,8 +217,9 @@ _CONNECTION_CHATTER = re.compile(r"accepting AMQP connection|closing AMQP connec
 def what_the_run_said(caplog, run_dir: Path, sites: list[str], nodes: list[LocalNode]) -> str:
     """The last lines of this process's log (the coordinator runs in it), of each site's and of each
     node's: a failure in CI leaves nothing else to tell a broker that went quiet from a process that did."""
-    parts = ["the last lines logged here (coordinator, pika):", *(f"  {time.strftime('%H:%M:%S', time.localtime(r.created))} "
-                                                  f"{r.name} {r.getMessage()}" for r in caplog.records[-20:])]
+    parts = ["the last lines logged here (coordinator, pika):"]
+    parts += [f"  {time.strftime('%H:%M:%S', time.localtime(r.created))} {r.name} {r.getMessage()}"
+              for r in caplog.records[-20:]]
     for site in sites:
         log = run_dir / "sites" / f"{site}.log"
         lines = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else ["(no log)"]

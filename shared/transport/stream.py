@@ -78,9 +78,9 @@ class SnapshotReader:
     lost the broker before the first chunk, and wrote its marker there once back; without a newer
     announcement the read goes on past such a message, as past any other). A read that is moving
     finishes, newer version or not: reads that started over on every newer version never ended
-    where versions came faster than a snapshot reads. 300 simulated sites reading a 4 MB snapshot at once completed 164 reads in 75 s
-    (benchmarks/load_sites.py), and a site on a slow link with a large model would fare the same
-    beside fast sites. The version read is then a few versions old, which staleness weighting is
+    where versions came faster than a snapshot reads. 300 simulated sites reading a 4 MB snapshot
+    at once completed 164 reads in 75 s (benchmarks/load_sites.py), and a site on a slow link with
+    a large model would fare the same beside fast sites. The version read is then a few versions old, which staleness weighting is
     for; a read started again would be as old by the time it ended.
 
     Its progress goes to ``log``, each line starting with ``who``.
