@@ -449,18 +449,24 @@ def test_a_snapshot_read_that_is_moving_finishes_whatever_version_is_announced_m
         assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
 
 
-def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch):
+def test_a_snapshot_read_that_hears_nothing_attaches_again_just_past_what_it_heard(broker_url, tmp_path, monkeypatch,
+                                                                                  caplog):
     """RabbitMQ 3.10 can miss telling a stream reader of a chunk committed as it attached; the worker
     attaches again after a silence. Here the pauses between chunks are such silences."""
     monkeypatch.setattr(stream_module, "STALL_SECONDS", 0.05)
+    # At the test's scale: the waits grew by 4 from 0.05 s to 64 s, and once in CI (2026-12-07) the
+    # read took all of pytest's 300 s, the same as READ_TIMEOUT, so nothing said how far it got.
+    monkeypatch.setattr(stream_module, "LONGEST_STALL_SECONDS", 0.8)
+    monkeypatch.setattr(stream_module, "READ_TIMEOUT", 120.0)
     params, buffers, announcement = digits_snapshot(3)
     assert announcement.chunks >= 4
     publisher = threading.Thread(target=publish_snapshot_chunks, args=(broker_url, buffers, announcement),
                                  kwargs={"pause": 0.4}, daemon=True)
     publisher.start()
-    worker, fetched = fetch_as_worker(broker_url, tmp_path, "site-1", announcement)
+    with caplog.at_level(logging.INFO, logger="fedq.worker"):
+        worker, fetched = fetch_as_worker(broker_url, tmp_path, "site-1", announcement)
     publisher.join(10)
-    assert fetched, "read whole and digest-checked"
+    assert fetched, f"read whole and digest-checked; the read said: {[r.getMessage() for r in caplog.records]}"
     assert worker.base_version == 3
     assert all(torch.equal(worker.base[name], tensor) for name, tensor in params.items())
     assert worker.stream_attachments >= 2, "it attached again past the chunks it had heard"
